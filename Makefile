@@ -1,0 +1,36 @@
+# rift_dist — make run / make test / make bench. Every target installs what it needs first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHARED ?= ../shared
+RUN_DIR ?= runs/default
+export RIFT_SHARED_DATA ?= $(abspath $(SHARED))/data
+
+.PHONY: install run test test-all bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py scripts/install_ffcv.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	bash scripts/install_deepspeed.sh $(PY)
+	bash scripts/install_ffcv.sh $(PY)
+	touch $@
+
+run: install
+	$(VENV)/bin/rift run configs/default.yaml --run-dir $(RUN_DIR) --set data.archive=$(RIFT_SHARED_DATA)/cifar10-jpeg.tar.gz
+
+test: install
+	bash scripts/slurm/install.sh
+	$(VENV)/bin/pytest -q -m "not slow" --durations=15
+
+test-all: install
+	bash scripts/slurm/install.sh
+	$(VENV)/bin/pytest -q --durations=15
+
+bench: install
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf runs mlflow.db mlartifacts .pytest_cache

@@ -1,0 +1,157 @@
+"""The ``rift`` command line: thin — parse, build, run, tear down.
+
+    rift run CONFIG [--run-dir DIR] [--set key=value ...] [--nproc N] [--from-checkpoint PATH]
+    rift train|mrc|finetune|interpolate|evaluate CONFIG [same options]
+    rift evaluate CONFIG --checkpoint PATH        evaluate one checkpoint
+    rift data corrupt|convert|verify ...
+    rift submit|status|cancel|report ...          (SLURM through submitit; MLflow report)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+from rift_dist.config import ConfigError, load_config
+
+STAGE_COMMANDS = ("train", "mrc", "finetune", "interpolate", "evaluate")
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML (e.g. configs/default.yaml)")
+    p.add_argument("--run-dir", help="where the run lives (default: the config's run_dir)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.epochs=2 (repeatable)")
+    p.add_argument("--nproc", type=int, default=0, help="spawn torchrun with N processes on this node")
+    p.add_argument("--from-checkpoint", help="start RiFT from this adversarially trained checkpoint (skips training)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``rift``."""
+    parser = argparse.ArgumentParser(prog="rift", description="Robust Critical Fine-Tuning (RiFT), distributed.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run the whole stage graph")
+    _add_run_arguments(p)
+    for name in STAGE_COMMANDS:
+        p = sub.add_parser(name, help=f"run the {name} stage (and nothing else)")
+        _add_run_arguments(p)
+        if name == "evaluate":
+            p.add_argument("--checkpoint", help="evaluate this checkpoint instead of the run's models")
+            p.add_argument("--n-examples", type=int, default=None, help="evaluate the first N test images only")
+            p.add_argument("--autoattack", action="store_true", help="also run AutoAttack (standard)")
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    from rift_dist.data import corruptions
+
+    corruptions.add_corrupt_arguments(data.add_parser("corrupt", help="build a CIFAR-10-C style set (.npy layout)"))
+    try:
+        from rift_dist.data import ffcv_loader
+
+        ffcv_loader.add_convert_arguments(data.add_parser("convert", help="write FFCV .beton files"))
+        ffcv_loader.add_verify_arguments(data.add_parser("verify", help="check a .beton file"))
+    except ImportError:
+        pass
+    try:
+        from rift_dist import cluster
+
+        cluster.add_arguments(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def _torchrun(args: argparse.Namespace, argv: list[str]) -> int:
+    """Re-launch this command under torchrun with ``--nproc`` processes on this node."""
+    rest, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "-m", "rift_dist.cli", *rest]
+    print("rift: launching", " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
+
+
+def _config(args: argparse.Namespace):
+    overrides = list(args.overrides)
+    if args.from_checkpoint:
+        overrides.append(f"from_checkpoint={args.from_checkpoint}")
+    if getattr(args, "n_examples", None) is not None:
+        overrides.append(f"eval.n_examples={args.n_examples}")
+    if getattr(args, "autoattack", False):
+        overrides.append("eval.autoattack=true")
+    cfg = load_config(args.config, overrides)
+    if args.run_dir:
+        cfg.run_dir = args.run_dir
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``rift``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "data":
+            from rift_dist.data import corruptions
+
+            if args.data_command == "corrupt":
+                return corruptions.corrupt_command(args)
+            from rift_dist.data import ffcv_loader
+
+            return {"convert": ffcv_loader.convert_command, "verify": ffcv_loader.verify_command}[args.data_command](args)
+        if args.command in ("submit", "status", "cancel", "report"):
+            from rift_dist import cluster
+
+            return cluster.main(args)
+        if getattr(args, "nproc", 0) and args.nproc > 1 and "RANK" not in os.environ:
+            return _torchrun(args, argv)
+        cfg = _config(args)
+        from rift_dist.pipeline import run_pipeline
+
+        if args.command == "evaluate" and args.checkpoint:
+            from rift_dist.robustness import evaluate_checkpoint
+
+            return evaluate_checkpoint(cfg, args.checkpoint, progress=not args.no_progress)
+        stages = None if args.command == "run" else [args.command]
+        from rift_dist.stages.common import STAGES
+
+        run_pipeline(cfg, cfg.run_dir, stages or STAGES, progress=not args.no_progress)
+        return 0
+    except ConfigError as exc:
+        print(f"rift: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rift: interrupted — re-run the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # clear one-line errors for the errors we expect
+        from rift_dist.checkpoint import CheckpointError
+        from rift_dist.stages.common import StageError
+
+        known = (StageError, CheckpointError)
+        try:
+            from rift_dist.data.sources import DataError
+
+            known = known + (DataError,)
+        except ImportError:
+            pass
+        if isinstance(exc, known):
+            print(f"rift: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,522 @@
+"""One typed configuration tree for a RiFT experiment.
+
+The tree is a set of nested dataclasses.  YAML files are read into it with
+:func:`load_config`; every key is checked against the dataclass fields and
+every value against the field's type, so an unknown key or a wrong type is an
+error that names the key and the file.  ``--set a.b=value`` overrides use the
+same checks.  :func:`flatten` turns the tree into ``{"a.b": value}`` pairs for
+MLflow params.
+
+Units: epsilons and step sizes are fractions of the pixel range [0, 1]; YAML
+may write them as ``8/255``.  Accuracies are fractions in [0, 1].
+Source of defaults: RiFT (Zhu et al., ICCV 2023, arXiv 2308.02533) §5.1 and
+Madry et al. PGD adversarial training; see ``../shared/RIFT.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid (unknown key, wrong type, bad value)."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class AttackConfig:
+    """An L-inf PGD attack in pixel space [0, 1] (Madry et al. 2018; RiFT §5.1)."""
+
+    epsilon: float = 8 / 255
+    """Radius of the L-inf ball, as a fraction of the pixel range (8/255 in the paper)."""
+    step_size: float = 2 / 255
+    """Size of one signed-gradient step, fraction of the pixel range (2/255)."""
+    num_steps: int = 10
+    """Number of PGD steps (10: PGD-10)."""
+    random_start: bool = True
+    """Start from a uniform random point in the epsilon ball."""
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are batched."""
+
+    dataset: str = "cifar10"
+    """Data set name: cifar10, cifar100 or tiny-imagenet."""
+    root: str = ""
+    """Directory holding the data (CIFAR pickles, image folders or Tiny-ImageNet layout). Env RIFT_DATA_ROOT fills it when empty."""
+    archive: str = ""
+    """Optional .tar.gz to unpack into cache_dir on first use; root is then found inside it."""
+    cache_dir: str = "~/.cache/rift_dist"
+    """Where archives are unpacked and generated sets (corruptions, .beton files) are kept."""
+    decode_cache: bool = True
+    """Keep decoded image folders as .npy in cache_dir so later runs and other ranks skip JPEG decoding."""
+    layout: str = "auto"
+    """auto, pickle, folder or tiny-imagenet."""
+    train_subset: int = 0
+    """Use a seeded, class-balanced subset of this many training images (0 = all)."""
+    test_subset: int = 0
+    """Use a seeded, class-balanced subset of this many test images (0 = all)."""
+    val_size: int = 1000
+    """Images carved from the training split (seeded) for model/alpha selection."""
+    split_seed: int = 0
+    """Seed of the train/validation split and of the subsets."""
+    batch_size: int = 128
+    """Global training batch size (split evenly across ranks)."""
+    eval_batch_size: int = 256
+    """Evaluation batch size per rank."""
+    num_workers: int = 0
+    """Loader worker processes (0 = load in the main process)."""
+    loader: str = "auto"
+    """auto (FFCV when importable, else torch), ffcv or torch."""
+    ffcv_storage: str = "raw"
+    """How images are stored in .beton files: raw or jpeg."""
+    ffcv_jpeg_quality: int = 90
+    """JPEG quality when ffcv_storage is jpeg."""
+    os_cache: bool = True
+    """FFCV: let the OS page cache hold the file (True) or read it into process memory."""
+    order: str = "random"
+    """FFCV traversal order: random or quasi_random (quasi_random is rejected with more than one rank)."""
+    corruption_root: str = ""
+    """Directory of a CIFAR-10-C style set (<corruption>.npy, labels.npy) or Tiny-ImageNet-C; empty = none."""
+    corruption_generate: bool = False
+    """Build a re-generated CIFAR-10-C style set from the test split when corruption_root has none."""
+    corruptions: list[str] = field(default_factory=list)
+    """Corruption names to evaluate (empty = the standard 15)."""
+    severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    """Severities to evaluate (1..5)."""
+    corruption_subset: int = 0
+    """Images per corruption and severity (0 = all)."""
+    corruption_seed: int = 0
+    """Seed of a re-generated corruption set and of the corruption_subset choice."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture (RIFT.md, Models)."""
+
+    arch: str = "resnet18"
+    """resnet18, resnet34 or wrn34_10."""
+    width: int = 64
+    """Channels of the first stage (64 in the paper; smaller for CPU runs). WRN: 16 x widen_factor."""
+    widen_factor: int = 10
+    """WRN widen factor (10 for WRN-34-10)."""
+    mean: list[float] = field(default_factory=list)
+    """Per-channel input mean for the model's first (normalisation) layer; empty = the data set's."""
+    std: list[float] = field(default_factory=list)
+    """Per-channel input std; empty = the data set's."""
+    normalize: bool = True
+    """Whether the model normalises its input (False for checkpoints trained on raw pixels)."""
+
+
+@dataclass
+class TrainConfig:
+    """Adversarial training (RiFT §5.1; Madry PGD-AT, TRADES, MART)."""
+
+    method: str = "pgd"
+    """pgd (Madry), trades or mart."""
+    epochs: int = 110
+    """Training epochs."""
+    lr: float = 0.1
+    """Initial SGD learning rate."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-4
+    """SGD weight decay."""
+    milestones: list[int] = field(default_factory=lambda: [100, 105])
+    """Epochs after which the learning rate is multiplied by gamma."""
+    gamma: float = 0.1
+    """Learning-rate decay factor at each milestone."""
+    beta: float = 6.0
+    """TRADES / MART regularisation weight."""
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    """Attack used to make training examples."""
+    select_best: bool = True
+    """Keep the epoch with the best robust accuracy on the selection split (robust-overfitting early stop)."""
+    eval_attack_steps: int = 10
+    """PGD steps of the per-epoch robust-accuracy check."""
+    checkpoint_every: int = 50
+    """Save a resumable checkpoint every this many optimizer steps (and at each epoch end)."""
+    max_steps_per_epoch: int = 0
+    """Stop each epoch after this many steps (0 = the whole epoch); for quick runs."""
+
+
+@dataclass
+class MRCConfig:
+    """Module Robust Criticality search (RiFT §3.2, Eq. 2, Alg. 1)."""
+
+    epsilon_w: float = 0.1
+    """Radius of the weight perturbation relative to the weight's norm (||dW|| <= eps_w ||W0||)."""
+    p: float = 2.0
+    """Norm of the weight ball (2 = Frobenius)."""
+    num_iterations: int = 10
+    """Passes of gradient ascent over the fixed adversarial set."""
+    lr: float = 1.0
+    """Ascent step size (plain SGD, no momentum or weight decay)."""
+    batch_size: int = 512
+    """Mini-batch size of the ascent."""
+    num_examples: int = 512
+    """Size of the fixed adversarial set, drawn (seeded) from the training split."""
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    """Attack that builds the fixed adversarial set (PGD-10, 8/255)."""
+    early_stop: bool = False
+    """Stop at the first projection, as Alg. 1 of the paper does (the code runs all iterations)."""
+    exclude: list[str] = field(default_factory=list)
+    """Modules never chosen: names, or 'first' / 'last' for the stem and the classifier."""
+    top_k: int = 1
+    """Number of lowest-MRC modules fine-tuned together (RiFT Table 4 ablation)."""
+    modules: list[str] = field(default_factory=list)
+    """Compute MRC for these modules only (empty = every Conv2d/Linear)."""
+    use_cache: bool = True
+    """Cache activations at the input of the unit that holds the module (issue: fast MRC)."""
+    cache_dtype: str = "float32"
+    """dtype of cached activations: float32 or bfloat16."""
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning of the non-robust-critical module(s) on clean data (RiFT §3.3, Eq. 8)."""
+
+    epochs: int = 10
+    """Fine-tuning epochs."""
+    lr: float = 1e-3
+    """SGD learning rate."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-4
+    """SGD weight decay."""
+    milestones: list[int] = field(default_factory=lambda: [5])
+    """Epochs after which the learning rate is multiplied by gamma."""
+    gamma: float = 0.1
+    """Learning-rate decay factor."""
+    freeze_bn: bool = False
+    """Keep BatchNorm layers in eval mode (the authors' code lets running statistics move)."""
+    modules: list[str] = field(default_factory=list)
+    """Fine-tune these modules instead of the MRC choice (e.g. the authors' hand-picked layer2.1.conv2)."""
+    max_steps_per_epoch: int = 0
+    """Stop each epoch after this many steps (0 = whole epoch)."""
+
+
+@dataclass
+class InterpolationConfig:
+    """Weight interpolation theta(alpha) = (1 - alpha) theta_AT + alpha theta_FT (RiFT §3.3, Eq. 9)."""
+
+    alphas: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
+    """Grid of interpolation factors alpha."""
+    tolerance: float = 0.001
+    """alpha* = best clean accuracy among alphas whose robust accuracy is at most this far below the AT model's (0.1 pp)."""
+
+
+@dataclass
+class EvalConfig:
+    """Final evaluation (RiFT §5.1)."""
+
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    """PGD attack of the robust accuracy (PGD-10, 8/255, 2/255)."""
+    restarts: int = 3
+    """PGD restarts; a sample is robust only if it survives all of them."""
+    selection_attack_steps: int = 10
+    """PGD steps used on the selection split during the interpolation sweep."""
+    selection_restarts: int = 1
+    """PGD restarts on the selection split during the sweep."""
+    autoattack: bool = False
+    """Also run AutoAttack (standard version)."""
+    n_examples: int = 0
+    """Evaluate only the first N test images (0 = all)."""
+
+
+@dataclass
+class PrecisionConfig:
+    """Numerics and layout switches."""
+
+    autocast: str = "auto"
+    """auto (bf16 where the hardware has it), bf16, fp16 (CUDA only) or none."""
+    channels_last: str = "auto"
+    """auto, on or off."""
+    compile: bool = False
+    """torch.compile the model (eager is the default)."""
+    threads: int = 0
+    """torch intra-op threads (0 = leave as is)."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms and no cuDNN benchmark."""
+
+
+@dataclass
+class DistributedConfig:
+    """How the processes talk and how the model is wrapped."""
+
+    engine: str = "ddp"
+    """ddp or deepspeed (used when more than one process runs)."""
+    backend: str = "auto"
+    """auto (nccl with CUDA, else gloo), gloo or nccl."""
+    timeout_s: int = 300
+    """Collective timeout: a dead rank makes the others fail after this long."""
+    sync_bn: bool = False
+    """Convert BatchNorm to SyncBatchNorm under DDP."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage (0, 1, 2)."""
+    gradient_accumulation_steps: int = 1
+    """DeepSpeed gradient accumulation steps."""
+    deepspeed_optimizer: bool = False
+    """Let DeepSpeed build its own optimizer and scheduler instead of ours."""
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking."""
+
+    enabled: bool = True
+    """Record runs in MLflow."""
+    uri: str = ""
+    """Tracking URI; empty = env MLFLOW_TRACKING_URI, else a SQLite store beside the run directory."""
+    experiment: str = "rift"
+    """MLflow experiment name."""
+
+
+@dataclass
+class RunConfig:
+    """The whole experiment."""
+
+    name: str = "default"
+    """A short name for the experiment (used in run names)."""
+    seed: int = 0
+    """Seed of everything random that is not seeded elsewhere."""
+    run_dir: str = "runs/default"
+    """Where the run's artefacts live."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    selection_split: str = "val"
+    """Split used to choose the AT epoch, the module and alpha: val (ours) or test (the authors' code)."""
+    from_checkpoint: str = ""
+    """Start RiFT from this adversarially trained checkpoint and skip adversarial training."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mrc: MRCConfig = field(default_factory=MRCConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    interpolation: InterpolationConfig = field(default_factory=InterpolationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+PATH_KEYS = {"root", "archive", "cache_dir", "corruption_root", "run_dir", "from_checkpoint", "uri"}
+"""String fields whose ``$VAR`` / ``${VAR}`` references are expanded from the environment."""
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.dataset": ("cifar10", "cifar100", "tiny-imagenet"),
+    "data.layout": ("auto", "pickle", "folder", "tiny-imagenet"),
+    "data.loader": ("auto", "ffcv", "torch"),
+    "data.ffcv_storage": ("raw", "jpeg"),
+    "data.order": ("random", "quasi_random"),
+    "model.arch": ("resnet18", "resnet34", "wrn34_10"),
+    "train.method": ("pgd", "trades", "mart"),
+    "mrc.cache_dtype": ("float32", "bfloat16"),
+    "precision.autocast": ("auto", "bf16", "fp16", "none"),
+    "precision.channels_last": ("auto", "on", "off"),
+    "distributed.engine": ("ddp", "deepspeed"),
+    "distributed.backend": ("auto", "gloo", "nccl"),
+    "device": ("auto", "cpu", "cuda"),
+    "selection_split": ("val", "test"),
+}
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _parse_number(value: Any, key: str, source: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(Fraction(value.replace(" ", "")))
+        except (ValueError, ZeroDivisionError):
+            pass
+    raise ConfigError(f"{source}: '{key}' must be a number (e.g. 0.1 or 8/255), got {value!r}")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"internal: union type for {key}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        return _parse_number(value, key, source)
+    if tp is str:
+        if isinstance(value, str) and key.split(".")[-1] in PATH_KEYS:
+            value = os.path.expandvars(value)
+        if not isinstance(value, str):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key, source)
+    raise ConfigError(f"internal: unsupported type {tp} for {key}")
+
+
+def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    obj = cls()
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = [n for n in names if n.startswith(str(key)[:3])]
+            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            raise ConfigError(
+                f"{source}: unknown key '{full}'{hint}; valid keys here: {', '.join(sorted(names))}"
+            )
+        setattr(obj, key, _coerce(value, hints[key], full, source))
+    return obj
+
+
+def _validate(cfg: RunConfig, source: str) -> None:
+    flat = flatten(cfg)
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"{source}: '{key}' is {flat[key]!r}; choose one of {', '.join(allowed)}")
+    for key in ("train.attack.epsilon", "mrc.attack.epsilon", "eval.attack.epsilon", "mrc.epsilon_w"):
+        if flat[key] < 0:
+            raise ConfigError(f"{source}: '{key}' must be >= 0, got {flat[key]}")
+    for a in cfg.interpolation.alphas:
+        if not 0.0 <= a <= 1.0:
+            raise ConfigError(f"{source}: 'interpolation.alphas' must lie in [0, 1], got {a}")
+    for s in cfg.data.severities:
+        if s not in (1, 2, 3, 4, 5):
+            raise ConfigError(f"{source}: 'data.severities' must be in 1..5, got {s}")
+    if cfg.mrc.top_k < 1:
+        raise ConfigError(f"{source}: 'mrc.top_k' must be >= 1")
+    if cfg.distributed.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"{source}: 'distributed.zero_stage' must be 0, 1 or 2")
+
+
+def from_dict(data: dict, source: str = "<dict>") -> RunConfig:
+    """Build and validate a :class:`RunConfig` from a nested mapping.
+
+    Raises:
+        ConfigError: on an unknown key, a wrong type or a value outside its choices;
+            the message names the key and ``source``.
+    """
+    cfg = _build(RunConfig, data or {}, "", source)
+    _validate(cfg, source)
+    return cfg
+
+
+def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> dict:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested mapping.
+
+    Raises:
+        ConfigError: when an override has no '='.
+    """
+    data = dict(data or {})
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"{source}: override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a config YAML file, following an optional ``base:`` key (a path relative to the file).
+
+    Raises:
+        ConfigError: when the file is missing, is not valid YAML, or is not a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (give a path to a YAML file, e.g. configs/default.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config sections")
+    base = data.pop("base", None)
+    if base:
+        data = _merge(read_yaml(path.parent / base), data)
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config file (or the built-in defaults when ``path`` is None) and apply overrides.
+
+    Raises:
+        ConfigError: naming the key and the file on any unknown key or wrong type.
+    """
+    data = read_yaml(path) if path else {}
+    source = str(path) if path else "<defaults>"
+    try:
+        cfg = from_dict(data, source)
+    except ConfigError:
+        raise
+    if overrides:
+        cfg = from_dict(apply_overrides(data, overrides), f"{source} with --set")
+    return cfg
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten a config dataclass tree into ``{"section.key": value}``."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, key + "."))
+        else:
+            out[key] = value
+    return out
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config tree as plain nested dicts (for YAML dumps and pickling)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config tree to ``path`` as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

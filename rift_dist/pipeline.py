@@ -1,0 +1,128 @@
+"""The stage graph: what runs, where its inputs come from, and skipping what is done.
+
+train -> mrc -> finetune -> interpolate -> evaluate.  Each stage reads the
+artefacts of the stages before it from the run directory and writes its own;
+a stage whose ``done.json`` matches the config is skipped, and a stage killed
+half-way resumes from its checkpoints.  The same code runs in one process,
+under torchrun, or inside a SLURM job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from rift_dist.config import RunConfig, dump_yaml, flatten
+from rift_dist.distributed import Runtime
+from rift_dist.precision import resolve_precision
+from rift_dist.stages import common
+from rift_dist.stages.common import STAGES, StageContext, StageError, read_done
+from rift_dist.tracking import Tracker
+
+
+def stage_function(name: str, cfg: RunConfig):
+    """The ``run(ctx)`` function of stage ``name``.
+
+    Raises:
+        StageError: for an unknown stage name (lists the valid ones).
+    """
+    if name == "train":
+        from rift_dist.stages import adversarial_training
+
+        if cfg.from_checkpoint:
+            return lambda ctx: adversarial_training.import_checkpoint(ctx, cfg.from_checkpoint)
+        return adversarial_training.run
+    if name == "mrc":
+        from rift_dist.stages import criticality
+
+        return criticality.run
+    if name == "finetune":
+        from rift_dist.stages import finetune
+
+        return finetune.run
+    if name == "interpolate":
+        from rift_dist.stages import interpolation
+
+        return interpolation.run
+    if name == "evaluate":
+        from rift_dist.stages import evaluation
+
+        return evaluation.run
+    raise StageError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+
+
+def configure_torch(cfg: RunConfig) -> None:
+    """Apply thread count and determinism switches."""
+    if cfg.precision.threads:
+        torch.set_num_threads(cfg.precision.threads)
+    if cfg.precision.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def make_context(cfg: RunConfig, run_dir: Path, runtime: Runtime, progress: bool = True,
+                 parent_run_id: str | None = None) -> StageContext:
+    """Build the StageContext of a run (precision resolved, tracker on the main process only)."""
+    precision = resolve_precision(cfg.precision, runtime.device)
+    tracker = Tracker(cfg, run_dir, active=runtime.is_main, parent_run_id=parent_run_id)
+    return StageContext(cfg, run_dir, runtime, tracker, precision, progress)
+
+
+def run_stages(ctx: StageContext, stages: list[str] | tuple[str, ...] = STAGES) -> dict:
+    """Run ``stages`` in order on an existing context, skipping the ones already done.
+
+    Returns {stage: outputs}.
+    """
+    results = {}
+    for name in stages:
+        done = read_done(ctx, name)
+        if done is not None:
+            ctx.log(f"[{name}] already done — reusing {ctx.run_dir / name} (delete it to redo)")
+            results[name] = done["outputs"]
+            continue
+        t0 = time.time()
+        results[name] = stage_function(name, ctx.cfg)(ctx)
+        ctx.log(f"[{name}] finished in {time.time() - t0:.1f}s")
+    return results
+
+
+def run_pipeline(cfg: RunConfig, run_dir: str | Path | None = None, stages=STAGES, progress: bool = True,
+                 parent_run_id: str | None = None, print_table: bool = True) -> dict:
+    """Run the RiFT stage graph for ``cfg`` in ``run_dir`` (default ``cfg.run_dir``) on this process's runtime.
+
+    Sets up the process group from the environment (torchrun / SLURM / single
+    process) and tears it down in ``finally``.  Returns {stage: outputs}.
+    """
+    run_dir = Path(run_dir or cfg.run_dir)
+    cfg.run_dir = str(run_dir)
+    configure_torch(cfg)
+    runtime = Runtime(cfg)
+    status = "FAILED"
+    ctx = None
+    try:
+        if runtime.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            dump_yaml(cfg, run_dir / "config.yaml")
+        runtime.barrier()
+        ctx = make_context(cfg, run_dir, runtime, progress, parent_run_id)
+        if runtime.is_main:
+            ctx.tracker.parent.log_params(flatten(cfg))
+            ctx.tracker.parent.set_tags({"rift.run_dir": str(run_dir.resolve())})
+        ctx.log(f"rift: run {run_dir} — {runtime.world_size} process(es) on {runtime.device}, {ctx.precision.describe()}")
+        results = run_stages(ctx, list(stages))
+        if print_table and runtime.is_main and (run_dir / "summary.json").is_file() and "evaluate" in stages:
+            from rift_dist.stages.evaluation import print_summary
+
+            print_summary(json.loads((run_dir / "summary.json").read_text()))
+        status = "FINISHED"
+        return results
+    finally:
+        if ctx is not None:
+            ctx.tracker.finish(status)
+        runtime.close()

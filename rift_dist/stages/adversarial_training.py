@@ -1,0 +1,230 @@
+"""Stage 1 — adversarial training: PGD-AT, TRADES and MART (RiFT §5.1; RIFT.md Stages 1).
+
+Madry PGD-AT minimises the cross-entropy on PGD examples; TRADES (Zhang et al.
+2019) adds beta * KL(f(x) || f(x')) to the clean cross-entropy, with x' found
+by maximising that KL; MART (Wang et al. 2020) weighs a boosted cross-entropy
+on x' with beta * KL * (1 - p_y(x)).  Clean and adversarial inputs go through
+ONE forward of the engine and one backward per step (what ZeRO-2 requires).
+
+Reproducibility across world sizes: the attack's random start for global
+batch ``step`` of ``epoch`` is drawn for the whole global batch from a
+generator seeded by (seed, epoch, step) and each rank takes its slice; the
+data order and augmentation are likewise functions of (seed, epoch) (see
+``rift_dist.data.loaders``).  So the run's result does not depend on its
+number of ranks (with SyncBatchNorm).
+
+Artefacts: ``train/checkpoints/ckpt-*.pt`` (resumable: model, optimizer,
+epoch, step, best), ``train/model.pt`` (the selected epoch's state dict),
+``train/history.json``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from rift_dist import checkpoint
+from rift_dist.attacks import pgd
+from rift_dist.distributed import seed_for
+from rift_dist.stages.common import (
+    StageContext, evaluate_model, multistep_lr, new_model, set_lr, write_done, write_json,
+)
+
+STAGE = "train"
+
+
+def at_loss(method: str, logits_clean: torch.Tensor | None, logits_adv: torch.Tensor, labels: torch.Tensor,
+            beta: float) -> torch.Tensor:
+    """The training loss of ``method`` from logits [B, K] (float) and int64 labels [B].
+
+    pgd: CE(x'); trades: CE(x) + beta * KL(p(x) || p(x')) (batch mean);
+    mart: BCE-boosted CE(x') + beta * mean(KL_i * (1 - p_y(x)_i)).
+
+    Raises:
+        ValueError: for an unknown method, or trades/mart without clean logits.
+    """
+    logits_adv = logits_adv.float()
+    if method == "pgd":
+        return F.cross_entropy(logits_adv, labels)
+    if logits_clean is None:
+        raise ValueError(f"{method} needs the clean logits")
+    logits_clean = logits_clean.float()
+    if method == "trades":
+        kl = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits_clean, 1), reduction="batchmean")
+        return F.cross_entropy(logits_clean, labels) + beta * kl
+    if method == "mart":
+        probs_adv = F.softmax(logits_adv, 1)
+        top2 = torch.argsort(probs_adv, 1)[:, -2:]
+        wrong = torch.where(top2[:, -1] == labels, top2[:, -2], top2[:, -1])
+        boosted = F.cross_entropy(logits_adv, labels) + F.nll_loss(
+            torch.log(1.0001 - probs_adv + 1e-12), wrong)
+        probs_clean = F.softmax(logits_clean, 1)
+        true_probs = probs_clean.gather(1, labels[:, None]).squeeze(1)
+        kl = (F.kl_div(torch.log(probs_adv + 1e-12), probs_clean, reduction="none").sum(1) * (1.0000001 - true_probs))
+        return boosted + beta * kl.mean()
+    raise ValueError(f"unknown adversarial training method {method!r}; use pgd, trades or mart")
+
+
+def global_noise(seed: int, epoch: int, step: int, global_batch: int, shape, rank: int, world_size: int) -> torch.Tensor:
+    """Uniform [-1, 1] random-start noise of this rank's slice of the global batch.
+
+    Drawn for the whole global batch [global_batch, *shape] from a generator seeded by
+    (seed, epoch, step), then sliced, so it is independent of the number of ranks.
+    """
+    g = torch.Generator().manual_seed(seed_for(seed, 1, epoch, step))
+    full = torch.empty((global_batch, *shape)).uniform_(-1, 1, generator=g)
+    b = global_batch // world_size
+    return full[rank * b:(rank + 1) * b]
+
+
+def train_step(ctx: StageContext, engine, images: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor) -> dict:
+    """One adversarial training step on this rank's batch; returns loss and accuracies on the batch.
+
+    images float [b, 3, H, W] in [0, 1], labels int64 [b], noise float [b, 3, H, W] in [-1, 1].
+    """
+    cfg = ctx.cfg.train
+    prec = ctx.precision
+    a = cfg.attack
+    model = engine.module  # attack on the unwrapped module: no DDP hooks, no buffer broadcasts
+    images = prec.prepare_input(images)
+    if cfg.method == "trades":
+        with torch.no_grad(), prec.autocast():
+            was = model.training
+            model.eval()
+            target = F.softmax(model(images).float(), 1)
+            model.train(was)
+        start = 0.001 / max(a.epsilon, 1e-12) * noise  # TRADES starts at x + 0.001 * N(0, 1)-scale noise
+        x_adv = pgd(model, images, labels, a.epsilon, a.step_size, a.num_steps, a.random_start,
+                    loss="kl", target_probs=target, noise=start, autocast=prec.autocast)
+    else:
+        x_adv = pgd(model, images, labels, a.epsilon, a.step_size, a.num_steps, a.random_start,
+                    noise=noise, autocast=prec.autocast)
+    x_adv = prec.prepare_input(x_adv)
+    engine.train()
+    b = labels.numel()
+    with prec.autocast():
+        if cfg.method == "pgd":
+            logits_adv, logits_clean = engine(x_adv), None
+        else:
+            logits = engine(torch.cat([images, x_adv]))
+            logits_clean, logits_adv = logits[:b], logits[b:]
+    loss = at_loss(cfg.method, logits_clean, logits_adv, labels, cfg.beta)
+    engine.step(loss)
+    return {"loss": loss.detach().float().item(), "robust_correct": (logits_adv.argmax(1) == labels).sum().item(), "n": b}
+
+
+def run(ctx: StageContext) -> dict:
+    """Adversarially train the configured model; keep the epoch with the best selection-split robust accuracy.
+
+    Resumes from ``train/checkpoints`` after a kill (same epoch and step).
+    Returns the stage outputs (path of ``train/model.pt``, best epoch and accuracies).
+    """
+    from rift_dist.data.loaders import build_loader, get_dataset
+
+    cfg = ctx.cfg
+    t = cfg.train
+    rt = ctx.runtime
+    torch.manual_seed(cfg.seed)
+    model = new_model(ctx)
+    engine = rt.parallelize_with(
+        model, lambda params: torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    )
+    loader = build_loader(cfg, "train", rt.rank, rt.world_size, device=ctx.device)
+    selection = get_dataset(cfg, "selection")
+    steps_per_epoch = len(loader) if not t.max_steps_per_epoch else min(len(loader), t.max_steps_per_epoch)
+    manager = checkpoint.CheckpointManager(ctx.run_dir / STAGE / "checkpoints")
+    state = manager.load_latest()
+    epoch, step_in_epoch, best, history = 0, 0, {"robust_accuracy": -1.0, "epoch": -1}, []
+    if state is not None:
+        engine.module.load_state_dict(state["model"])
+        engine.load_optimizer_state(state["optimizer"])
+        epoch, step_in_epoch, best, history = state["epoch"], state["step"], state["best"], state["history"]
+        ctx.log(f"[train] resuming at epoch {epoch + 1}, step {step_in_epoch} (from checkpoint)")
+    best_path = ctx.run_dir / STAGE / "best.pt"
+    global_batch = cfg.data.batch_size
+    ctx.log(f"[train] {t.method} AT: {t.epochs} epochs x {steps_per_epoch} steps, global batch {global_batch}, "
+            f"{rt.world_size} rank(s), {ctx.precision.describe()}")
+
+    def save(ep: int, st: int) -> None:
+        if ctx.is_main:
+            manager.save({"model": engine.state_dict(), "optimizer": engine.optimizer_state(), "epoch": ep,
+                          "step": st, "best": best, "history": history}, ep * 1_000_000 + st)
+        rt.barrier()
+
+    with ctx.tracker.stage("adversarial_training") as run_log:
+        run_log.set_tags({"rift.precision": ctx.precision.describe(), "rift.world_size": rt.world_size})
+        while epoch < t.epochs:
+            lr = multistep_lr(t.lr, t.milestones, t.gamma, epoch)
+            set_lr(engine.optimizer, lr)
+            loader.set_epoch(epoch)
+            sums = torch.zeros(3, dtype=torch.float64)
+            t0 = time.time()
+            for step, (images, labels) in enumerate(ctx.bar(loader, total=steps_per_epoch, desc=f"AT epoch {epoch + 1}")):
+                if step >= steps_per_epoch:
+                    break
+                if step < step_in_epoch:
+                    continue  # fast-forward after a resume: data order is a function of (seed, epoch)
+                images, labels = images.to(ctx.device), labels.to(ctx.device)
+                noise = global_noise(cfg.seed, epoch, step, global_batch, tuple(images.shape[1:]), rt.rank,
+                                     rt.world_size).to(ctx.device)
+                out = train_step(ctx, engine, images, labels, noise)
+                sums += torch.tensor([out["loss"] * out["n"], out["robust_correct"], out["n"]], dtype=torch.float64)
+                if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < steps_per_epoch:
+                    save(epoch, step + 1)
+            rt.all_reduce_sum(sums)
+            step_in_epoch = 0
+            ev = evaluate_model(ctx, engine.module, selection, _eval_attack(cfg), 1, seed=cfg.seed + 17,
+                                desc="selection eval")
+            n = max(sums[2].item(), 1)
+            row = {"epoch": epoch + 1, "lr": lr, "train_loss": sums[0].item() / n,
+                   "train_robust_accuracy": sums[1].item() / n, "val_clean_accuracy": ev["clean_accuracy"],
+                   "val_robust_accuracy": ev["robust_accuracy"], "epoch_seconds": time.time() - t0}
+            history.append(row)
+            run_log.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+            ctx.log(f"[train] epoch {epoch + 1}/{t.epochs} loss {row['train_loss']:.3f} "
+                    f"train-robust {100 * row['train_robust_accuracy']:.1f}% val clean {100 * ev['clean_accuracy']:.1f}% "
+                    f"robust {100 * ev['robust_accuracy']:.1f}% ({row['epoch_seconds']:.0f}s)")
+            if not t.select_best or ev["robust_accuracy"] > best["robust_accuracy"]:
+                best = {"robust_accuracy": ev["robust_accuracy"], "clean_accuracy": ev["clean_accuracy"], "epoch": epoch + 1}
+                if ctx.is_main:
+                    checkpoint.save_atomic(engine.state_dict(), best_path)
+            epoch += 1
+            save(epoch, 0)
+        final = checkpoint.load(best_path) if best_path.is_file() else engine.state_dict()
+        if ctx.is_main:
+            checkpoint.save_atomic(final, ctx.run_dir / STAGE / "model.pt")
+            write_json(ctx.run_dir / STAGE / "history.json", history)
+            run_log.log_metrics({"best_epoch": best["epoch"], "best_val_robust_accuracy": best["robust_accuracy"]})
+            run_log.log_artifact(ctx.run_dir / STAGE / "history.json")
+    outputs = {"model": str(ctx.run_dir / STAGE / "model.pt"), "best": best}
+    write_done(ctx, STAGE, outputs)
+    rt.barrier()
+    return outputs
+
+
+def _eval_attack(cfg):
+    from rift_dist.config import AttackConfig
+
+    a = cfg.eval.attack
+    return AttackConfig(a.epsilon, a.step_size, cfg.train.eval_attack_steps, True)
+
+
+def import_checkpoint(ctx: StageContext, path: str) -> dict:
+    """Use an existing adversarially trained checkpoint as the train stage's output (``--from-checkpoint``).
+
+    Reads the layouts people have (see ``rift_dist.models.convert``); writes ``train/model.pt``.
+    """
+    from rift_dist.models.convert import load_external_checkpoint
+
+    model = new_model(ctx)
+    state, report = load_external_checkpoint(path, model)
+    if ctx.is_main:
+        checkpoint.save_atomic(state, ctx.run_dir / STAGE / "model.pt")
+        write_json(ctx.run_dir / STAGE / "import_report.json", report)
+    ctx.log(f"[train] skipped: using {path} ({report.get('summary', '')})")
+    outputs = {"model": str(ctx.run_dir / STAGE / "model.pt"), "imported_from": str(path), "report": report}
+    write_done(ctx, STAGE, outputs)
+    ctx.runtime.barrier()
+    return outputs

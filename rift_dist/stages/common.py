@@ -1,0 +1,272 @@
+"""What every stage shares: the context it runs in, artefact paths, done markers and evaluation.
+
+A stage is a function ``run(ctx) -> dict`` of the config and the artefacts of
+earlier stages (read from the run directory); it writes its own artefacts
+into ``<run_dir>/<stage>/`` and the headline tables into ``<run_dir>``.  A
+``done.json`` marker records what the stage produced and the config it was
+produced with, so a re-run skips it.  Stage code never imports
+``torch.distributed``: it talks to ``ctx.runtime`` (rank, world size,
+collectives) and to the engine that ``ctx.runtime.parallelize_with`` returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from rift_dist import checkpoint
+from rift_dist.attacks import pgd, predict
+from rift_dist.config import AttackConfig, RunConfig, flatten
+from rift_dist.distributed import Runtime, seed_for
+from rift_dist.models import build_model
+from rift_dist.precision import Precision
+from rift_dist.tracking import Tracker
+
+STAGES = ("train", "mrc", "finetune", "interpolate", "evaluate")
+
+# Config sections each stage's result depends on (for the done marker).
+STAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "train": ("seed", "selection_split", "from_checkpoint", "data.dataset", "data.train_subset", "data.val_size",
+              "data.split_seed", "data.batch_size", "model.", "train."),
+    "mrc": ("mrc.",),
+    "finetune": ("finetune.", "mrc.top_k", "mrc.exclude"),
+    "interpolate": ("interpolation.", "eval.selection_attack_steps", "eval.selection_restarts", "data.test_subset"),
+    "evaluate": ("eval.", "data.test_subset", "data.corruption", "data.severities"),
+}
+
+
+class StageError(RuntimeError):
+    """A stage cannot run: a missing input artefact, a stale artefact, or a bad module name."""
+
+
+@dataclass
+class StageContext:
+    """Everything a stage needs besides the config: where, on which rank, how precise, where to log."""
+
+    cfg: RunConfig
+    run_dir: Path
+    runtime: Runtime
+    tracker: Tracker
+    precision: Precision
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.runtime.is_main
+
+    def path(self, *parts: str) -> Path:
+        """A path inside the run directory (parents created)."""
+        p = self.run_dir.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def log(self, message: str) -> None:
+        """Print on the main process only."""
+        if self.is_main:
+            print(message, flush=True)
+
+    def bar(self, iterable, total: int | None = None, desc: str = ""):
+        """A tqdm progress bar on the main process (plain iteration elsewhere)."""
+        if not (self.is_main and self.progress):
+            return iterable
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------ done markers
+
+
+def stage_signature(cfg: RunConfig, stage: str) -> dict[str, Any]:
+    """The config values that ``stage`` and every stage before it depend on."""
+    flat = flatten(cfg)
+    keys: list[str] = []
+    for name in STAGES[: STAGES.index(stage) + 1]:
+        keys.extend(STAGE_KEYS[name])
+    return {k: flat[k] for k in sorted(flat) if any(k == p or (p.endswith(".") and k.startswith(p)) or
+                                                   (not p.endswith(".") and k.startswith(p)) for p in keys)}
+
+
+def read_done(ctx: StageContext, stage: str) -> dict | None:
+    """The done marker of ``stage`` if it finished with the same relevant config, else None.
+
+    Raises:
+        StageError: when the stage finished with a different config (names the changed keys).
+    """
+    marker = ctx.run_dir / stage / "done.json"
+    if not marker.is_file():
+        return None
+    data = json.loads(marker.read_text())
+    now = json.loads(json.dumps(stage_signature(ctx.cfg, stage), default=str))
+    before = data.get("signature", {})
+    changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+    if changed:
+        raise StageError(
+            f"stage '{stage}' in {ctx.run_dir} was produced with a different config (changed: {', '.join(changed)}). "
+            f"Use a new --run-dir, or delete {ctx.run_dir / stage} to redo it."
+        )
+    return data
+
+
+def write_done(ctx: StageContext, stage: str, outputs: dict) -> None:
+    """Record that ``stage`` finished (main process only), atomically."""
+    if not ctx.is_main:
+        return
+    marker = ctx.path(stage, "done.json")
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"outputs": outputs, "signature": stage_signature(ctx.cfg, stage)}, indent=1, default=str))
+    os.replace(tmp, marker)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------ models
+
+
+def new_model(ctx: StageContext, state_dict: dict | None = None) -> nn.Module:
+    """Build the configured model on the run's device (channels_last when asked), optionally loading a state dict."""
+    model = build_model(ctx.cfg)
+    if state_dict is not None:
+        model.load_state_dict(state_dict, strict=True)
+    return ctx.precision.prepare_model(model.to(ctx.device))
+
+
+def load_state(path: Path, what: str) -> dict:
+    """Load a state-dict artefact.
+
+    Raises:
+        StageError: when the file is missing (says which stage makes it) or unreadable.
+    """
+    if not path.is_file():
+        raise StageError(f"{what} not found at {path}; run the stage that makes it first (rift run CONFIG runs them all)")
+    try:
+        return checkpoint.load(path)
+    except checkpoint.CheckpointError as exc:
+        raise StageError(f"{what}: {exc}") from exc
+
+
+def at_state(ctx: StageContext) -> dict:
+    """The adversarially trained model's state dict (from the train stage or ``from_checkpoint``)."""
+    return load_state(ctx.run_dir / "train" / "model.pt", "the adversarially trained model")
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of rank's contiguous shard of n items (np.array_split semantics)."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def index_noise(indices: torch.Tensor, shape: tuple[int, ...], seed: int, block: int = 256) -> torch.Tensor:
+    """Uniform [-1, 1] noise for samples identified by global index, the same whatever the batching.
+
+    Noise of global index i is row ``i % block`` of a tensor drawn from a generator
+    seeded by ``(seed, i // block)``, so sharded and single-process evaluations
+    use identical random starts.  Returns float32 [len(indices), *shape].
+    """
+    out = torch.empty((len(indices), *shape))
+    idx = indices.cpu().numpy()
+    for b in np.unique(idx // block):
+        g = torch.Generator().manual_seed(seed_for(seed, int(b)))
+        rows = torch.empty((block, *shape)).uniform_(-1, 1, generator=g)
+        sel = np.nonzero(idx // block == b)[0]
+        out[torch.from_numpy(sel)] = rows[torch.from_numpy(idx[sel] % block)]
+    return out
+
+
+def evaluate_model(
+    ctx: StageContext,
+    model: nn.Module,
+    dataset,
+    attack: AttackConfig | None,
+    restarts: int = 1,
+    seed: int = 0,
+    desc: str = "eval",
+    loss: str = "ce",
+) -> dict[str, float]:
+    """Clean (and PGD robust) accuracy of ``model`` on ``dataset`` (an ArrayDataset), sharded across ranks.
+
+    Each rank evaluates a contiguous shard in a fixed order; counts are
+    summed over ranks, so the result equals a one-process evaluation exactly.
+    Random starts come from :func:`index_noise` keyed on each sample's global index.
+    A sample is robust only if it survives every restart.
+
+    Returns:
+        {"clean_accuracy", "robust_accuracy" (when attack is given), "num_examples"}; fractions in [0, 1].
+    """
+    from rift_dist.data.loaders import build_loader
+
+    loader = build_loader(ctx.cfg, "eval", ctx.runtime.rank, ctx.runtime.world_size, train=False,
+                          dataset=dataset, device=ctx.device)
+    total = torch.zeros(3, dtype=torch.float64)
+    start, _ = shard_bounds(len(dataset), ctx.runtime.rank, ctx.runtime.world_size)
+    offset = start
+    prep = ctx.precision.prepare_input
+    ac = ctx.precision.autocast
+    for images, labels in ctx.bar(loader, total=len(loader), desc=desc):
+        images, labels = images.to(ctx.device), labels.to(ctx.device)
+        n = labels.numel()
+        clean = predict(model, prep(images), ac) == labels
+        total[0] += clean.sum().item()
+        total[2] += n
+        if attack is not None:
+            robust = clean.clone()
+            gidx = torch.arange(offset, offset + n)
+            for r in range(restarts):
+                idx = robust.nonzero().flatten()
+                if idx.numel() == 0:
+                    break
+                noise = index_noise(gidx[idx.cpu()], tuple(images.shape[1:]), seed_for(seed, r)).to(ctx.device)
+                x_adv = pgd(model, prep(images[idx]), labels[idx], attack.epsilon, attack.step_size,
+                            attack.num_steps, attack.random_start, loss=loss, noise=noise, autocast=ac)
+                robust[idx] &= predict(model, prep(x_adv), ac) == labels[idx]
+            total[1] += robust.sum().item()
+        offset += n
+    ctx.runtime.all_reduce_sum(total)
+    n = max(total[2].item(), 1)
+    out = {"clean_accuracy": total[0].item() / n, "num_examples": int(total[2].item())}
+    if attack is not None:
+        out["robust_accuracy"] = total[1].item() / n
+    return out
+
+
+def multistep_lr(base: float, milestones: list[int], gamma: float, epoch: int) -> float:
+    """Learning rate of ``epoch`` (0-based) under a multi-step schedule (decay after each milestone epoch)."""
+    return base * gamma ** sum(epoch >= m for m in milestones)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def fmt_pct(x: float | None) -> str:
+    """A fraction as a percentage with two decimals ('-' for None or NaN)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{100 * x:.2f}"

@@ -1,0 +1,167 @@
+"""Stage 4 — weight interpolation and the choice of alpha* (RiFT §3.3, Eq. 9; §4).
+
+theta(alpha) = (1 - alpha) theta_AT + alpha theta_FT over every floating-point
+state-dict entry (BatchNorm running statistics included); integer buffers such
+as ``num_batches_tracked`` are copied, not blended.  alpha* is the alpha with
+the best clean accuracy among those whose robust accuracy is at most
+``interpolation.tolerance`` (0.1 percentage points) below the AT model's, all
+measured on the selection split (validation by default; ``selection_split:
+test`` reproduces the authors' test-set selection).
+
+Artefacts: ``interpolation.csv`` (alpha, clean_accuracy, robust_accuracy),
+``interpolate/interpolation.png``, ``interpolate/model.pt`` (theta(alpha*)).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import torch
+
+from rift_dist import checkpoint
+from rift_dist.config import AttackConfig
+from rift_dist.stages.common import (
+    StageContext, at_state, evaluate_model, load_state, new_model, write_done, write_json,
+)
+
+STAGE = "interpolate"
+
+
+def interpolate_state_dicts(theta_at: dict, theta_ft: dict, alpha: float) -> dict:
+    """(1 - alpha) * theta_at + alpha * theta_ft for floating-point entries; others copied from theta_ft.
+
+    Args:
+        theta_at, theta_ft: state dicts with the same keys and shapes.
+        alpha: interpolation factor in [0, 1].
+
+    Returns:
+        A new state dict (float entries keep their dtype). alpha 0 / 1 reproduce the inputs exactly.
+
+    Raises:
+        ValueError: when the keys or shapes differ (names them), or alpha is outside [0, 1].
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if theta_at.keys() != theta_ft.keys():
+        diff = sorted(set(theta_at) ^ set(theta_ft))
+        raise ValueError(f"state dicts differ in keys: {diff[:10]}")
+    out = {}
+    for k, a in theta_at.items():
+        b = theta_ft[k]
+        if a.shape != b.shape:
+            raise ValueError(f"state dicts differ in shape at {k}: {tuple(a.shape)} vs {tuple(b.shape)}")
+        if torch.is_floating_point(a):
+            if alpha == 0.0:
+                out[k] = a.clone()
+            elif alpha == 1.0:
+                out[k] = b.clone()
+            else:
+                out[k] = ((1 - alpha) * a.double() + alpha * b.double()).to(a.dtype)
+        else:
+            out[k] = b.clone()  # integer buffers (num_batches_tracked) are copied, not blended
+    return out
+
+
+def choose_alpha(rows: list[dict], at_robust_accuracy: float, tolerance: float = 0.001) -> dict:
+    """The paper's rule: best clean accuracy among alphas with robust accuracy >= AT's - tolerance.
+
+    Args:
+        rows: [{"alpha", "clean_accuracy", "robust_accuracy"}], accuracies as fractions.
+        at_robust_accuracy: the AT model's robust accuracy on the same split.
+        tolerance: allowed drop (0.001 = 0.1 percentage points).
+
+    Ties on clean accuracy go to the higher robust accuracy, then the smaller alpha.
+    Returns the chosen row (alpha 0, the AT model itself, always qualifies when present).
+
+    Raises:
+        ValueError: when no row qualifies.
+    """
+    ok = [r for r in rows if r["robust_accuracy"] >= at_robust_accuracy - tolerance - 1e-12]
+    if not ok:
+        raise ValueError("no alpha keeps robust accuracy within the tolerance of the AT model (include alpha 0)")
+    return max(ok, key=lambda r: (r["clean_accuracy"], r["robust_accuracy"], -r["alpha"]))
+
+
+def plot_curve(path: Path, rows: list[dict], chosen: float) -> None:
+    """Clean and robust accuracy against alpha, alpha* marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: r["alpha"])
+    a = [r["alpha"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(a, [100 * r["clean_accuracy"] for r in rows], "o-", label="clean accuracy")
+    ax.plot(a, [100 * r["robust_accuracy"] for r in rows], "s-", label="robust accuracy (PGD)")
+    ax.axvline(chosen, color="grey", ls="--", label=f"alpha* = {chosen:g}")
+    ax.set_xlabel("interpolation factor alpha")
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(ctx: StageContext) -> dict:
+    """Sweep alpha on the selection split, choose alpha*, save theta(alpha*) as the RiFT model."""
+    from rift_dist.data.loaders import get_dataset
+
+    cfg = ctx.cfg
+    theta_at = at_state(ctx)
+    theta_ft = load_state(ctx.run_dir / "finetune" / "model.pt", "the fine-tuned model")
+    selection = get_dataset(cfg, "selection")
+    a = cfg.eval.attack
+    attack = AttackConfig(a.epsilon, a.step_size, cfg.eval.selection_attack_steps, a.random_start)
+    done_dir = ctx.run_dir / STAGE / "alphas"
+    rows = []
+    with ctx.tracker.stage("interpolation") as parent:
+        for alpha in cfg.interpolation.alphas:
+            part = done_dir / f"alpha-{alpha:.4f}.json"
+            if part.is_file():
+                rows.append(json.loads(part.read_text()))
+                continue
+            model = new_model(ctx, interpolate_state_dicts(theta_at, theta_ft, alpha))
+            ev = evaluate_model(ctx, model, selection, attack, cfg.eval.selection_restarts, seed=cfg.seed + 29,
+                                desc=f"alpha {alpha:g}")
+            row = {"alpha": alpha, "clean_accuracy": ev["clean_accuracy"], "robust_accuracy": ev["robust_accuracy"]}
+            rows.append(row)
+            if ctx.is_main:
+                write_json(part, row)
+                with ctx.tracker.stage("alpha", key=f"alpha={alpha:g}", params={"alpha": alpha}) as r:
+                    r.log_metrics({"clean_accuracy": row["clean_accuracy"], "robust_accuracy": row["robust_accuracy"]})
+                parent.log_metrics({"clean_accuracy": row["clean_accuracy"], "robust_accuracy": row["robust_accuracy"]},
+                                   step=int(round(alpha * 100)))
+            ctx.log(f"[interpolate] alpha {alpha:.2f}: clean {100 * ev['clean_accuracy']:.2f}% "
+                    f"robust {100 * ev['robust_accuracy']:.2f}%")
+        at_row = next((r for r in rows if r["alpha"] == 0.0), None)
+        if at_row is None:
+            model = new_model(ctx, theta_at)
+            ev = evaluate_model(ctx, model, selection, attack, cfg.eval.selection_restarts, seed=cfg.seed + 29)
+            at_row = {"alpha": 0.0, "clean_accuracy": ev["clean_accuracy"], "robust_accuracy": ev["robust_accuracy"]}
+        best = choose_alpha(rows + ([at_row] if at_row not in rows else []), at_row["robust_accuracy"],
+                            cfg.interpolation.tolerance)
+        if ctx.is_main:
+            path = ctx.run_dir / "interpolation.csv"
+            with path.open("w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=("alpha", "clean_accuracy", "robust_accuracy"))
+                w.writeheader()
+                for r in sorted(rows, key=lambda r: r["alpha"]):
+                    w.writerow(r)
+            plot_curve(ctx.run_dir / STAGE / "interpolation.png", rows, best["alpha"])
+            checkpoint.save_atomic(interpolate_state_dicts(theta_at, theta_ft, best["alpha"]),
+                                   ctx.run_dir / STAGE / "model.pt")
+            write_json(ctx.run_dir / STAGE / "alpha.json", {"alpha": best["alpha"], "row": best, "at": at_row,
+                                                            "split": cfg.selection_split})
+            parent.log_metrics({"alpha_star": best["alpha"]})
+            parent.log_artifact(path)
+            parent.log_artifact(ctx.run_dir / STAGE / "interpolation.png")
+    ctx.log(f"[interpolate] alpha* = {best['alpha']:g} on the {cfg.selection_split} split "
+            f"(clean {100 * best['clean_accuracy']:.2f}%, robust {100 * best['robust_accuracy']:.2f}%; "
+            f"AT robust {100 * at_row['robust_accuracy']:.2f}%)")
+    outputs = {"alpha": best["alpha"], "model": str(ctx.run_dir / STAGE / "model.pt")}
+    write_done(ctx, STAGE, outputs)
+    ctx.runtime.barrier()
+    return outputs
