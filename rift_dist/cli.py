@@ -46,10 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--n-examples", type=int, default=None, help="evaluate the first N test images only")
             p.add_argument("--autoattack", action="store_true", help="also run AutoAttack (standard)")
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
-    from rift_dist.data import corruptions
-
-    corruptions.add_corrupt_arguments(data.add_parser("corrupt", help="build a CIFAR-10-C style set (.npy layout)"))
     try:
+        from rift_dist.data import corruptions
+
+        corruptions.add_corrupt_arguments(data.add_parser("corrupt", help="build a CIFAR-10-C style set (.npy layout)"))
         from rift_dist.data import ffcv_loader
 
         ffcv_loader.add_convert_arguments(data.add_parser("convert", help="write FFCV .beton files"))

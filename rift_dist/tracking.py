@@ -229,9 +229,10 @@ class Tracker:
             self._safe("log_params", self.client.log_batch, run_id, [], items[i:i + 100], [])
 
     # ------------------------------------------------------------------ public
-    def child(self, name: str, key: str | None = None, params: dict | None = None) -> _Null:
-        """A child run of the parent called ``name``; ``key`` (default ``name``) identifies it so a
-        re-run or requeued job continues the same child run instead of creating a new one."""
+    def child(self, name: str, key: str | None = None, params: dict | None = None, parent: _Null | None = None) -> _Null:
+        """A child run called ``name`` of the pipeline's parent run (or of ``parent``); ``key`` (default
+        ``name``) identifies it so a re-run or requeued job continues the same child run instead of
+        creating a new one."""
         if not self.active:
             return _Null()
         key = key or name
@@ -244,7 +245,8 @@ class Tracker:
                 return RunHandle(self, run_id)
             except Exception:
                 pass
-        tags = {"mlflow.parentRunId": self.parent.run_id, "rift.stage": name}
+        parent_id = parent.run_id if parent is not None and parent.run_id else self.parent.run_id
+        tags = {"mlflow.parentRunId": parent_id, "rift.stage": name}
         run = self._safe("create_run", self.client.create_run, self.experiment_id, None, tags, name)
         if run is None:
             return _Null()
@@ -258,9 +260,9 @@ class Tracker:
         return handle
 
     @contextmanager
-    def stage(self, name: str, key: str | None = None, params: dict | None = None):
+    def stage(self, name: str, key: str | None = None, params: dict | None = None, parent: _Null | None = None):
         """Context manager: a child run that is marked FINISHED, or FAILED on an exception."""
-        run = self.child(name, key, params)
+        run = self.child(name, key, params, parent)
         status = "FAILED"
         try:
             yield run

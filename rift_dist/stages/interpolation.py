@@ -130,7 +130,8 @@ def run(ctx: StageContext) -> dict:
             rows.append(row)
             if ctx.is_main:
                 write_json(part, row)
-                with ctx.tracker.stage("alpha", key=f"alpha={alpha:g}", params={"alpha": alpha}) as r:
+                with ctx.tracker.stage(f"alpha={alpha:g}", key=f"alpha={alpha:g}", params={"alpha": alpha},
+                                       parent=parent) as r:
                     r.log_metrics({"clean_accuracy": row["clean_accuracy"], "robust_accuracy": row["robust_accuracy"]})
                 parent.log_metrics({"clean_accuracy": row["clean_accuracy"], "robust_accuracy": row["robust_accuracy"]},
                                    step=int(round(alpha * 100)))

@@ -1,0 +1,66 @@
+"""The whole graph on real CIFAR-10 images with a very narrow net: artefacts, MLflow runs, skip on re-run."""
+
+import csv
+import json
+
+import pytest
+
+from tests.integration.pipeline_helpers import rift, shared_data, tiny_config
+
+pytestmark = pytest.mark.skipif(not (shared_data() / "cifar10-jpeg.tar.gz").is_file(),
+                                reason="../shared/data/cifar10-jpeg.tar.gz not found (set RIFT_SHARED_DATA)")
+
+
+def test_end_to_end_and_rerun_skips(tmp_path):
+    cfg = tiny_config(tmp_path)
+    run_dir = tmp_path / "runs" / "tiny"
+    first = rift("run", str(cfg), "--run-dir", str(run_dir))
+    assert "RiFT" in first.stdout and "alpha*" in first.stdout
+
+    with (run_dir / "mrc.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [k for k in rows[0]] == ["module", "num_params", "mrc", "robust_accuracy_drop"]
+    assert len(rows) == 21 and len({r["module"] for r in rows}) == 21
+    mrcs = [float(r["mrc"]) for r in rows]
+    assert mrcs == sorted(mrcs) and min(mrcs) >= 0.0
+
+    with (run_dir / "interpolation.csv").open() as fh:
+        interp = list(csv.DictReader(fh))
+    assert [float(r["alpha"]) for r in interp] == [0.0, 0.5, 1.0]
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for model in ("at", "rift"):
+        for key in ("clean_accuracy", "robust_accuracy", "corruption_accuracy"):
+            assert 0.0 <= summary[model][key] <= 1.0
+        assert summary[model]["robust_accuracy"] <= summary[model]["clean_accuracy"]
+    assert summary["alpha"] in (0.0, 0.5, 1.0) and len(summary["modules"]) == 1
+    assert summary["corruption_set"]["regenerated"] is True
+    assert (run_dir / "mrc" / "mrc.png").stat().st_size > 1000
+    assert (run_dir / "interpolate" / "interpolation.png").stat().st_size > 1000
+
+    # MLflow: one parent run, children for every stage and every alpha, tied by mlflow.parentRunId
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.parent / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("rift")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.data.params["model.width"] == "4" and parent.info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    names = {r.info.run_name for r in children}
+    assert {"adversarial_training", "mrc", "finetune", "interpolation", "evaluation"} <= names
+    interp_run = next(r for r in children if r.info.run_name == "interpolation")
+    alpha_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == interp_run.info.run_id]
+    assert len(alpha_runs) == 3
+    at_run = next(r for r in children if r.info.run_name == "adversarial_training")
+    assert len(client.get_metric_history(at_run.info.run_id, "val_robust_accuracy")) == 2
+    artifacts = {a.path for a in client.list_artifacts(next(r for r in children if r.info.run_name == "mrc").info.run_id)}
+    assert {"mrc.csv", "mrc.png"} <= artifacts
+
+    second = rift("run", str(cfg), "--run-dir", str(run_dir))
+    for stage in ("train", "mrc", "finetune", "interpolate", "evaluate"):
+        assert f"[{stage}] already done" in second.stdout
+    runs_after = client.search_runs([exp.experiment_id], max_results=100)
+    assert len([r for r in runs_after if "mlflow.parentRunId" not in r.data.tags]) == 1  # same parent run continued
