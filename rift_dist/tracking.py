@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import warnings
 from contextlib import contextmanager
@@ -236,9 +237,8 @@ class Tracker:
         if not self.active:
             return _Null()
         key = key or name
-        store = self.run_dir / "mlflow_children.json"
-        known = json.loads(store.read_text()) if store.is_file() else {}
-        run_id = known.get(key)
+        store = self.run_dir / "mlflow" / (re.sub(r"[^A-Za-z0-9_.=-]", "_", key) + ".json")
+        run_id = json.loads(store.read_text())["run_id"] if store.is_file() else None
         if run_id:
             try:
                 self.client.update_run(run_id, status="RUNNING")
@@ -250,10 +250,10 @@ class Tracker:
         run = self._safe("create_run", self.client.create_run, self.experiment_id, None, tags, name)
         if run is None:
             return _Null()
-        known[key] = run.info.run_id
-        tmp = store.with_suffix(".tmp")
-        tmp.write_text(json.dumps(known, indent=1))
-        os.replace(tmp, store)
+        store.parent.mkdir(parents=True, exist_ok=True)
+        tmp = store.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"run_id": run.info.run_id, "key": key}))
+        os.replace(tmp, store)  # one file per child: concurrent array tasks never race on it
         handle = RunHandle(self, run.info.run_id)
         if params:
             handle.log_params(params)
