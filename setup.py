@@ -18,7 +18,7 @@ setup(
         "rich>=13,<16",
         "matplotlib>=3.8,<4",
         "submitit>=1.5.2,<2",
-        "torchattacks>=3.3,<3.6",
+        "torchattacks==3.3.0",  # 3.4+ pins requests~=2.25, which clashes with mlflow
         "scipy>=1.11,<2",
         "Pillow>=10,<14",
         "imagecorruptions==1.1.2",

@@ -180,8 +180,12 @@ class MRCConfig:
     """Compute MRC for these modules only (empty = every Conv2d/Linear)."""
     use_cache: bool = True
     """Cache activations at the input of the unit that holds the module (issue: fast MRC)."""
-    cache_dtype: str = "float32"
-    """dtype of cached activations: float32 or bfloat16."""
+    cache_dtype: str = "auto"
+    """dtype of cached activations: auto (the autocast dtype, else float32), float32, bfloat16 or float16."""
+    max_cache_bytes: int = 0
+    """Largest activation cache kept on the device (0 = no limit); beyond it: host memory on CUDA, the images on a CPU."""
+    fuse_eval: bool = True
+    """Reuse the next pass's forward as the full-set evaluation when one mini-batch holds the whole set."""
 
 
 @dataclass
@@ -234,6 +238,36 @@ class EvalConfig:
     """Also run AutoAttack (standard version)."""
     n_examples: int = 0
     """Evaluate only the first N test images (0 = all)."""
+    autoattack_attacks: list[str] = field(default_factory=lambda: ["apgd-ce", "apgd-t", "fab-t", "square"])
+    """AutoAttack's sequence (standard version: apgd-ce, apgd-t, fab-t, square; Croce & Hein 2020)."""
+    autoattack_steps: int = 100
+    """Iterations of APGD-CE, APGD-T and FAB-T (100 in standard AutoAttack; torchattacks' AutoAttack class uses 10)."""
+    autoattack_queries: int = 5000
+    """Queries of the Square attack (5000 in standard AutoAttack)."""
+    autoattack_seed: int = 0
+    """Seed of AutoAttack's random starts and Square's search (torchattacks seeds from the clock when none is given)."""
+    extra_pgd_steps: list[int] = field(default_factory=lambda: [20, 50])
+    """Also report PGD with these numbers of steps (same epsilon and step size; empty = none)."""
+    margin_pgd_steps: int = 20
+    """Steps of a PGD with the CW margin loss, reported beside the cross-entropy PGD (0 = off)."""
+    extra_restarts: int = 1
+    """Restarts of the extra PGD runs (PGD-20/50, margin) and of the epsilon sweep."""
+    corruption_protocol: str = "standard"
+    """standard (data.corruptions or the 15, data.severities), authors (their code: 18 corruptions; severity 1 only for Tiny-ImageNet-C) or both."""
+    sanity_checks: bool = True
+    """Run the checks against false robustness (robust <= clean, falls with epsilon, Square vs gradients, epsilon 0)."""
+    sanity_epsilons: list[float] = field(default_factory=lambda: [4 / 255, 16 / 255])
+    """Extra epsilons of the monotonicity check (PGD with step epsilon/4)."""
+    sanity_square_margin: float = 0.02
+    """Flag gradient masking when Square breaks more than this fraction of the samples the gradient attacks left."""
+    sanity_tolerance: float = 0.005
+    """Slack of the epsilon-monotonicity and AutoAttack-vs-PGD checks (fraction of samples)."""
+    sanity_examples: int = 200
+    """Images of the gradient-free (Square) check when AutoAttack is off (first N of the evaluated set)."""
+    sanity_square_queries: int = 500
+    """Square queries of that check when AutoAttack is off."""
+    resume: bool = True
+    """Resume long evaluations from their per-sample progress files in the run dir (False = start over)."""
 
 
 @dataclass
@@ -246,6 +280,8 @@ class PrecisionConfig:
     """auto, on or off."""
     compile: bool = False
     """torch.compile the model (eager is the default)."""
+    fold_bn: bool = True
+    """Fold eval-mode BatchNorm into the preceding convolution where the model is frozen (evaluation attacks, MRC)."""
     threads: int = 0
     """torch intra-op threads (0 = leave as is)."""
     deterministic: bool = False
@@ -257,19 +293,21 @@ class DistributedConfig:
     """How the processes talk and how the model is wrapped."""
 
     engine: str = "ddp"
-    """ddp or deepspeed (used when more than one process runs)."""
+    """ddp (plain in one process) or deepspeed (DeepSpeed also in one process)."""
     backend: str = "auto"
     """auto (nccl with CUDA, else gloo), gloo or nccl."""
     timeout_s: int = 300
     """Collective timeout: a dead rank makes the others fail after this long."""
     sync_bn: bool = False
-    """Convert BatchNorm to SyncBatchNorm under DDP."""
+    """Synchronise BatchNorm statistics over ranks (SyncBatchNorm on CUDA, an all-reduce BatchNorm on gloo/CPU)."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage (0, 1, 2)."""
     gradient_accumulation_steps: int = 1
-    """DeepSpeed gradient accumulation steps."""
+    """DeepSpeed gradient accumulation: micro-batches (loader batches) per optimizer step."""
     deepspeed_optimizer: bool = False
-    """Let DeepSpeed build its own optimizer and scheduler instead of ours."""
+    """Let DeepSpeed build the optimizer (same type and hyperparameters as ours) instead of passing ours in."""
+    deepspeed_config: str = ""
+    """Optional DeepSpeed JSON file merged over the generated config (e.g. a scheduler); empty = none."""
 
 
 @dataclass
@@ -323,7 +361,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.order": ("random", "quasi_random"),
     "model.arch": ("resnet18", "resnet34", "wrn34_10"),
     "train.method": ("pgd", "trades", "mart"),
-    "mrc.cache_dtype": ("float32", "bfloat16"),
+    "mrc.cache_dtype": ("auto", "float32", "bfloat16", "float16"),
     "precision.autocast": ("auto", "bf16", "fp16", "none"),
     "precision.channels_last": ("auto", "on", "off"),
     "distributed.engine": ("ddp", "deepspeed"),

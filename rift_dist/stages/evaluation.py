@@ -1,92 +1,146 @@
 """Stage 5 — evaluation of the AT model and the RiFT model (RiFT §5.1; RIFT.md Stages 5).
 
 Clean accuracy; PGD robust accuracy (PGD-10, 8/255, step 2/255, random start,
-worst case per sample over ``eval.restarts`` restarts); corruption accuracy
-(mean over the configured corruptions and severities of a CIFAR-10-C style
-set — the official release when ``data.corruption_root`` holds it, else a
-re-generation built by ``rift data corrupt`` and labelled as such).  All on the
-test split, once, at the end.  Writes ``summary.json`` and prints the table.
+worst case per sample over ``eval.restarts`` restarts) plus PGD-20/50 and the
+CW margin-loss PGD, each reported with its settings; AutoAttack (standard
+version, Croce & Hein 2020) with ``eval.autoattack``; corruption accuracy
+(mean over the corruptions and severities of a CIFAR-10-C style set, with
+per-corruption and per-severity tables; ``eval.corruption_protocol`` picks the
+standard set, the authors' code's 18 corruptions, or both); and the sanity
+checks against false robustness of :mod:`rift_dist.robustness`, whose failures
+are flagged in the summary and in MLflow.  All on the test split (the first
+``eval.n_examples`` images when set, recorded with the result), once, at the
+end.  Long evaluations keep per-sample progress in ``evaluate/progress`` and
+resume after a kill.  Writes ``summary.json``, ``summary.md``, ``summary.csv``
+and prints the table.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 from rift_dist.stages.common import (
-    StageContext, StageError, at_state, evaluate_model, fmt_pct, load_state, new_model, write_done, write_json,
+    StageContext, at_state, evaluate_model, fmt_pct, load_state, new_model, write_done, write_json,
 )
 
 STAGE = "evaluate"
 
 
+def corruption_plan(cfg) -> dict[str, tuple[list[str], list[int]]]:
+    """{protocol: (corruptions, severities)} for ``eval.corruption_protocol``.
+
+    standard: ``data.corruptions`` (empty = the 15 of CIFAR-10-C) at ``data.severities``;
+    authors: the 18 corruptions the authors' code averages over (all 19 files but glass_blur) at
+    severities 1-5, or severity 1 only for Tiny-ImageNet-C, as their code does; both: the two.
+    """
+    from rift_dist.data.corruptions import AUTHORS_USED_CORRUPTIONS, CIFAR_CORRUPTIONS
+
+    d = cfg.data
+    plans = {}
+    if cfg.eval.corruption_protocol in ("standard", "both"):
+        plans["standard"] = (list(d.corruptions) or list(CIFAR_CORRUPTIONS), sorted(d.severities))
+    if cfg.eval.corruption_protocol in ("authors", "both"):
+        plans["authors"] = (list(AUTHORS_USED_CORRUPTIONS), [1] if d.dataset == "tiny-imagenet" else [1, 2, 3, 4, 5])
+    return plans
+
+
 def corruption_sets(ctx: StageContext):
     """The corruption sets to evaluate as [(corruption, severity, ArrayDataset)] plus a description dict.
 
-    Uses ``data.corruption_root`` when it holds a set; otherwise, with ``data.corruption_generate``,
-    builds a re-generated CIFAR-10-C style set from the test split into the cache. Returns ([], None)
-    when neither is configured.
-    """
-    from rift_dist.data.corruptions import CIFAR_CORRUPTIONS, generate_corruption_set, load_corruption_set
-    from rift_dist.data.loaders import get_dataset
+    Loads ``data.corruption_root`` or, with ``data.corruption_generate``, re-generates a CIFAR-10-C
+    style set from the test split (main process first, then every rank loads it), for the union of
+    the corruptions and severities of ``eval.corruption_protocol``.  Returns ([], None) when neither
+    is configured.
 
-    d = ctx.cfg.data
-    names = list(d.corruptions) or list(CIFAR_CORRUPTIONS)
-    root = Path(d.corruption_root).expanduser() if d.corruption_root else None
-    if root is None and not d.corruption_generate:
+    Raises:
+        DataError: from the loader, e.g. ONE error listing every missing corruption file.
+    """
+    from rift_dist.data.corruptions import get_corruption_sets
+
+    cfg = ctx.cfg
+    d = cfg.data
+    if not d.corruption_root and not d.corruption_generate:
         return [], None
-    if root is None or (d.corruption_generate and not any(root.glob("*.npy")) and not (root / "labels.npy").exists()
-                        and d.dataset != "tiny-imagenet"):
-        test = get_dataset(ctx.cfg, "test")
-        root = root or Path(d.cache_dir).expanduser() / "corruptions" / f"{d.dataset}-test{len(test)}-seed{ctx.cfg.seed}"
-        if ctx.is_main and not (root / "labels.npy").exists():
-            ctx.log(f"[evaluate] generating a CIFAR-10-C style corruption set from the test split into {root} "
-                    f"(a re-generation, not the official release)")
-            generate_corruption_set(test, root, names, d.severities, seed=ctx.cfg.seed, progress=ctx.progress)
-        ctx.runtime.barrier()
-    sets = load_corruption_set(root, d.dataset, names, list(d.severities), d.corruption_subset)
-    meta_path = root / "metadata.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    info = {"root": str(root), "regenerated": bool(meta.get("regenerated", False)),
-            "corruptions": names, "severities": list(d.severities),
-            "label": "re-generated CIFAR-10-C style set (not the official release)" if meta.get("regenerated")
-            else "official corruption set"}
+    plans = corruption_plan(cfg)
+    names: list[str] = []
+    sevs: set[int] = set()
+    for cs, ss in plans.values():
+        names += [c for c in cs if c not in names]
+        sevs.update(ss)
+    wanted = dataclasses.replace(cfg, data=dataclasses.replace(d, corruptions=names, severities=sorted(sevs)))
+    if d.corruption_generate and ctx.is_main:
+        sets = get_corruption_sets(wanted)  # generates once, on the main process
+    ctx.runtime.barrier()
+    if not (d.corruption_generate and ctx.is_main):
+        sets = get_corruption_sets(wanted)
+    regenerated = any("RE-GENERATED" in ds.description for _, _, ds in sets)
+    info = {"root": d.corruption_root or f"{d.cache_dir}/corruptions", "regenerated": regenerated,
+            "protocol": cfg.eval.corruption_protocol, "corruptions": names, "severities": sorted(sevs),
+            "protocols": {k: {"corruptions": v[0], "severities": v[1]} for k, v in plans.items()},
+            "label": "re-generated CIFAR-10-C style set (not the official release)" if regenerated
+            else "official corruption set",
+            "images_per_set": len(sets[0][2]) if sets else 0}
     return sets, info
 
 
-def evaluate_corruptions(ctx: StageContext, model, sets) -> dict:
-    """Clean accuracy on every (corruption, severity); mean as the headline plus per-corruption/severity tables."""
-    table = {}
+def evaluate_corruptions(ctx: StageContext, model, sets, label: str = "", progress_dir: Path | None = None) -> dict:
+    """Clean accuracy on every (corruption, severity); mean as the headline, per-corruption/severity tables,
+    and the mean of each protocol of ``eval.corruption_protocol``.
+
+    With ``progress_dir``, finished sets are recorded in ``<progress_dir>/<label>-corruptions.json``
+    (keyed by the model's weights) and skipped when the evaluation is resumed.
+    """
+    from rift_dist.robustness import state_fingerprint
+
+    table: dict[str, float] = {}
+    store = Path(progress_dir) / f"{label}-corruptions.json" if progress_dir is not None else None
+    fp = state_fingerprint(model) if store is not None else ""
+    if store is not None and ctx.cfg.eval.resume and store.is_file():
+        saved = json.loads(store.read_text())
+        if saved.get("model") == fp and saved.get("n") == [len(ds) for _, _, ds in sets]:
+            table.update(saved["per_set"])
+    ctx.runtime.barrier()
     for name, severity, ds in sets:
-        table[f"{name}/{severity}"] = evaluate_model(ctx, model, ds, None, desc=f"{name}-{severity}")["clean_accuracy"]
+        key = f"{name}/{severity}"
+        if key in table:
+            continue
+        table[key] = evaluate_model(ctx, model, ds, None, desc=f"{label} {name}-{severity}")["clean_accuracy"]
+        if store is not None and ctx.is_main:
+            write_json(store, {"model": fp, "n": [len(d) for _, _, d in sets], "per_set": table})
+    table = {f"{n}/{s}": table[f"{n}/{s}"] for n, s, _ in sets}
     per_c: dict[str, list[float]] = {}
     per_s: dict[str, list[float]] = {}
     for key, acc in table.items():
         c, s = key.split("/")
         per_c.setdefault(c, []).append(acc)
         per_s.setdefault(s, []).append(acc)
+    protocols = {}
+    for pname, (cs, ss) in corruption_plan(ctx.cfg).items():
+        vals = [table[f"{c}/{s}"] for c in cs for s in ss if f"{c}/{s}" in table]
+        if vals:
+            protocols[pname] = {"mean": sum(vals) / len(vals), "corruptions": cs, "severities": ss, "sets": len(vals)}
     mean = sum(table.values()) / max(len(table), 1)
+    if protocols:  # the headline is the configured protocol's mean (standard when both)
+        mean = protocols.get("standard", next(iter(protocols.values())))["mean"]
     return {"corruption_accuracy": mean,
             "per_corruption": {c: sum(v) / len(v) for c, v in per_c.items()},
             "per_severity": {s: sum(v) / len(v) for s, v in per_s.items()},
-            "per_set": table}
+            "per_set": table, "protocols": protocols}
 
 
 def evaluate_one(ctx: StageContext, state: dict, test, sets, label: str) -> dict:
-    """Clean, PGD (worst of restarts), optional AutoAttack and corruption accuracy of one state dict."""
-    cfg = ctx.cfg
+    """Clean, PGD (paper protocol and variants), optional AutoAttack, sanity checks and corruption accuracy."""
+    from rift_dist.robustness import robustness_suite
+
     model = new_model(ctx, state)
     t0 = time.time()
-    res = evaluate_model(ctx, model, test, cfg.eval.attack, cfg.eval.restarts, seed=cfg.seed + 41, desc=f"{label} PGD")
-    out = {"clean_accuracy": res["clean_accuracy"], "robust_accuracy": res["robust_accuracy"],
-           "num_examples": res["num_examples"]}
-    if cfg.eval.autoattack:
-        from rift_dist.robustness import autoattack_accuracy
-
-        out["autoattack_accuracy"] = autoattack_accuracy(ctx, model, test, label)["robust_accuracy"]
+    progress = ctx.run_dir / STAGE / "progress"
+    out = robustness_suite(ctx, model, test, label, progress)
     if sets:
-        c = evaluate_corruptions(ctx, model, sets)
+        c = evaluate_corruptions(ctx, model, sets, label, progress)
         out["corruption_accuracy"] = c["corruption_accuracy"]
         out["corruption"] = {k: v for k, v in c.items() if k != "corruption_accuracy"}
     out["seconds"] = time.time() - t0
@@ -107,8 +161,11 @@ def test_dataset(ctx: StageContext):
 
 
 def run(ctx: StageContext) -> dict:
-    """Evaluate the AT and RiFT models on the test split; write ``summary.json`` and print the table."""
+    """Evaluate the AT and RiFT models on the test split; write ``summary.{json,md,csv}`` and log to MLflow."""
+    from rift_dist.robustness import result_csv_rows, result_metrics, validate_eval_config, write_csv
+
     cfg = ctx.cfg
+    validate_eval_config(cfg)
     theta_at = at_state(ctx)
     theta_rift = load_state(ctx.run_dir / "interpolate" / "model.pt", "the RiFT (interpolated) model")
     alpha_info = json.loads((ctx.run_dir / "interpolate" / "alpha.json").read_text())
@@ -118,26 +175,35 @@ def run(ctx: StageContext) -> dict:
     with ctx.tracker.stage("evaluation") as run_log:
         at = evaluate_one(ctx, theta_at, test, sets, "AT")
         rift = evaluate_one(ctx, theta_rift, test, sets, "RiFT")
+        failed = [f"{m}.{c}" for m, r in (("at", at), ("rift", rift)) for c in r.get("sanity", {}).get("failed", [])]
         summary = {
             "at": at, "rift": rift, "modules": ft_done["modules"], "alpha": alpha_info["alpha"],
-            "selection_split": cfg.selection_split, "test_examples": len(test),
+            "selection_split": cfg.selection_split, "test_examples": len(test), "n_examples": cfg.eval.n_examples,
             "pgd": {"epsilon": cfg.eval.attack.epsilon, "step_size": cfg.eval.attack.step_size,
                     "num_steps": cfg.eval.attack.num_steps, "restarts": cfg.eval.restarts},
+            "autoattack": {"enabled": cfg.eval.autoattack, "attacks": list(cfg.eval.autoattack_attacks),
+                           "steps": cfg.eval.autoattack_steps, "queries": cfg.eval.autoattack_queries,
+                           "seed": cfg.eval.autoattack_seed},
+            "sanity": {"enabled": cfg.eval.sanity_checks, "passed": not failed, "failed": failed},
             "corruption_set": cinfo, "precision": ctx.precision.describe(),
         }
         if ctx.is_main:
             write_json(ctx.run_dir / "summary.json", summary)
             (ctx.run_dir / "summary.md").write_text(summary_markdown(summary))
-            for key in ("clean_accuracy", "robust_accuracy", "corruption_accuracy", "autoattack_accuracy"):
-                for model in ("at", "rift"):
-                    if key in summary[model]:
-                        run_log.log_metrics({f"{model}.{key}": summary[model][key]})
-            run_log.log_artifact(ctx.run_dir / "summary.json")
-            run_log.log_artifact(ctx.run_dir / "summary.md")
-            ctx.tracker.parent.log_metrics({f"{m}.{k}": summary[m][k] for m in ("at", "rift")
-                                            for k in ("clean_accuracy", "robust_accuracy", "corruption_accuracy")
-                                            if k in summary[m]})
+            write_csv(ctx.run_dir / "summary.csv", result_csv_rows("AT", at) + result_csv_rows("RiFT", rift))
+            metrics = {**result_metrics("at", at), **result_metrics("rift", rift)}
+            run_log.log_metrics(metrics)
+            tag = "not run" if not cfg.eval.sanity_checks else ("passed" if not failed else "FAILED: " + ", ".join(failed))
+            run_log.set_tags({"rift.sanity": tag})
+            for name in ("summary.json", "summary.md", "summary.csv"):
+                run_log.log_artifact(ctx.run_dir / name)
+            ctx.tracker.parent.log_metrics({k: v for k, v in metrics.items() if k.count(".") == 1})
+            ctx.tracker.parent.set_tags({"rift.sanity": tag})
             ctx.tracker.parent.log_artifact(ctx.run_dir / "summary.md")
+            ctx.tracker.parent.log_artifact(ctx.run_dir / "summary.csv")
+            if failed:
+                ctx.log(f"[evaluate] WARNING: robustness sanity checks FAILED ({', '.join(failed)}); "
+                        f"see summary.md — do not trust the robust accuracy")
     outputs = {"summary": str(ctx.run_dir / "summary.json")}
     write_done(ctx, STAGE, outputs)
     ctx.runtime.barrier()
@@ -146,32 +212,100 @@ def run(ctx: StageContext) -> dict:
 
 def summary_rows(summary: dict) -> list[tuple[str, str, str, str]]:
     """(metric, AT, RiFT, delta) rows of the final table, accuracies in %."""
+    at, rift = summary["at"], summary["rift"]
     rows = []
-    names = [("clean_accuracy", "clean accuracy"), ("robust_accuracy", "robust accuracy (PGD-{n}, worst of {r})"),
-             ("autoattack_accuracy", "AutoAttack accuracy"), ("corruption_accuracy", "corruption accuracy")]
-    for key, label in names:
-        if key not in summary["at"]:
+
+    def add(label, a, b):
+        rows.append((label, fmt_pct(a), fmt_pct(b), f"{100 * (b - a):+.2f}" if a is not None and b is not None else "-"))
+
+    add("clean accuracy", at["clean_accuracy"], rift["clean_accuracy"])
+    p = summary["pgd"]
+    add(f"robust accuracy (PGD-{p['num_steps']}, worst of {p['restarts']})", at["robust_accuracy"], rift["robust_accuracy"])
+    main = f"pgd-{p['num_steps']}"
+    for name, r in at.get("pgd", {}).items():
+        if name == main or name not in rift.get("pgd", {}):
             continue
-        a, b = summary["at"][key], summary["rift"][key]
-        label = label.format(n=summary["pgd"]["num_steps"], r=summary["pgd"]["restarts"])
-        rows.append((label, fmt_pct(a), fmt_pct(b), f"{100 * (b - a):+.2f}"))
+        s = r["attacks"][0]["settings"]
+        add(f"robust accuracy ({name.upper().replace('-MARGIN', ', margin loss')}, worst of {s['restarts']})",
+            r["robust_accuracy"], rift["pgd"][name]["robust_accuracy"])
+    if "autoattack_accuracy" in at:
+        add("AutoAttack accuracy (standard)", at["autoattack_accuracy"], rift.get("autoattack_accuracy"))
+    if "corruption_accuracy" in at:
+        add("corruption accuracy", at["corruption_accuracy"], rift["corruption_accuracy"])
+        for name, pr in at.get("corruption", {}).get("protocols", {}).items():
+            if len(at["corruption"]["protocols"]) > 1:
+                add(f"  corruption accuracy, {name} protocol", pr["mean"],
+                    rift["corruption"]["protocols"][name]["mean"])
     return rows
 
 
+def _pair_table(title: str, left: dict, right: dict) -> list[str]:
+    lines = [f"| {title} | AT (%) | RiFT (%) | delta (pp) |", "| --- | --- | --- | --- |"]
+    for k, a in left.items():
+        b = right.get(k)
+        lines.append(f"| {k} | {fmt_pct(a)} | {fmt_pct(b)} | {100 * (b - a):+.2f} |" if b is not None
+                     else f"| {k} | {fmt_pct(a)} | - | - |")
+    return lines + [""]
+
+
 def summary_markdown(summary: dict) -> str:
-    """The AT-vs-RiFT table as Markdown, with the chosen module(s), alpha and the corruption-set label."""
+    """The AT-vs-RiFT table as Markdown, with settings, AutoAttack, corruption tables and sanity checks."""
+    from rift_dist.robustness import sanity_markdown
+
+    at, rift = summary["at"], summary["rift"]
     lines = ["| metric | AT | RiFT | delta |", "| --- | --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(summary)]
     lines.append("")
     lines.append(f"Fine-tuned module(s): {', '.join(summary['modules'])}; alpha* = {summary['alpha']:g} "
-                 f"(chosen on the {summary['selection_split']} split); {summary['test_examples']} test images.")
+                 f"(chosen on the {summary['selection_split']} split); {summary['test_examples']} test images"
+                 + (f" (quick look: eval.n_examples = {summary['n_examples']})" if summary.get("n_examples") else "")
+                 + ".")
+    lines.append("")
+    lines.append("Attack settings (L-inf, pixels in [0, 1]):")
+    for name, r in at.get("pgd", {}).items():
+        s = r["attacks"][0]["settings"]
+        lines.append(f"- {name}: epsilon {255 * s['epsilon']:g}/255, step {255 * s['step_size']:g}/255, "
+                     f"{s['num_steps']} steps, random start, worst of {s['restarts']} restart(s), {s['loss']} loss")
+    if at.get("autoattack"):
+        aa = summary["autoattack"]
+        lines.append(f"- AutoAttack (standard, torchattacks classes): {', '.join(aa['attacks'])}; "
+                     f"{aa['steps']} iterations, Square {aa['queries']} queries, seed {aa['seed']}; a sample is robust "
+                     f"only if it survives every attack")
+        lines.append("")
+        lines += _pair_table("robust accuracy after attack", {x["name"]: x["robust_after"] for x in at["autoattack"]["attacks"]},
+                             {x["name"]: x["robust_after"] for x in rift["autoattack"]["attacks"]})
+        for note in at["autoattack"].get("notes", []):
+            lines.append(f"Note: {note}")
+    lines.append("")
+    if at.get("epsilon_sweep"):
+        p = summary["pgd"]
+        lines.append(f"Epsilon sweep (sanity check): {255 * p['epsilon']:g}/255 is the paper's PGD above; the other "
+                     f"epsilons use PGD-{p['num_steps']} with step epsilon/4.")
+        lines.append("")
+        lines += _pair_table("PGD robust accuracy at epsilon",
+                             {f"{255 * q['epsilon']:g}/255": q["robust_accuracy"] for q in at["epsilon_sweep"]},
+                             {f"{255 * q['epsilon']:g}/255": q["robust_accuracy"] for q in rift["epsilon_sweep"]})
     if summary.get("corruption_set"):
-        lines.append(f"Corruptions: {summary['corruption_set']['label']}.")
+        cs = summary["corruption_set"]
+        lines.append(f"Corruptions: {cs['label']}; protocol {cs.get('protocol', 'standard')}; "
+                     f"{len(cs['corruptions'])} corruptions x severities {cs['severities']}, "
+                     f"{cs.get('images_per_set', '?')} images each.")
+        lines.append("")
+        if "corruption" in at:
+            lines += _pair_table("corruption", at["corruption"]["per_corruption"], rift["corruption"]["per_corruption"])
+            lines += _pair_table("severity", at["corruption"]["per_severity"], rift["corruption"]["per_severity"])
+            protos = at["corruption"].get("protocols", {})
+            if protos:
+                lines += _pair_table("protocol (mean)", {k: v["mean"] for k, v in protos.items()},
+                                     {k: v["mean"] for k, v in rift["corruption"]["protocols"].items()})
+    for key, title in (("at", "AT"), ("rift", "RiFT")):
+        if summary[key].get("sanity"):
+            lines += sanity_markdown(summary[key]["sanity"], title)
     return "\n".join(lines) + "\n"
 
 
 def print_summary(summary: dict) -> None:
-    """Print the AT-vs-RiFT table to the terminal (rich)."""
+    """Print the AT-vs-RiFT table to the terminal (rich), with failed sanity checks in red."""
     from rich.console import Console
     from rich.table import Table
 
@@ -187,3 +321,20 @@ def print_summary(summary: dict) -> None:
                   f"test images: {summary['test_examples']}")
     if summary.get("corruption_set"):
         console.print(f"corruptions: {summary['corruption_set']['label']}")
+    corr_at, corr_rift = summary["at"].get("corruption"), summary["rift"].get("corruption")
+    if corr_at and corr_rift:
+        ct = Table(title="corruption accuracy (%) by corruption and severity")
+        for col in ("corruption / severity", "AT", "RiFT"):
+            ct.add_column(col, justify="left" if col.startswith("corr") else "right")
+        for c, v in corr_at["per_corruption"].items():
+            ct.add_row(c, fmt_pct(v), fmt_pct(corr_rift["per_corruption"].get(c)))
+        for s, v in corr_at["per_severity"].items():
+            ct.add_row(f"severity {s}", fmt_pct(v), fmt_pct(corr_rift["per_severity"].get(s)))
+        console.print(ct)
+    sanity = summary.get("sanity", {})
+    if sanity.get("enabled"):
+        if sanity.get("passed"):
+            console.print("[green]robustness sanity checks: all passed[/green]")
+        else:
+            console.print(f"[bold red]robustness sanity checks FAILED: {', '.join(sanity['failed'])} — "
+                          f"do not trust the robust accuracy (see summary.md)[/bold red]")
