@@ -23,7 +23,6 @@ setup(
         "Pillow>=10,<14",
         "imagecorruptions==1.1.2",
         "scikit-image>=0.22,<0.27",
-        "opencv-python-headless>=4.8,<5",
     ],
     extras_require={
         "dev": ["pytest>=8,<10", "pytest-timeout>=2.3,<3"],
