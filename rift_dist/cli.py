@@ -95,6 +95,13 @@ def _config(args: argparse.Namespace):
     cfg = load_config(args.config, overrides)
     if args.run_dir:
         cfg.run_dir = args.run_dir
+    try:
+        from rift_dist.data.ffcv_loader import check_ffcv_config
+    except ImportError:
+        pass
+    else:
+        nproc = getattr(args, "nproc", 0) or None
+        check_ffcv_config(cfg, nproc)  # e.g. quasi_random order with several ranks -> ConfigError
     return cfg
 
 

@@ -107,7 +107,7 @@ def evaluate_corruptions(ctx: StageContext, model, sets, label: str = "", progre
         key = f"{name}/{severity}"
         if key in table:
             continue
-        table[key] = evaluate_model(ctx, model, ds, None, desc=f"{label} {name}-{severity}")["clean_accuracy"]
+        table[key] = evaluate_model(ctx, model, ds, None, desc=f"{label} {name}-{severity}", in_memory=True)["clean_accuracy"]
         if store is not None and ctx.is_main:
             write_json(store, {"model": fp, "n": [len(d) for _, _, d in sets], "per_set": table})
     table = {f"{n}/{s}": table[f"{n}/{s}"] for n, s, _ in sets}
