@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         from rift_dist.checkpoint import CheckpointError
         from rift_dist.stages.common import StageError
 
-        known = (StageError, CheckpointError)
+        from rift_dist.distributed import DistributedError
+
+        known = (StageError, CheckpointError, DistributedError)
         try:
             from rift_dist.data.sources import DataError
 

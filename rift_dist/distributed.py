@@ -2,37 +2,77 @@
 
 Model, attack and stage code talk to a :class:`Runtime` (rank, world size,
 device, collectives on metrics) and to an :class:`Engine` returned by
-:meth:`Runtime.parallelize` (forward, ``step(loss)``, consolidated state dict),
-so swapping DDP for DeepSpeed touches this file only.
+:meth:`Runtime.parallelize_with` (forward, ``step(loss)``, consolidated state
+dict), so swapping DDP for DeepSpeed touches this file and
+``rift_dist.deepspeed_engine`` only.
 
 The environment decides the layout: torchrun (``RANK``, ``LOCAL_RANK``,
 ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), SLURM's srun
 (``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_NTASKS``, first host of
-``SLURM_JOB_NODELIST``), or a single process with none of them.
+``SLURM_JOB_NODELIST``), or a single process with none of them.  The backend
+is NCCL with CUDA and gloo otherwise (``distributed.backend`` overrides it).
+
+Failure model: every collective runs under ``distributed.timeout_s``.  Gloo
+honours that timeout for all the collectives used here (all_reduce, barrier,
+all_gather_object, broadcast_object_list, and the all_reduces inside DDP's and
+DeepSpeed's backward), and NCCL's watchdog aborts a stuck collective after it,
+so a rank that died or hangs makes the others raise :class:`DistributedError`
+(a peer that exits closes its sockets, which gloo reports at once) instead of
+waiting forever; no extra watchdog thread is needed.
+
+Reproducibility across world sizes: with ``distributed.sync_bn`` the
+BatchNorm layers normalise with the statistics of the GLOBAL batch, so a run on
+W ranks with per-rank batch b computes what one process computes with batch
+W*b, up to the order of floating-point sums.  NCCL/CUDA uses
+``torch.nn.SyncBatchNorm``; gloo/CPU (which ``torch.nn.SyncBatchNorm`` rejects)
+uses :class:`AllReduceBatchNorm`.
 """
 
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 import re
+import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from rift_dist.models import unwrap
 
+# Words in the message of an exception raised by a failed collective (gloo, NCCL, the TCP store).
+_COMM_FAILURE_MARKERS = (
+    "gloo", "nccl", "c10d", "timed out", "connection reset", "connection closed", "closed by peer",
+    "broken pipe", "processgroup",
+)
+
 
 class DistributedError(RuntimeError):
-    """The process group could not be set up, or a collective failed (e.g. a rank died)."""
+    """The process group could not be set up, or a collective failed (e.g. a rank died or hangs)."""
+
+
+def is_comm_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` looks like a failed collective (a dead or stuck peer) rather than a bug in the step."""
+    if isinstance(exc, DistributedError):
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    return isinstance(exc, (RuntimeError, OSError, ConnectionError)) and any(m in text for m in _COMM_FAILURE_MARKERS)
 
 
 @dataclass
 class LaunchEnv:
-    """Rank layout read from the environment."""
+    """Rank layout read from the environment.
+
+    Attributes:
+        rank: global rank in [0, world_size); local_rank: rank on this node (picks the GPU).
+        world_size: number of processes; master_addr/master_port: where rank 0 listens.
+        source: "torchrun", "slurm" or "single".
+    """
 
     rank: int = 0
     local_rank: int = 0
@@ -43,91 +83,268 @@ class LaunchEnv:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """The first host of a SLURM node list such as ``gpu[01-04,07],cpu1`` -> ``gpu01``."""
+    """The first host of a SLURM node list: ``gpu[01-04,07],cpu1`` -> ``gpu01``, ``n[3-4]-ib`` -> ``n3-ib``."""
     nodelist = nodelist.strip()
-    m = re.match(r"^([^,\[]+)(\[([^\]]+)\])?", nodelist)
-    if not m:
+    m = re.match(r"^([^,\[]*)(?:\[([^\]]+)\])?([^,\[]*)", nodelist)
+    if not m or not (m.group(1) or m.group(2)):
         return nodelist
-    prefix, _, ranges = m.groups()
+    prefix, ranges, suffix = m.groups()
     if not ranges:
-        return prefix
+        return prefix + suffix
     first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    return prefix + first + suffix
 
 
 def read_launch_env(environ: dict | None = None) -> LaunchEnv:
     """Read the rank layout from torchrun or SLURM variables (torchrun wins when both are set).
 
+    SLURM: ``SLURM_PROCID`` / ``SLURM_LOCALID`` / ``SLURM_NTASKS`` (``SLURM_STEP_NUM_TASKS`` when
+    set, i.e. inside an srun step), master = ``MASTER_ADDR`` or the first host of
+    ``SLURM_JOB_NODELIST``, port = ``MASTER_PORT`` or 20000 + job id mod 20000.
+
     Raises:
-        DistributedError: when the variables are inconsistent (e.g. RANK >= WORLD_SIZE).
+        DistributedError: when the variables are inconsistent (e.g. RANK >= WORLD_SIZE) or not integers.
     """
     env = os.environ if environ is None else environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        le = LaunchEnv(
-            int(env["RANK"]), int(env.get("LOCAL_RANK", env["RANK"])), int(env["WORLD_SIZE"]),
-            env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun",
-        )
-    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
-        le = LaunchEnv(
-            int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0")), int(env["SLURM_NTASKS"]),
-            env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")), port, "slurm",
-        )
-    else:
-        return LaunchEnv()
+    try:
+        if "RANK" in env and "WORLD_SIZE" in env:
+            le = LaunchEnv(
+                int(env["RANK"]), int(env.get("LOCAL_RANK", env["RANK"])), int(env["WORLD_SIZE"]),
+                env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun",
+            )
+        elif "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))) > 1:
+            ntasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
+            port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+            le = LaunchEnv(
+                int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0")), ntasks,
+                env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")), port, "slurm",
+            )
+        else:
+            return LaunchEnv()
+    except ValueError as exc:
+        raise DistributedError(f"a rank variable of the launcher is not an integer: {exc}") from exc
     if not 0 <= le.rank < le.world_size:
         raise DistributedError(f"rank {le.rank} is outside world size {le.world_size} (from {le.source} variables)")
     return le
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now (for single-node rendezvous in tests and one-process groups)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------- SyncBatchNorm on gloo
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable all_reduce(SUM): the backward all-reduces the gradient (d sum_r x_r / d x_q = 1)."""
+
+    @staticmethod
+    def forward(ctx, tensor):  # noqa: D102 - autograd protocol
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102 - autograd protocol
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad
+
+
+class AllReduceBatchNorm(_BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch over all ranks, on any backend.
+
+    What ``torch.nn.SyncBatchNorm`` does on CUDA/NCCL, for gloo and CPU tensors too (torch's
+    refuses them).  In training mode with a process group of more than one rank, the per-channel
+    sum and count, then the centred sum of squares, are all-reduced (differentiably: the backward
+    all-reduces their gradients), so every rank normalises with the global mean and biased
+    variance and updates its running statistics with the global mean and unbiased variance —
+    identical on every rank.  Otherwise (eval mode, one process) it is a plain BatchNorm.
+
+    Every rank must run every training-mode forward (a forward on one rank only would wait
+    for the others).  Input: float [B, C, *] (any number of trailing dims); the statistics
+    are computed in float32 and the output has the input's dtype.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input [B, C, ...] (got {input.dim()}D input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: D102 - nn.Module protocol
+        self._check_input_dim(input)
+        sync = self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not sync:
+            return super().forward(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        c = input.shape[1]
+        dims = [0] + list(range(2, input.dim()))
+        shape = [1, c] + [1] * (input.dim() - 2)
+        x = input.float()
+        count = torch.tensor([x.numel() / c], dtype=torch.float32, device=x.device)
+        sums = _AllReduceSum.apply(torch.cat([x.sum(dims), count]))
+        n = sums[c].detach()
+        if n.item() <= 1:
+            raise ValueError(f"AllReduceBatchNorm needs more than 1 value per channel over all ranks (got {int(n.item())})")
+        mean = sums[:c] / n
+        centred = x - mean.view(shape)
+        var = _AllReduceSum.apply((centred * centred).sum(dims)) / n
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.running_mean.mul_(1 - factor).add_(mean.detach().to(self.running_mean.dtype), alpha=factor)
+                unbiased = var.detach() * (n / (n - 1))
+                self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+        out = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            out = out * self.weight.float().view(shape) + self.bias.float().view(shape)
+        return out.to(input.dtype)
+
+
+def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Replace every BatchNorm layer of ``model`` by a synchronised one, in place (root returned).
+
+    CUDA: ``torch.nn.SyncBatchNorm``; otherwise :class:`AllReduceBatchNorm`.  The same Parameter
+    objects (and their ``requires_grad`` flags) and buffers are kept, so optimizers built
+    afterwards, frozen layers and state-dict keys are unchanged.
+    """
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    def convert(module: nn.Module) -> nn.Module:
+        if isinstance(module, _BatchNorm) and not isinstance(module, (AllReduceBatchNorm, nn.SyncBatchNorm)):
+            new = AllReduceBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                     module.track_running_stats)
+            if module.affine:
+                new.weight, new.bias = module.weight, module.bias
+            new.running_mean, new.running_var = module.running_mean, module.running_var
+            new.num_batches_tracked = module.num_batches_tracked
+            new.train(module.training)
+            return new
+        for name, child in module.named_children():
+            module.add_module(name, convert(child))
+        return module
+
+    return convert(model)
+
+
+# ---------------------------------------------------------------------------------- engines
+
+
 class Engine:
     """A model ready for training: one forward per backward, ``step(loss)``, consolidated state dict.
 
+    The plain (one process) and DDP engine; ``rift_dist.deepspeed_engine.DeepSpeedEngine``
+    has the same interface.  Methods marked *collective* must be called on every rank.
+
     Attributes:
         module: the unwrapped model (use it for attacks and evaluation).
-        optimizer: the optimizer (None for evaluation-only engines).
+        optimizer: the optimizer (None for evaluation-only engines); its ``param_groups`` set the lr.
+        wrapped: what the forward runs through (the DDP wrapper, or ``module``).
+        runtime: the :class:`Runtime` (None for a plain engine built without one).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, wrapped: nn.Module | None = None):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, wrapped: nn.Module | None = None,
+                 runtime: "Runtime | None" = None):
         self.module = unwrap(model)
         self.optimizer = optimizer
         self.wrapped = wrapped if wrapped is not None else model
+        self.runtime = runtime
+
+    def _guard(self, what: str, fn: Callable, *args):
+        """Run ``fn``; turn a collective failure inside it into a :class:`DistributedError`."""
+        try:
+            return fn(*args)
+        except Exception as exc:
+            if self.runtime is not None and self.runtime.distributed and is_comm_failure(exc):
+                raise self.runtime.comm_error(what, exc) from exc
+            raise
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.wrapped(x)
+        """The wrapped forward: logits [B, K] for images [B, 3, H, W]."""
+        return self._guard("forward", self.wrapped, x)
 
     def train(self, mode: bool = True) -> "Engine":
+        """Set training mode on the model; returns self."""
         self.wrapped.train(mode)
         return self
 
     def eval(self) -> "Engine":
+        """Set eval mode on the model; returns self."""
         return self.train(False)
 
     def step(self, loss: torch.Tensor) -> None:
-        """Backward, optimizer step, zero the gradients."""
-        loss.backward()
+        """Backward (gradients averaged over ranks by DDP), optimizer step, zero the gradients.
+
+        Raises:
+            DistributedError: when the gradient all-reduce fails (a rank died or hangs).
+        """
+        self._guard("backward", loss.backward)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's state dict, wrapper-free (same keys as the plain model), on the CPU."""
+        """The model's state dict, wrapper-free (same keys as the plain model), float32 master weights, on the CPU.
+
+        *Collective* (DeepSpeed gathers partitioned weights): call it on every rank, save on the main one.
+        """
         return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a wrapper-free state dict (strict) into the model (and any master copy of its weights).
+
+        Raises:
+            RuntimeError: missing or unexpected keys, or shape mismatches (torch's message).
+        """
+        self.module.load_state_dict(state, strict=True)
+
     def optimizer_state(self) -> dict:
-        """The optimizer's resumable state (empty without an optimizer)."""
+        """The optimizer's resumable state in torch's ``Optimizer.state_dict()`` format (empty without an optimizer).
+
+        The same format whatever the engine and world size (parameters numbered in the order
+        they were given to the optimizer), so any engine on any number of ranks can resume it.
+        *Collective*: call it on every rank.
+        """
         return self.optimizer.state_dict() if self.optimizer is not None else {}
 
     def load_optimizer_state(self, state: dict) -> None:
-        """Restore :meth:`optimizer_state` output."""
+        """Restore :meth:`optimizer_state` output (a no-op for an empty dict).
+
+        Raises:
+            ValueError: when the state does not fit the optimizer's parameters (torch's message).
+        """
         if self.optimizer is not None and state:
             self.optimizer.load_state_dict(state)
 
+    def sync_buffers(self) -> None:
+        """Make the floating-point buffers (BatchNorm running statistics) equal on every rank: their mean.
+
+        Needed before evaluating or saving when BatchNorm is not synchronised (each rank's
+        running statistics then follow its own batches).  A no-op in one process and with
+        ``distributed.sync_bn`` (the statistics are already equal).  *Collective*.
+        """
+        rt = self.runtime
+        if rt is None or not rt.distributed or rt.sync_bn:
+            return
+        for buf in self.module.buffers():
+            if buf.is_floating_point():
+                rt.all_reduce_sum(buf)
+                buf.div_(rt.world_size)
+
 
 class Runtime:
-    """Rank, world size, device and collectives; a single process unless ``init`` finds a launcher.
+    """Rank, world size, device and collectives; a single process unless the environment names a launcher.
 
     Use as a context manager (or call :meth:`close` in ``finally``) so the process
     group is destroyed.
+
+    Raises (from the constructor):
+        DistributedError: inconsistent launcher variables, an unusable backend, or a rendezvous
+            that failed or timed out.
     """
 
     def __init__(self, cfg=None, environ: dict | None = None):
@@ -138,6 +355,7 @@ class Runtime:
         self.world_size = self.env.world_size
         self.device = self._pick_device()
         self._group = False
+        self._env_set: list[str] = []  # launcher variables this runtime invented (removed by close)
         if self.world_size > 1:
             self._init_group()
 
@@ -152,39 +370,83 @@ class Runtime:
         return torch.device("cpu")
 
     @property
+    def timeout_s(self) -> float:
+        """Seconds a collective may wait for the other ranks (``distributed.timeout_s``, default 300)."""
+        return float(self.cfg.distributed.timeout_s) if self.cfg is not None else 300.0
+
+    @property
+    def sync_bn(self) -> bool:
+        """Whether BatchNorm layers are synchronised (``distributed.sync_bn`` with more than one rank)."""
+        return bool(self.distributed and self.cfg is not None and self.cfg.distributed.sync_bn)
+
+    @property
     def backend(self) -> str:
+        """The torch.distributed backend: ``distributed.backend``, or nccl with CUDA and gloo otherwise.
+
+        Raises:
+            DistributedError: nccl asked for without CUDA, or an unknown backend.
+        """
         want = self.cfg.distributed.backend if self.cfg is not None else "auto"
         if want == "auto":
             return "nccl" if self.device.type == "cuda" else "gloo"
+        if want not in ("nccl", "gloo", "mpi", "ucc"):
+            raise DistributedError(f"distributed.backend is {want!r}; use auto, gloo or nccl")
+        if want == "nccl" and self.device.type != "cuda":
+            raise DistributedError("distributed.backend is nccl but the device is the CPU; use gloo (or auto)")
         return want
 
     def _init_group(self) -> None:
-        timeout = datetime.timedelta(seconds=self.cfg.distributed.timeout_s if self.cfg is not None else 300)
         os.environ.setdefault("MASTER_ADDR", self.env.master_addr)
         os.environ.setdefault("MASTER_PORT", str(self.env.master_port))
         os.environ.setdefault("RANK", str(self.rank))
         os.environ.setdefault("WORLD_SIZE", str(self.world_size))
         os.environ.setdefault("LOCAL_RANK", str(self.local_rank))
         if not dist.is_initialized():
+            backend = self.backend
             try:
-                dist.init_process_group(
-                    self.backend, rank=self.rank, world_size=self.world_size, timeout=timeout,
-                    init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
-                )
+                dist.init_process_group(backend, rank=self.rank, world_size=self.world_size, init_method="env://",
+                                        timeout=datetime.timedelta(seconds=self.timeout_s))
             except Exception as exc:
                 raise DistributedError(
-                    f"could not join the process group at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
-                    f"as rank {self.rank}/{self.world_size} ({self.backend}): {exc}"
+                    f"rank {self.rank}/{self.world_size} could not join the process group at "
+                    f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} ({backend}, {self.env.source} launch, "
+                    f"timeout {self.timeout_s:g}s): {exc}. Check that every rank was started and can reach that address."
                 ) from exc
         self._group = True
 
+    def ensure_process_group(self) -> None:
+        """Make sure torch.distributed is initialised, with a one-process group when nothing launched us.
+
+        DeepSpeed needs a process group even in one process; without launcher variables it
+        would look for MPI.  This sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR and a free
+        MASTER_PORT (unless set) and starts a group of one, destroyed by :meth:`close`.
+        """
+        if dist.is_initialized():
+            self._group = self._group or self.world_size > 1
+            return
+        if self.world_size > 1:
+            self._init_group()
+            return
+        wanted = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                  "MASTER_PORT": str(free_port())}
+        for key, value in wanted.items():
+            if key not in os.environ:
+                os.environ[key] = value
+                self._env_set.append(key)
+        self._init_group()
+
     def close(self) -> None:
-        """Destroy the process group (safe to call twice)."""
-        if self._group and dist.is_initialized():
-            try:
+        """Destroy the process group this runtime created and forget invented launcher variables (safe to call twice)."""
+        try:
+            if self._group and dist.is_initialized():
                 dist.destroy_process_group()
-            finally:
-                self._group = False
+        except Exception:  # noqa: BLE001 - tearing down after a failure must not mask it
+            pass
+        finally:
+            self._group = False
+            for key in self._env_set:
+                os.environ.pop(key, None)
+            self._env_set = []
 
     def __enter__(self) -> "Runtime":
         return self
@@ -200,20 +462,30 @@ class Runtime:
 
     @property
     def distributed(self) -> bool:
+        """True with more than one process."""
         return self.world_size > 1
 
     # ------------------------------------------------------------------ collectives
+    def comm_error(self, what: str, exc: BaseException) -> DistributedError:
+        """The :class:`DistributedError` for a failed collective ``what`` (names the likely cause and the fix)."""
+        return DistributedError(
+            f"rank {self.rank}/{self.world_size}: collective '{what}' failed — another rank probably died or hung "
+            f"(distributed.timeout_s = {self.timeout_s:g}s); look at the other ranks' output for the first error. "
+            f"Cause: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        )
+
     def _check(self, what: str, fn, *args):
         try:
             return fn(*args)
         except Exception as exc:
-            raise DistributedError(
-                f"rank {self.rank}: collective '{what}' failed — another rank probably died or hung "
-                f"(timeout {self.cfg.distributed.timeout_s if self.cfg else 300}s): {exc}"
-            ) from exc
+            raise self.comm_error(what, exc) from exc
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum a tensor over ranks (in place; also returned). A no-op with one process."""
+        """Sum a tensor over ranks (in place; also returned). A no-op with one process.
+
+        Raises:
+            DistributedError: when the collective fails or times out.
+        """
         if self.distributed:
             t = tensor.to(self.device) if self.backend == "nccl" else tensor
             self._check("all_reduce", dist.all_reduce, t)
@@ -222,7 +494,11 @@ class Runtime:
         return tensor
 
     def all_gather_object(self, obj: Any) -> list[Any]:
-        """Gather a picklable object from every rank, in rank order."""
+        """Gather a picklable object from every rank, in rank order.
+
+        Raises:
+            DistributedError: when the collective fails or times out.
+        """
         if not self.distributed:
             return [obj]
         out: list[Any] = [None] * self.world_size
@@ -230,7 +506,11 @@ class Runtime:
         return out
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        """Rank ``src``'s object on every rank."""
+        """Rank ``src``'s object on every rank.
+
+        Raises:
+            DistributedError: when the collective fails or times out.
+        """
         if not self.distributed:
             return obj
         box = [obj]
@@ -238,7 +518,11 @@ class Runtime:
         return box[0]
 
     def barrier(self) -> None:
-        """Wait for every rank."""
+        """Wait for every rank.
+
+        Raises:
+            DistributedError: when a rank does not arrive within the timeout.
+        """
         if self.distributed:
             self._check("barrier", dist.barrier)
 
@@ -246,26 +530,47 @@ class Runtime:
     def parallelize(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Engine:
         """Wrap ``model`` for training on this runtime (DDP across ranks; plain in one process).
 
-        The model must already be on ``self.device``.  With ``distributed.sync_bn`` the
-        BatchNorm layers become SyncBatchNorm (the optimizer must be built after, so pass
-        a factory via :meth:`parallelize_with`).
+        The model must already be on ``self.device``.  Prefer :meth:`parallelize_with`, which also
+        converts BatchNorm for ``distributed.sync_bn`` and picks the engine.
+
+        Raises:
+            DistributedError: when DDP's initial parameter broadcast fails.
         """
         if not self.distributed:
-            return Engine(model, optimizer)
+            return Engine(model, optimizer, runtime=self)
         ids = [self.device.index] if self.device.type == "cuda" else None
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-        return Engine(model, optimizer, wrapped)
+        # Buffers (BN running statistics) are not broadcast at each forward: SyncBN keeps them equal,
+        # Engine.sync_buffers averages them otherwise.  Newer torch renamed the switch.
+        params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+        no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+        try:
+            wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids, **no_sync)
+        except Exception as exc:
+            if is_comm_failure(exc):
+                raise self.comm_error("DDP set-up", exc) from exc
+            raise
+        return Engine(model, optimizer, wrapped, runtime=self)
 
-    def parallelize_with(self, model: nn.Module, make_optimizer) -> Engine:
-        """Like :meth:`parallelize`, building the optimizer with ``make_optimizer(params)`` after any
-        SyncBatchNorm conversion; picks DDP or DeepSpeed from ``distributed.engine``."""
+    def parallelize_with(self, model: nn.Module, make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]) -> Engine:
+        """Wrap ``model`` for training, building its optimizer with ``make_optimizer(trainable params)``.
+
+        Picks the engine from ``distributed.engine``: ``ddp`` (plain in one process) or
+        ``deepspeed`` (:mod:`rift_dist.deepspeed_engine`, also in one process).  With
+        ``distributed.sync_bn`` and more than one rank, BatchNorm layers become synchronised
+        first (:func:`convert_sync_batchnorm`).  The model must already be on ``self.device``.
+
+        Raises:
+            DistributedError: DeepSpeed asked for but not installed, or a failed set-up collective.
+        """
         cfg = self.cfg.distributed if self.cfg is not None else None
+        if cfg is not None and cfg.engine not in ("ddp", "deepspeed"):
+            raise DistributedError(f"distributed.engine is {cfg.engine!r}; use ddp or deepspeed")
+        if self.sync_bn:
+            model = convert_sync_batchnorm(model, self.device)
         if cfg is not None and cfg.engine == "deepspeed":
             from rift_dist import deepspeed_engine
 
             return deepspeed_engine.build_engine(self, model, make_optimizer)
-        if self.distributed and cfg is not None and cfg.sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         params = [p for p in model.parameters() if p.requires_grad]
         return self.parallelize(model, make_optimizer(params))
 

@@ -138,7 +138,7 @@ def run(ctx: StageContext) -> dict:
     state = manager.load_latest()
     epoch, step_in_epoch, best, history = 0, 0, {"robust_accuracy": -1.0, "epoch": -1}, []
     if state is not None:
-        engine.module.load_state_dict(state["model"])
+        engine.load_state_dict(state["model"])  # also DeepSpeed's fp32 master partitions
         engine.load_optimizer_state(state["optimizer"])
         epoch, step_in_epoch, best, history = state["epoch"], state["step"], state["best"], state["history"]
         ctx.log(f"[train] resuming at epoch {epoch + 1}, step {step_in_epoch} (from checkpoint)")
@@ -148,8 +148,9 @@ def run(ctx: StageContext) -> dict:
             f"{rt.world_size} rank(s), {ctx.precision.describe()}")
 
     def save(ep: int, st: int) -> None:
+        model_state, optimizer_state = engine.state_dict(), engine.optimizer_state()  # collective under DeepSpeed
         if ctx.is_main:
-            manager.save({"model": engine.state_dict(), "optimizer": engine.optimizer_state(), "epoch": ep,
+            manager.save({"model": model_state, "optimizer": optimizer_state, "epoch": ep,
                           "step": st, "best": best, "history": history}, ep * 1_000_000 + st)
         rt.barrier()
 
@@ -158,14 +159,14 @@ def run(ctx: StageContext) -> dict:
         while epoch < t.epochs:
             lr = multistep_lr(t.lr, t.milestones, t.gamma, epoch)
             set_lr(engine.optimizer, lr)
-            loader.set_epoch(epoch)
+            # after a resume, start at the saved step: the data order is a function of (seed, epoch)
+            loader.set_epoch(epoch, start_batch=step_in_epoch)
             sums = torch.zeros(3, dtype=torch.float64)
             t0 = time.time()
-            for step, (images, labels) in enumerate(ctx.bar(loader, total=steps_per_epoch, desc=f"AT epoch {epoch + 1}")):
+            batches = ctx.bar(loader, total=steps_per_epoch - step_in_epoch, desc=f"AT epoch {epoch + 1}")
+            for step, (images, labels) in enumerate(batches, start=step_in_epoch):
                 if step >= steps_per_epoch:
                     break
-                if step < step_in_epoch:
-                    continue  # fast-forward after a resume: data order is a function of (seed, epoch)
                 images, labels = images.to(ctx.device), labels.to(ctx.device)
                 noise = global_noise(cfg.seed, epoch, step, global_batch, tuple(images.shape[1:]), rt.rank,
                                      rt.world_size).to(ctx.device)
@@ -175,6 +176,7 @@ def run(ctx: StageContext) -> dict:
                     save(epoch, step + 1)
             rt.all_reduce_sum(sums)
             step_in_epoch = 0
+            engine.sync_buffers()  # equal BN statistics on every rank before the sharded evaluation
             ev = evaluate_model(ctx, engine.module, selection, _eval_attack(cfg), 1, seed=cfg.seed + 17,
                                 desc="selection eval")
             n = max(sums[2].item(), 1)
@@ -188,8 +190,9 @@ def run(ctx: StageContext) -> dict:
                     f"robust {100 * ev['robust_accuracy']:.1f}% ({row['epoch_seconds']:.0f}s)")
             if not t.select_best or ev["robust_accuracy"] > best["robust_accuracy"]:
                 best = {"robust_accuracy": ev["robust_accuracy"], "clean_accuracy": ev["clean_accuracy"], "epoch": epoch + 1}
+                best_state = engine.state_dict()  # collective under DeepSpeed
                 if ctx.is_main:
-                    checkpoint.save_atomic(engine.state_dict(), best_path)
+                    checkpoint.save_atomic(best_state, best_path)
             epoch += 1
             save(epoch, 0)
         final = checkpoint.load(best_path) if best_path.is_file() else engine.state_dict()

@@ -80,7 +80,7 @@ def run(ctx: StageContext) -> dict:
     state = manager.load_latest()
     epoch, history, best = 0, [], {"clean_accuracy": -1.0, "epoch": -1}
     if state is not None:
-        engine.module.load_state_dict(state["model"])
+        engine.load_state_dict(state["model"])  # also DeepSpeed's fp32 master partitions
         engine.load_optimizer_state(state["optimizer"])
         epoch, history, best = state["epoch"], state["history"], state["best"]
         ctx.log(f"[finetune] resuming at epoch {epoch + 1}")
@@ -110,6 +110,7 @@ def run(ctx: StageContext) -> dict:
                 sums += torch.tensor([loss.item() * len(labels), (logits.argmax(1) == labels).sum().item(), len(labels)],
                                      dtype=torch.float64)
             rt.all_reduce_sum(sums)
+            engine.sync_buffers()  # equal BN statistics on every rank before the sharded evaluation
             ev = evaluate_model(ctx, engine.module, selection, None, desc="selection eval")
             n = max(sums[2].item(), 1)
             row = {"epoch": epoch + 1, "lr": lr, "train_loss": sums[0].item() / n,
@@ -121,11 +122,13 @@ def run(ctx: StageContext) -> dict:
                     f"val clean {100 * ev['clean_accuracy']:.1f}% ({row['epoch_seconds']:.0f}s)")
             if ev["clean_accuracy"] > best["clean_accuracy"]:
                 best = {"clean_accuracy": ev["clean_accuracy"], "epoch": epoch + 1}
+                best_state = engine.state_dict()  # collective under DeepSpeed
                 if ctx.is_main:
-                    checkpoint.save_atomic(engine.state_dict(), best_path)
+                    checkpoint.save_atomic(best_state, best_path)
             epoch += 1
+            model_state, optimizer_state = engine.state_dict(), engine.optimizer_state()  # collective under DeepSpeed
             if ctx.is_main:
-                manager.save({"model": engine.state_dict(), "optimizer": engine.optimizer_state(), "epoch": epoch,
+                manager.save({"model": model_state, "optimizer": optimizer_state, "epoch": epoch,
                               "history": history, "best": best}, epoch)
             rt.barrier()
         if ctx.is_main:
