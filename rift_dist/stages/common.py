@@ -207,6 +207,7 @@ def evaluate_model(
     seed: int = 0,
     desc: str = "eval",
     loss: str = "ce",
+    in_memory: bool = False,
 ) -> dict[str, float]:
     """Clean (and PGD robust) accuracy of ``model`` on ``dataset`` (an ArrayDataset), sharded across ranks.
 
@@ -215,13 +216,18 @@ def evaluate_model(
     Random starts come from :func:`index_noise` keyed on each sample's global index.
     A sample is robust only if it survives every restart.
 
+    ``in_memory=True`` reads the arrays directly (torch loader) instead of through FFCV,
+    which would first write a .beton file: right for one-off sets such as the 75
+    corruption sets.
+
     Returns:
         {"clean_accuracy", "robust_accuracy" (when attack is given), "num_examples"}; fractions in [0, 1].
     """
-    from rift_dist.data.loaders import build_loader
+    from rift_dist.data.loaders import build_loader, build_torch_loader
 
-    loader = build_loader(ctx.cfg, "eval", ctx.runtime.rank, ctx.runtime.world_size, train=False,
-                          dataset=dataset, device=ctx.device)
+    make = build_torch_loader if in_memory else build_loader
+    loader = make(ctx.cfg, "eval", ctx.runtime.rank, ctx.runtime.world_size, train=False,
+                  dataset=dataset, device=ctx.device)
     total = torch.zeros(3, dtype=torch.float64)
     start, _ = shard_bounds(len(dataset), ctx.runtime.rank, ctx.runtime.world_size)
     offset = start
