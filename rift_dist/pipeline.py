@@ -98,6 +98,10 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path | None = None, stages=STAGE
 
     Sets up the process group from the environment (torchrun / SLURM / single
     process) and tears it down in ``finally``.  Returns {stage: outputs}.
+
+    With ``parent_run_id`` (a run of a pipeline submitted with ``rift submit``) the stages log into
+    that MLflow parent run and leave its status to its owner; without it, the run directory's own
+    parent run is continued (or created) and marked FINISHED / FAILED at the end.
     """
     run_dir = Path(run_dir or cfg.run_dir)
     cfg.run_dir = str(run_dir)
@@ -124,5 +128,5 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path | None = None, stages=STAGE
         return results
     finally:
         if ctx is not None:
-            ctx.tracker.finish(status)
+            ctx.tracker.finish(status, end_parent=parent_run_id is None)
         runtime.close()

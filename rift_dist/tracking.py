@@ -1,12 +1,37 @@
-"""MLflow tracking: one parent run per pipeline, one child run per stage (and per alpha).
+"""MLflow tracking: one parent run per pipeline, one child run per stage (and per alpha, per array task).
 
 Only the main process logs (other ranks get a tracker that does nothing).  The
 embedded default is a SQLite store plus an artefact folder beside the run
 directory (``<run_dir>/../mlflow.db``, ``<run_dir>/../mlartifacts``); a
 tracking server is used when ``tracking.uri`` or ``MLFLOW_TRACKING_URI`` names
-one.  Logging never kills a run: a failing call is retried with back-off
-(SQLite "database is locked"), then its metrics are buffered and re-sent on a
-later call, with one warning.  Telemetry is switched off.
+one.  Telemetry is switched off.
+
+Logging never stops or stalls a run:
+
+* every write (metrics, params, tags, run status, artefacts) goes through one
+  ordered queue.  SQLite "database is locked" errors (many array tasks writing
+  to one store) are retried on the spot with exponential back-off;
+* any other transient failure (server gone, timeout, HTTP 5xx) marks the store
+  *down*: the queue keeps the writes, training goes on, one warning says so, and
+  the queue is retried after 2 s, 4 s, ... (at most every 30 s) — never on every
+  call, so a dead server costs nothing per step.  When the store answers again
+  the buffered writes are sent in order and a second warning says how many;
+* MLflow's own HTTP retry loop (7 retries with back-off, a 120 s timeout: minutes
+  per call) is shortened for this process: ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` = 0
+  and ``MLFLOW_HTTP_REQUEST_TIMEOUT`` = 10 s unless already set in the environment;
+* writes still queued when the process ends (the server is still down) are
+  saved to ``<run_dir>/mlflow/pending/*.json`` and sent by the next tracker that
+  opens the same run directory (a later job, ``rift status``), with a warning
+  naming the file;
+* a write the store rejects for good (e.g. a param re-logged with another value)
+  is dropped with a warning instead of blocking the queue.
+
+Child runs are remembered in ``<run_dir>/mlflow/<key>.json`` (one file per key,
+so concurrent array tasks never race on a shared file); a re-run or requeued
+job continues its own child run instead of creating a new one.  Runs can be
+created ahead of time (:meth:`Tracker.child` with ``status="SCHEDULED"``), which
+is what ``rift submit`` does for every job and array task, so a job never needs
+the store to be up to start logging.
 """
 
 from __future__ import annotations
@@ -15,16 +40,21 @@ import json
 import os
 import re
 import time
+import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 PARENT_FILE = "mlflow_run.json"
+PENDING_DIR = "pending"
+
+# MLflow error codes that will not go away by retrying: the write is dropped (with a warning).
+_PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
+                    "BAD_REQUEST", "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED"}
 
 
 def default_tracking_uri(run_dir: str | Path) -> str:
@@ -37,6 +67,26 @@ def default_tracking_uri(run_dir: str | Path) -> str:
 def resolve_tracking_uri(cfg, run_dir: str | Path) -> str:
     """``tracking.uri``, else env ``MLFLOW_TRACKING_URI``, else the embedded SQLite store."""
     return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(run_dir)
+
+
+def limit_http_retries(timeout_s: int = 10) -> None:
+    """Make MLflow's HTTP client fail fast (no internal retries, ``timeout_s`` per request) unless the
+    user set ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``MLFLOW_HTTP_REQUEST_TIMEOUT`` already.
+
+    The tracker buffers and retries on its own schedule, so MLflow's minutes-long retry loop would
+    only stall training while a server is down.
+    """
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(timeout_s)))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed MLflow call may succeed later (store down, locked, timeout) rather than never."""
+    text = str(exc).lower()
+    if "locked" in text or "timed out" in text or "timeout" in text or "connection" in text:
+        return True
+    code = getattr(exc, "error_code", None)
+    return code not in _PERMANENT_CODES
 
 
 class _Null:
@@ -61,34 +111,37 @@ class _Null:
 
 
 class RunHandle(_Null):
-    """One MLflow run; every call is safe (retried, then buffered) and never raises."""
+    """One MLflow run; every call is queued (sent at once when the store answers) and never raises."""
 
     def __init__(self, tracker: "Tracker", run_id: str):
         self.tracker = tracker
         self.run_id = run_id
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        """Log ``{name: float}`` at ``step`` (buffered if the store is unreachable)."""
+        """Log ``{name: float}`` at ``step`` (None values skipped; buffered if the store is unreachable)."""
         ts = int(time.time() * 1000)
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
-        self.tracker._metrics(self.run_id, clean, step or 0, ts)
+        if clean:
+            self.tracker._submit(["metrics", self.run_id, clean, int(step or 0), ts])
 
     def log_params(self, params: dict) -> None:
-        """Log params (values turned to strings, at most 6000 characters)."""
-        self.tracker._params(self.run_id, params)
+        """Log params (values turned to strings, at most 6000 characters; sent in batches of 100)."""
+        items = [[k, str(v)[:6000]] for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.tracker._submit(["params", self.run_id, items[i:i + 100]])
 
     def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
-        """Upload a file to the run's artefacts."""
-        self.tracker._safe("log_artifact", self.tracker.client.log_artifact, self.run_id, str(path), subdir)
+        """Upload a file to the run's artefacts (the file must still exist when a buffered upload is sent)."""
+        self.tracker._submit(["artifact", self.run_id, str(path), subdir])
 
     def set_tags(self, tags: dict) -> None:
         """Set string tags on the run."""
-        for k, v in tags.items():
-            self.tracker._safe("set_tag", self.tracker.client.set_tag, self.run_id, k, str(v))
+        if tags:
+            self.tracker._submit(["tags", self.run_id, {k: str(v) for k, v in tags.items()}])
 
     def flush(self) -> None:
-        """Try to send buffered metrics now."""
-        self.tracker._flush()
+        """Try to send buffered writes now (even while the store is marked down)."""
+        self.tracker._drain(force=True)
 
 
 class Tracker:
@@ -99,18 +152,31 @@ class Tracker:
         run_dir: the run directory; the parent run id is kept in ``<run_dir>/mlflow_run.json``
             so a re-run (or a requeued job) continues the same parent run.
         active: False on ranks other than 0 or when tracking is disabled.
-        parent_run_id: attach to an existing parent run (jobs of a submitted pipeline).
+        parent_run_id: attach to an existing parent run (jobs of a submitted pipeline); the
+            store is then not contacted at all until the first write, so a job that starts
+            while the server is down still logs (buffered).
+
+    Never raises from logging calls; when the store cannot be reached at construction (and no
+    ``parent_run_id`` is given), tracking is switched off for the process with a warning.
     """
 
-    retries = 5
+    retries = 6
+    """Attempts of one write while SQLite reports "database is locked" (0.2 s, 0.4 s, ... apart)."""
+    max_backoff_s = 30.0
+    """Longest wait between two attempts to reach a store that is down."""
 
     def __init__(self, cfg, run_dir: str | Path, active: bool = True, parent_run_id: str | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.active = bool(active and cfg.tracking.enabled)
         self.parent: _Null = _Null()
-        self._buffer: list[tuple[str, dict, int, int]] = []
+        self._queue: list[list] = []
         self._warned = False
+        self._down_until = 0.0
+        self._backoff = 2.0
+        self._experiment: str | None = None
+        self.lock_retries = 0
+        """How many times a write was retried because SQLite said "database is locked"."""
         self.uri = None
         self.client = None
         if not self.active:
@@ -120,40 +186,46 @@ class Tracker:
             from mlflow.tracking import MlflowClient
 
             self.uri = resolve_tracking_uri(cfg, run_dir)
+            if self.uri.startswith(("http://", "https://")):
+                limit_http_retries()
             self.client = MlflowClient(tracking_uri=self.uri)
-            self.experiment_id = self._experiment_id(cfg.tracking.experiment)
-            self.parent = RunHandle(self, parent_run_id or self._parent_run_id())
+            if parent_run_id:
+                self.parent = RunHandle(self, parent_run_id)
+            else:
+                self.parent = RunHandle(self, self._parent_run_id())
         except Exception as exc:  # never let tracking stop a run
             warnings.warn(f"MLflow tracking is off for this run: could not reach {self.uri}: {exc}", stacklevel=2)
             self.active = False
             self.parent = _Null()
+            return
+        self._load_pending()
 
     # ------------------------------------------------------------------ internals
+    @property
+    def experiment_id(self) -> str:
+        """The id of experiment ``tracking.experiment`` (created when missing; looked up on first use)."""
+        if self._experiment is None:
+            self._experiment = self._experiment_id(self.cfg.tracking.experiment)
+        return self._experiment
+
     def _retry(self, fn, *args, **kwargs):
+        """Call ``fn``; retry with back-off while SQLite says "locked"; other errors raise at once."""
         delay = 0.2
         for attempt in range(self.retries):
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:
-                if attempt == self.retries - 1:
+                if attempt == self.retries - 1 or "locked" not in str(exc).lower():
                     raise
-                if "locked" not in str(exc).lower() and attempt >= 1:
-                    raise
+                self.lock_retries += 1
                 time.sleep(delay)
-                delay *= 2
+                delay = min(2 * delay, 5.0)
 
-    def _safe(self, what: str, fn, *args):
-        try:
-            return self._retry(fn, *args)
-        except Exception as exc:
-            self._warn(what, exc)
-            return None
-
-    def _warn(self, what: str, exc: Exception) -> None:
+    def _warn(self, what: str, exc: BaseException) -> None:
         if not self._warned:
             warnings.warn(
                 f"MLflow call {what} failed ({type(exc).__name__}: {str(exc)[:200]}); training goes on, "
-                f"metrics are buffered and sent when {self.uri} answers again",
+                f"writes are buffered and sent when {self.uri} answers again",
                 stacklevel=3,
             )
             self._warned = True
@@ -190,95 +262,198 @@ class Tracker:
             self.cfg.name,
         )
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_suffix(".tmp")
+        tmp = marker.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": self.uri}))
         os.replace(tmp, marker)
         return run.info.run_id
 
-    def _metrics(self, run_id: str, metrics: dict, step: int, ts: int) -> None:
+    def _apply(self, op: list) -> None:
+        """Send one queued write to the store."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        kind, run_id = op[0], op[1]
+        if kind == "metrics":
+            _, _, metrics, step, ts = op
+            self._retry(self.client.log_batch, run_id, [Metric(k, v, ts, step) for k, v in metrics.items()], [], [])
+        elif kind == "params":
+            self._retry(self.client.log_batch, run_id, [], [Param(k, v) for k, v in op[2]], [])
+        elif kind == "tags":
+            self._retry(self.client.log_batch, run_id, [], [], [RunTag(k, v) for k, v in op[2].items()])
+        elif kind == "status":
+            self._retry(self.client.update_run, run_id, status=op[2])
+        elif kind == "terminate":
+            self._retry(self.client.set_terminated, run_id, op[2])
+        elif kind == "artifact":
+            if Path(op[2]).is_file():
+                self._retry(self.client.log_artifact, run_id, op[2], op[3])
+        else:  # pragma: no cover - only written by this class
+            raise ValueError(f"unknown tracking operation {kind!r}")
+
+    def _submit(self, op: list) -> None:
         if not self.active:
             return
-        self._buffer.append((run_id, metrics, step, ts))
-        self._flush()
+        self._queue.append(op)
+        self._drain()
 
-    def _flush(self) -> None:
-        if not self.active or not self._buffer:
-            return
-        from mlflow.entities import Metric
+    def _drain(self, force: bool = False) -> bool:
+        """Send queued writes in order; True when the queue is empty afterwards.
 
-        pending, self._buffer = self._buffer, []
-        for i, (run_id, metrics, step, ts) in enumerate(pending):
+        While the store is marked down (a transient failure less than the back-off ago), does
+        nothing unless ``force``.  A permanently rejected write is dropped with a warning.
+        """
+        if not self.active or not self._queue:
+            return True
+        if not force and time.time() < self._down_until:
+            return False
+        sent = 0
+        was_down = self._warned
+        while self._queue:
+            op = self._queue[0]
             try:
-                self._retry(
-                    self.client.log_batch, run_id, [Metric(k, v, ts, step) for k, v in metrics.items()], [], []
-                )
+                self._apply(op)
             except Exception as exc:
-                self._warn("log_batch", exc)
-                self._buffer = pending[i:] + self._buffer
-                return
-        if self._warned:
-            warnings.warn(f"MLflow is reachable again: {len(pending)} buffered metric batches sent", stacklevel=3)
+                if is_transient(exc):
+                    self._warn(op[0], exc)
+                    self._down_until = time.time() + self._backoff
+                    self._backoff = min(2 * self._backoff, self.max_backoff_s)
+                    return False
+                warnings.warn(f"MLflow rejected a {op[0]} write for run {op[1]} and it is dropped: "
+                              f"{type(exc).__name__}: {str(exc)[:300]}", stacklevel=3)
+            self._queue.pop(0)
+            sent += 1
+        self._backoff = 2.0
+        self._down_until = 0.0
+        if was_down:
+            warnings.warn(f"MLflow is reachable again: {sent} buffered writes sent to {self.uri}", stacklevel=3)
             self._warned = False
+        return True
 
-    def _params(self, run_id: str, params: dict) -> None:
-        if not self.active:
+    def _pending_dir(self) -> Path:
+        return self.run_dir / "mlflow" / PENDING_DIR
+
+    def _load_pending(self) -> None:
+        """Take over the writes earlier processes could not send (claimed by an atomic rename)."""
+        directory = self._pending_dir()
+        if not directory.is_dir():
             return
-        from mlflow.entities import Param
+        for path in sorted(directory.glob("*.json")):
+            claimed = path.with_name(path.name + f".claimed-{os.getpid()}")
+            try:
+                os.rename(path, claimed)
+            except OSError:
+                continue  # another process took it
+            try:
+                data = json.loads(claimed.read_text())
+                if data.get("tracking_uri") == self.uri:
+                    self._queue.extend(data["ops"])
+                    claimed.unlink()
+                else:
+                    os.rename(claimed, path)
+            except (OSError, ValueError, KeyError):
+                continue
+        if self._queue:
+            self._drain(force=True)
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self._safe("log_params", self.client.log_batch, run_id, [], items[i:i + 100], [])
+    def _spill(self) -> Path | None:
+        """Save writes that could not be sent to ``<run_dir>/mlflow/pending/`` (None when there are none)."""
+        if not self._queue:
+            return None
+        directory = self._pending_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"tracking_uri": self.uri, "ops": self._queue}))
+        os.replace(tmp, path)
+        self._queue = []
+        return path
 
     # ------------------------------------------------------------------ public
-    def child(self, name: str, key: str | None = None, params: dict | None = None, parent: _Null | None = None) -> _Null:
-        """A child run called ``name`` of the pipeline's parent run (or of ``parent``); ``key`` (default
-        ``name``) identifies it so a re-run or requeued job continues the same child run instead of
-        creating a new one."""
+    @property
+    def pending(self) -> int:
+        """Number of writes waiting for the store."""
+        return len(self._queue)
+
+    def child(self, name: str, key: str | None = None, params: dict | None = None, parent: _Null | None = None,
+              status: str | None = None, tags: dict | None = None) -> _Null:
+        """A child run called ``name`` of the pipeline's parent run (or of ``parent``).
+
+        ``key`` (default ``name``) identifies it: when ``<run_dir>/mlflow/<key>.json`` exists (a
+        re-run, a requeued job, or a run created ahead of time by ``rift submit``), that run is
+        continued and marked RUNNING (queued: works while the store is down); otherwise a new run
+        is created (this needs the store).  ``status`` other than None sets the new run's status
+        (``SCHEDULED`` for runs created ahead of time).  Returns a do-nothing handle when tracking
+        is off or the run cannot be created.
+        """
         if not self.active:
             return _Null()
         key = key or name
-        store = self.run_dir / "mlflow" / (re.sub(r"[^A-Za-z0-9_.=-]", "_", key) + ".json")
+        store = self.key_file(key)
         run_id = json.loads(store.read_text())["run_id"] if store.is_file() else None
         if run_id:
-            try:
-                self.client.update_run(run_id, status="RUNNING")
-                return RunHandle(self, run_id)
-            except Exception:
-                pass
+            handle = RunHandle(self, run_id)
+            self._submit(["status", run_id, status or "RUNNING"])
+            if tags:
+                handle.set_tags(tags)
+            return handle
         parent_id = parent.run_id if parent is not None and parent.run_id else self.parent.run_id
-        tags = {"mlflow.parentRunId": parent_id, "rift.stage": name}
-        run = self._safe("create_run", self.client.create_run, self.experiment_id, None, tags, name)
-        if run is None:
+        all_tags = {"mlflow.parentRunId": parent_id, "rift.stage": name, **{k: str(v) for k, v in (tags or {}).items()}}
+        try:
+            run = self._retry(self.client.create_run, self.experiment_id, None, all_tags, name)
+        except Exception as exc:
+            self._warn("create_run", exc)
             return _Null()
         store.parent.mkdir(parents=True, exist_ok=True)
         tmp = store.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"run_id": run.info.run_id, "key": key}))
+        tmp.write_text(json.dumps({"run_id": run.info.run_id, "key": key, "name": name}))
         os.replace(tmp, store)  # one file per child: concurrent array tasks never race on it
         handle = RunHandle(self, run.info.run_id)
+        if status and status != "RUNNING":
+            self._submit(["status", run.info.run_id, status])
         if params:
             handle.log_params(params)
         return handle
 
+    def key_file(self, key: str) -> Path:
+        """The file that remembers the child run of ``key``: ``<run_dir>/mlflow/<key>.json``."""
+        return self.run_dir / "mlflow" / (re.sub(r"[^A-Za-z0-9_.=@-]", "_", key) + ".json")
+
     @contextmanager
     def stage(self, name: str, key: str | None = None, params: dict | None = None, parent: _Null | None = None):
-        """Context manager: a child run that is marked FINISHED, or FAILED on an exception."""
+        """Context manager: a child run marked FINISHED, FAILED on an exception, or KILLED when the
+        process is interrupted (SystemExit / KeyboardInterrupt, e.g. a preempted job about to be requeued)."""
         run = self.child(name, key, params, parent)
         status = "FAILED"
         try:
             yield run
             status = "FINISHED"
+        except (SystemExit, KeyboardInterrupt):
+            status = "KILLED"
+            raise
         finally:
             self.end(run, status)
 
     def end(self, run: _Null, status: str = "FINISHED") -> None:
-        """Mark ``run`` terminated with ``status`` (after flushing buffered metrics)."""
+        """Mark ``run`` terminated with ``status`` (after sending buffered writes)."""
         if not self.active or run.run_id is None:
             return
-        self._flush()
-        self._safe("set_terminated", self.client.set_terminated, run.run_id, status)
+        self._queue.append(["terminate", run.run_id, status])
+        self._drain(force=True)
 
-    def finish(self, status: str = "FINISHED") -> None:
-        """Flush and mark the parent run terminated."""
-        self.end(self.parent, status)
-        if self._buffer:
-            warnings.warn(f"MLflow: {len(self._buffer)} metric batches could not be sent to {self.uri}", stacklevel=2)
+    def finish(self, status: str = "FINISHED", end_parent: bool = True) -> None:
+        """Send what is buffered, mark the parent run terminated (unless ``end_parent`` is False: a job
+        of a submitted pipeline that is not the last one), and save what still cannot be sent."""
+        if end_parent:
+            self.end(self.parent, status)
+        self.close()
+
+    def close(self) -> None:
+        """Last attempt to send buffered writes; what remains is saved to ``<run_dir>/mlflow/pending/``
+        (sent by the next tracker on this run directory), with a warning."""
+        if not self.active:
+            return
+        self._drain(force=True)
+        path = self._spill()
+        if path is not None:
+            warnings.warn(f"MLflow: {self.uri} did not answer; the writes it missed are saved in {path} and will "
+                          f"be sent by the next rift process on {self.run_dir} (e.g. `rift status {self.run_dir}`)",
+                          stacklevel=2)

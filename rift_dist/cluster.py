@@ -1,0 +1,1502 @@
+"""Run the RiFT stage graph on a cluster: SLURM jobs and job arrays through submitit, every run in MLflow.
+
+``rift submit CONFIG --profile launch/<cluster>.yaml`` turns one config into jobs:
+
+=====================  ==========================  =========================================================
+job                    what                        shape
+=====================  ==========================  =========================================================
+``train``              adversarial training        one job, ``nodes`` x ``tasks_per_node`` ranks (DDP/DeepSpeed)
+``mrc-prepare``        the fixed adversarial set   one job (sharded PGD over its ranks); skipped when it exists
+``mrc``                MRC of the modules          job ARRAY: task i = the i-th balanced group of modules
+                                                   (``assign_modules`` with the array size); or, with
+                                                   ``stages.mrc.mode: job``, one multi-rank job
+``mrc-gather``         ``mrc.csv``, the choice     one small job (no GPU): reads the per-module files
+``finetune``           fine-tuning                 one job; with ``stages.finetune.candidates: k`` > 1 an
+                                                   ARRAY: task j fine-tunes the j-th lowest-MRC module alone
+``interpolate``        the alpha sweep             job ARRAY over alpha (x candidate); or one job
+``interpolate-gather`` alpha* (and the candidate)  one small job
+``evaluate``           final evaluation            one job, sharded over its ranks
+=====================  ==========================  =========================================================
+
+How stages chain: by SLURM dependencies.  Every job is submitted at once with
+``--dependency=afterok:<the job before it>`` (an array counts as one job: all its
+tasks must succeed) and ``--kill-on-invalid-dep=yes``, so when a job fails the
+jobs after it are cancelled by SLURM instead of waiting forever.  No driver job
+holds an allocation while others run.  ``--local`` (submitit's local executor:
+subprocesses on this machine) and ``--debug`` (submitit's debug executor: in this
+process) run the same jobs in the same order, and this process waits for each
+before starting the next.
+
+How arrays split: the MRC array gets ``stages.mrc.array_size`` tasks (default:
+one per module); the modules, in network order, are cut into that many
+contiguous groups of balanced estimated cost (the MRC stage's own
+``assign_modules``: contiguity keeps the modules of one residual block in one
+task, which then shares one activation cache).  The interpolation array gets
+``stages.interpolate.array_size`` tasks (default: one per alpha, per candidate)
+over contiguous runs of alphas.  Each task writes the stage's own per-module /
+per-alpha result files, so a gather job finishes the stage exactly as ``rift
+run`` would (same numbers; see :mod:`rift_dist.stages.parts`).
+
+Fine-tuning candidates: with ``stages.finetune.candidates: k`` the MRC gather
+records the k lowest-MRC modules (after ``mrc.exclude``), an array fine-tunes
+each alone in ``finetune/candidates/<module>/``, the interpolation array sweeps
+alpha for each, and the interpolation gather applies the paper's alpha rule over
+every (candidate, alpha) pair on the validation split: the best clean accuracy
+whose robust accuracy is at most ``interpolation.tolerance`` below the AT model's.
+The chosen candidate becomes the run's fine-tuned model; all are listed in
+``interpolate/candidates.json``.  k = 1 (the default) is exactly ``rift run``.
+
+Preemption and time limits: every job runs :class:`StageJob`, a
+``submitit.helpers.Checkpointable``.  SLURM sends USR2 ``signal_delay_s`` before
+the time limit or on preemption; submitit calls :meth:`StageJob.checkpoint` on
+global rank 0 only, which saves nothing itself: every rank already saves its
+resumable state on the stage's schedule (``train.checkpoint_every`` steps, each
+fine-tuning epoch, each MRC module, each alpha).  It returns a
+``DelayedSubmission`` of the same task, the job is requeued (same job id), and on
+restart every rank resumes from the newest checkpoint on disk — never from state
+in the pickle — so all ranks restart at the same step and the result equals an
+uninterrupted run's.  Each start and checkpoint is appended to
+``<run_dir>/jobs/events.jsonl`` with the step on disk.
+
+MLflow: ``rift submit`` creates the pipeline's parent run (params = the config)
+and, ahead of time (status SCHEDULED), one child run per stage and per array
+task (MRC task, fine-tuning candidate, alpha), remembered in
+``<run_dir>/mlflow/<key>.json``; the jobs only continue those runs, so a requeued
+task continues its own run and no job needs the store to be up to start.  Only
+global rank 0 logs.  The last job of a submission marks the parent FINISHED; a
+failed job marks it FAILED (a re-submission sets it RUNNING again).  Use a
+tracking server (``tracking.uri: http://host:5000`` or ``MLFLOW_TRACKING_URI``)
+when the run directory is on a shared filesystem: SQLite's file locks are not
+reliable over NFS/Lustre.  See :mod:`rift_dist.tracking` for buffering when the
+server is down.
+
+The run directory keeps the submission: ``submission.json`` (job ids per job,
+array task -> modules / alphas / candidate, dependencies, resources, state of
+local runs), ``config.yaml``, ``jobs/<job>/`` (submitit's pickles and logs).
+``rift status RUN`` shows every job and task with its state and names failed
+tasks with the command that re-submits them; ``rift cancel RUN`` cancels them;
+``rift submit RUN`` (a run directory instead of a config) re-submits what is not
+done — only the failed array tasks, and the jobs after them — and ``--only
+JOB:NAME`` re-submits one task alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import pickle
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import yaml
+
+import submitit
+
+from rift_dist.stages.common import STAGES
+
+SUBMISSION_FILE = "submission.json"
+EVENTS_FILE = Path("jobs") / "events.jsonl"
+EXECUTORS = ("slurm", "local", "debug")
+STAGE_RUN_NAMES = {"train": "adversarial_training", "mrc": "mrc", "finetune": "finetune",
+                   "interpolate": "interpolation", "evaluate": "evaluation"}
+"""The MLflow child run each stage logs into (the names the stage code uses)."""
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
+                 "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "PREEMPTED", "SUBMITTED")
+FAILED_STATES = ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "CANCELLED", "BOOT_FAIL", "DEADLINE", "ERROR")
+
+
+class ClusterError(RuntimeError):
+    """A submission cannot be made or read: bad profile, missing inputs, jobs still active, no SLURM."""
+
+
+# ============================================================================== profiles
+
+
+@dataclass
+class Resources:
+    """What one job (or each task of an array) asks the cluster for."""
+
+    partition: str = ""
+    """SLURM partition (empty = the cluster's default)."""
+    account: str = ""
+    """SLURM account to charge (empty = your default)."""
+    qos: str = ""
+    """SLURM quality of service (empty = default)."""
+    nodes: int = 1
+    """Nodes per job."""
+    gpus_per_node: int = 0
+    """GPUs per node (0 = a CPU job)."""
+    tasks_per_node: int = 0
+    """Processes (ranks) per node; 0 = one per GPU (one in a CPU job)."""
+    cpus_per_task: int = 1
+    """CPU cores per rank (also torch's thread count when ``precision.threads`` is 0)."""
+    mem_gb: float = 0.0
+    """Memory per node in GB (0 = the partition's default)."""
+    time_min: int = 60
+    """Time limit of one run of the job, in minutes (a timed-out job is requeued, see max_requeues)."""
+    constraint: str = ""
+    """SLURM --constraint (node features, e.g. a100)."""
+    exclude: str = ""
+    """Nodes to avoid (SLURM --exclude)."""
+    setup: list = field(default_factory=list)
+    """Shell lines run before the job (e.g. 'module load cuda/12.4', 'source /path/venv/bin/activate')."""
+    sbatch: dict = field(default_factory=dict)
+    """Extra sbatch options, e.g. {mail-type: FAIL, reservation: rift}."""
+    signal_delay_s: int = 120
+    """Seconds between SLURM's warning signal (USR2) and the time limit: time to reach a checkpoint."""
+    max_requeues: int = 3
+    """How many times a job that hits its time limit is requeued (preemptions do not count)."""
+    array_parallelism: int = 64
+    """Most tasks of one array running at once."""
+
+    def ranks_per_node(self) -> int:
+        """``tasks_per_node``, or one per GPU (at least one)."""
+        return self.tasks_per_node or max(self.gpus_per_node, 1)
+
+
+RESOURCE_FIELDS = {f.name: f for f in dataclasses.fields(Resources)}
+PROFILE_STAGES = ("train", "mrc_prepare", "mrc", "gather", "finetune", "interpolate", "evaluate")
+"""Keys of a profile's ``stages:`` section (``gather`` = both small gather jobs)."""
+STAGE_OPTIONS: dict[str, dict[str, tuple[type, Any]]] = {
+    "mrc": {"mode": (str, "array"), "array_size": (int, 0)},
+    "finetune": {"candidates": (int, 1)},
+    "interpolate": {"mode": (str, "array"), "array_size": (int, 0)},
+}
+"""Non-resource options per stage: (type, default).  array_size 0 = one task per module / alpha."""
+GATHER_DEFAULTS = {"gpus_per_node": 0, "tasks_per_node": 1, "nodes": 1, "time_min": 30}
+"""What the gather jobs ask for unless ``stages.gather`` says otherwise (they only read files)."""
+
+
+@dataclass
+class Profile:
+    """A launch profile: the executor, default resources and per-stage overrides and options.
+
+    Attributes:
+        name: where it came from (file path or ``<defaults>``).
+        executor: slurm, local or debug.
+        python: interpreter the jobs run (empty = the one running ``rift submit``).
+        defaults: resources every job asks for unless its stage overrides them.
+        stages: {stage key: {resource field or stage option: value}} (see PROFILE_STAGES, STAGE_OPTIONS).
+    """
+
+    name: str = "<defaults>"
+    executor: str = "slurm"
+    python: str = ""
+    defaults: Resources = field(default_factory=Resources)
+    stages: dict = field(default_factory=dict)
+
+    def resources(self, key: str) -> Resources:
+        """Resources of the jobs of stage key ``key`` (defaults, then GATHER_DEFAULTS for gathers, then overrides)."""
+        base = dataclasses.asdict(self.defaults)
+        if key == "gather":
+            base.update(GATHER_DEFAULTS)
+        if key == "mrc_prepare":
+            base.update({k: v for k, v in self.stages.get("mrc", {}).items() if k in RESOURCE_FIELDS})
+        base.update({k: v for k, v in self.stages.get(key, {}).items() if k in RESOURCE_FIELDS})
+        return Resources(**base)
+
+    def option(self, stage: str, name: str):
+        """Stage option ``name`` of ``stage`` (its default when the profile does not set it)."""
+        tp, default = STAGE_OPTIONS[stage][name]
+        return self.stages.get(stage, {}).get(name, default)
+
+    def to_dict(self) -> dict:
+        """The profile as plain data (for submission.json and ``--profile`` round trips)."""
+        return {"name": self.name, "executor": self.executor, "python": self.python,
+                **dataclasses.asdict(self.defaults), "stages": self.stages}
+
+
+def _field_type(name: str) -> type:
+    """The Python type of Resources field ``name`` (from its default)."""
+    f = RESOURCE_FIELDS[name]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return type(default)
+
+
+def _check_type(value, tp, key: str, source: str):
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is list and isinstance(value, str):
+        return [value]
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ClusterError(f"{source}: '{key}' must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _parse_value(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def profile_from_dict(data: dict, source: str = "<dict>") -> Profile:
+    """Build and validate a :class:`Profile` from a mapping (the YAML file's content).
+
+    Raises:
+        ClusterError: an unknown key, a wrong type or a bad value (names the key and the file, lists
+            the valid keys).
+    """
+    data = dict(data or {})
+    top = {"executor", "python", "stages", "name"} | set(RESOURCE_FIELDS)
+    unknown = sorted(set(data) - top)
+    if unknown:
+        raise ClusterError(f"{source}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(top))}")
+    executor = data.pop("executor", "slurm")
+    if executor not in EXECUTORS:
+        raise ClusterError(f"{source}: executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    python = str(data.pop("python", "") or "")
+    name = str(data.pop("name", source))
+    stages_raw = data.pop("stages", {}) or {}
+    if not isinstance(stages_raw, dict):
+        raise ClusterError(f"{source}: 'stages' must be a mapping of stage -> overrides")
+    defaults = {k: _check_type(v, _field_type(k), k, source) for k, v in data.items()}
+    stages: dict[str, dict] = {}
+    for stage, over in stages_raw.items():
+        if stage not in PROFILE_STAGES:
+            raise ClusterError(f"{source}: unknown stage {stage!r} under 'stages'; valid: {', '.join(PROFILE_STAGES)}")
+        if not isinstance(over, dict):
+            raise ClusterError(f"{source}: stages.{stage} must be a mapping, got {over!r}")
+        options = STAGE_OPTIONS.get(stage, {})
+        checked = {}
+        for k, v in over.items():
+            if k in RESOURCE_FIELDS:
+                checked[k] = _check_type(v, _field_type(k), f"stages.{stage}.{k}", source)
+            elif k in options:
+                checked[k] = _check_type(v, options[k][0], f"stages.{stage}.{k}", source)
+            else:
+                valid = sorted(set(RESOURCE_FIELDS) | set(options))
+                raise ClusterError(f"{source}: unknown key stages.{stage}.{k}; valid: {', '.join(valid)}")
+        stages[stage] = checked
+    for stage in ("mrc", "interpolate"):
+        mode = stages.get(stage, {}).get("mode", "array")
+        if mode not in ("array", "job"):
+            raise ClusterError(f"{source}: stages.{stage}.mode must be array or job, got {mode!r}")
+    if stages.get("finetune", {}).get("candidates", 1) < 1:
+        raise ClusterError(f"{source}: stages.finetune.candidates must be >= 1")
+    profile = Profile(name=name, executor=executor, python=python, defaults=Resources(**defaults), stages=stages)
+    for key in PROFILE_STAGES:
+        res = profile.resources(key)
+        if res.nodes < 1 or res.time_min < 1 or res.cpus_per_task < 1 or res.gpus_per_node < 0:
+            raise ClusterError(f"{source}: stage {key} asks for nodes={res.nodes}, time_min={res.time_min}, "
+                               f"cpus_per_task={res.cpus_per_task}, gpus_per_node={res.gpus_per_node}; "
+                               f"nodes, time_min and cpus_per_task must be >= 1, gpus_per_node >= 0")
+    return profile
+
+
+def load_profile(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Profile:
+    """Read a launch profile YAML (None = the built-in defaults) and apply ``key=value`` overrides
+    (``partition=gpu``, ``stages.mrc.array_size=8``; values parsed as YAML).
+
+    Raises:
+        ClusterError: a missing file (says where profiles live), invalid YAML or an invalid profile.
+    """
+    data: dict = {}
+    source = "<defaults>"
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ClusterError(f"profile {p} not found; profiles live in launch/ (e.g. launch/example_cluster.yaml)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ClusterError(f"{p}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ClusterError(f"{p}: a profile is a mapping of keys to values")
+        source = str(p)
+    for item in overrides:
+        if "=" not in item:
+            raise ClusterError(f"--profile-set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ClusterError(f"--profile-set {item}: {part} is not a mapping")
+        node[parts[-1]] = _parse_value(value)
+    profile = profile_from_dict(data, source)
+    return profile
+
+
+# ============================================================================== planning
+
+
+@dataclass
+class TaskPlan:
+    """One task of a job (the only one for a plain job).
+
+    Attributes:
+        index: position in the array (0 for a plain job).
+        label: what it does, for people (modules, alphas, candidate).
+        names: what ``--only JOB:NAME`` may call it (module names, alpha values, candidate index).
+        args: the part's arguments (JSON-able).
+        run_key / run_name / run_parent: its MLflow child run (created ahead of time), if it has its own.
+    """
+
+    index: int
+    label: str
+    names: list = field(default_factory=list)
+    args: dict = field(default_factory=dict)
+    run_key: str | None = None
+    run_name: str | None = None
+    run_parent: str | None = None
+
+
+@dataclass
+class JobPlan:
+    """One submitit job or job array of the stage graph (see the module docstring for the list)."""
+
+    name: str
+    stage: str
+    part: str
+    resources: Resources
+    array: bool = False
+    tasks: list = field(default_factory=list)
+    depends_on: list = field(default_factory=list)
+
+
+def stage_done(cfg, run_dir: str | Path, stage: str) -> bool:
+    """Whether ``stage`` finished in ``run_dir`` with the same relevant config.
+
+    Raises:
+        StageError: when it finished with a different config (names the changed keys and the fix).
+    """
+    from rift_dist.stages.common import read_done
+
+    return read_done(SimpleNamespace(cfg=cfg, run_dir=Path(run_dir)), stage) is not None
+
+
+def _split(items: list, n: int) -> list[list]:
+    """``items`` cut into ``n`` contiguous, nearly equal runs (no empty run)."""
+    n = max(1, min(n, len(items)))
+    base, extra = divmod(len(items), n)
+    out, start = [], 0
+    for i in range(n):
+        stop = start + base + (1 if i < extra else 0)
+        out.append(items[start:stop])
+        start = stop
+    return out
+
+
+def _alpha_label(pairs: list, names: dict[int, str]) -> str:
+    by: dict = {}
+    for j, a in pairs:
+        by.setdefault(j, []).append(a)
+    parts = []
+    for j, alphas in by.items():
+        who = "" if j is None else f"candidate {j}{' (' + names[j] + ')' if j in names else ''}: "
+        parts.append(who + "alpha=" + ",".join(f"{a:g}" for a in alphas))
+    return "; ".join(parts)
+
+
+def _parse_only(only: list[str] | None) -> dict[str, list[str]] | None:
+    if not only:
+        return None
+    out: dict[str, list[str]] = {}
+    for item in only:
+        job, _, names = item.partition(":")
+        out.setdefault(job.strip(), []).extend(n.strip() for n in names.split(",") if n.strip())
+    return out
+
+
+def _task_matches(task: TaskPlan, wanted: list[str]) -> bool:
+    if not wanted:
+        return True
+    for w in wanted:
+        if w == str(task.index) and not task.names:
+            return True
+        if w in task.names:
+            return True
+        try:
+            if any(float(w) == float(n) for n in task.names if _is_number(n)):
+                return True
+        except ValueError:
+            pass
+    return False
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def plan_jobs(cfg, profile: Profile, run_dir: str | Path, stages: list[str] | tuple[str, ...] = STAGES,
+              only: list[str] | None = None) -> list[JobPlan]:
+    """The jobs that bring ``run_dir`` to the end of ``stages``, in order, each depending on the one before.
+
+    What is already done on disk is left out: finished stages (their done marker, same config), MRC
+    groups whose modules all have result files, alphas with result files, fine-tuned candidates.
+    With ``only`` (``["mrc:layer2.1.conv2", "interpolate:0.5", "mrc:3", "mrc-gather"]``) just those
+    jobs / tasks are planned, without what comes after them; a module or alpha named alone gets a
+    task of its own.
+
+    Raises:
+        ClusterError: unknown stage or ``--only`` job/name, or a stage whose input stage is neither
+            done nor planned (names it and the fix).
+        StageError: a stage finished with a different config.
+    """
+    from rift_dist.stages import parts
+
+    run_dir = Path(run_dir)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ClusterError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
+    selected = [s for s in STAGES if s in stages]
+    wanted = _parse_only(only)
+    k = int(profile.option("finetune", "candidates"))
+    if k > 1 and cfg.mrc.top_k > 1:
+        raise ClusterError(f"stages.finetune.candidates = {k} and mrc.top_k = {cfg.mrc.top_k}: candidates are "
+                           f"fine-tuned one module each; set one of them to 1")
+    done = {s: stage_done(cfg, run_dir, s) for s in STAGES}
+    needs = {"mrc": ["train"], "finetune": ["train"] + ([] if cfg.finetune.modules and k == 1 else ["mrc"]),
+             "interpolate": ["train", "finetune"], "evaluate": ["train", "finetune", "interpolate"]}
+    if wanted is None:
+        for s in selected:
+            if done[s]:
+                continue
+            missing = [e for e in needs.get(s, []) if not done[e] and e not in selected]
+            if missing:
+                raise ClusterError(f"stage {s} needs the output of stage(s) {', '.join(missing)}, which "
+                                   f"{'is' if len(missing) == 1 else 'are'} not done in {run_dir}; add "
+                                   f"{', '.join(missing)} to --stages (or leave --stages out)")
+    jobs: list[JobPlan] = []
+
+    def single(name, stage, part, res_key, args=None, run_key=None, run_name=None, run_parent=None) -> JobPlan:
+        return JobPlan(name, stage, part, profile.resources(res_key), False,
+                       [TaskPlan(0, name, [], args or {}, run_key, run_name, run_parent)])
+
+    cand_names: dict[int, str] = {}
+    if k > 1 and (run_dir / "mrc" / "mrc.json").is_file():
+        cand_names = dict(enumerate(parts.candidate_modules(cfg, run_dir, k)))
+    for s in selected:
+        if done[s] and wanted is None:
+            continue
+        run_name = STAGE_RUN_NAMES[s]
+        if s == "train":
+            jobs.append(single("train", s, "stage", "train", {"stage": s}, run_name, run_name))
+        elif s == "mrc" and profile.option("mrc", "mode") == "job":
+            jobs.append(single("mrc", s, "stage", "mrc", {"stage": s}, run_name, run_name))
+        elif s == "mrc":
+            if not (run_dir / "mrc" / "adversarial_set.pt").is_file() or (wanted and "mrc-prepare" in wanted):
+                jobs.append(single("mrc-prepare", s, "mrc_prepare", "mrc_prepare", {},
+                                   "mrc.prepare", "mrc-prepare", run_name))
+            size = int(profile.option("mrc", "array_size")) or len(parts.mrc_module_names(cfg))
+            groups = parts.mrc_groups(cfg, size)
+            tasks = []
+            for i, g in enumerate(groups):
+                names = list(g)
+                if wanted is not None and "mrc" in wanted and wanted["mrc"]:
+                    picked = [m for m in g if m in wanted["mrc"]]
+                    if str(i) in wanted["mrc"]:
+                        picked = list(g)
+                    if not picked:
+                        continue
+                    names = picked
+                elif not parts.missing_modules(run_dir, g):
+                    continue
+                tasks.append(TaskPlan(i, ",".join(names), names, {"modules": names}, f"mrc.task-{i}",
+                                      f"mrc-task-{i}", run_name))
+            if tasks:
+                jobs.append(JobPlan("mrc", s, "mrc_modules", profile.resources("mrc"), True, tasks))
+            jobs.append(single("mrc-gather", s, "mrc_gather", "gather", {"candidates": k, "assignment": groups},
+                               run_name, run_name))
+        elif s == "finetune" and k <= 1:
+            jobs.append(single("finetune", s, "stage", "finetune", {"stage": s}, run_name, run_name))
+        elif s == "finetune":
+            tasks = []
+            for j in range(k):
+                module = cand_names.get(j)
+                if module and parts.finetune_candidate_done(cfg, run_dir, module) and not wanted:
+                    continue
+                tasks.append(TaskPlan(j, f"candidate {j}" + (f" ({module})" if module else ""),
+                                      [str(j)] + ([module] if module else []), {"candidate": j, "candidates": k},
+                                      f"finetune@candidate-{j}", f"finetune[candidate {j}]", run_name))
+            if tasks:
+                jobs.append(JobPlan("finetune", s, "finetune_candidate", profile.resources("finetune"), True, tasks))
+        elif s == "interpolate" and profile.option("interpolate", "mode") == "job" and k <= 1:
+            jobs.append(single("interpolate", s, "stage", "interpolate", {"stage": s}, run_name, run_name))
+        elif s == "interpolate":
+            alphas = list(cfg.interpolation.alphas)
+            if k <= 1:
+                pairs = [(None, a) for a in alphas]
+            else:
+                pairs = [(None, 0.0)] + [(j, a) for j in range(k) for a in alphas if a != 0.0]
+            size = int(profile.option("interpolate", "array_size")) or len(pairs)
+
+            def pair_done(j, a) -> bool:
+                if j is None:
+                    return parts.alpha_file(run_dir, a).is_file()
+                return j in cand_names and parts.alpha_file(run_dir, a, cand_names[j]).is_file()
+
+            tasks = []
+            for i, group in enumerate(_split(pairs, size)):
+                if wanted is not None and wanted.get("interpolate"):
+                    asked = wanted["interpolate"]
+                    todo = group if str(i) in asked else [
+                        (j, a) for j, a in group if any(_is_number(w) and float(w) == a for w in asked)]
+                elif wanted is not None:
+                    todo = list(group)
+                else:
+                    todo = [(j, a) for j, a in group if not pair_done(j, a)]
+                names = [f"{a:g}" for _, a in todo]
+                if not todo:
+                    continue
+                tasks.append(TaskPlan(i, _alpha_label(todo, cand_names), names,
+                                      {"pairs": [[j, a] for j, a in todo]}, None, None, run_name))
+            if tasks:
+                jobs.append(JobPlan("interpolate", s, "interpolate_alphas", profile.resources("interpolate"), True,
+                                    tasks))
+            jobs.append(single("interpolate-gather", s, "interpolate_gather", "gather", {"candidates": k},
+                               run_name, run_name))
+        elif s == "evaluate":
+            jobs.append(single("evaluate", s, "stage", "evaluate", {"stage": s}, run_name, run_name))
+    if wanted is not None:
+        names = {j.name for j in jobs}
+        bad = sorted(set(wanted) - names)
+        if bad:
+            raise ClusterError(f"--only names job(s) {bad} that are not part of stages {', '.join(selected)}; "
+                               f"jobs: {', '.join(sorted(names)) or 'none'}")
+        jobs = [j for j in jobs if j.name in wanted]
+        for j in jobs:
+            if j.array:
+                if j.part == "finetune_candidate":
+                    j.tasks = [t for t in j.tasks if _task_matches(t, wanted[j.name])]
+            if not j.tasks:
+                raise ClusterError(f"--only {j.name}:{','.join(wanted[j.name])} matches no task of job {j.name}")
+    for i, job in enumerate(jobs):
+        job.depends_on = [jobs[i - 1].name] if i else []
+    return jobs
+
+
+# ============================================================================== job side
+
+
+def _events_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / EVENTS_FILE
+
+
+def record_event(spec: dict, event: str, **extra) -> None:
+    """Append one line to ``<run_dir>/jobs/events.jsonl`` (job, task, SLURM ids, restart count, ``extra``)."""
+    path = _events_path(spec["run_dir"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array_id, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job_id = f"{array_id}_{array_task}" if array_id and array_task else (
+        os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID"))
+    line = {"time": time.time(), "event": event, "job": spec["job"], "task": spec["index"], "label": spec["label"],
+            "job_id": job_id,
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "array_task": os.environ.get("SLURM_ARRAY_TASK_ID"),
+            "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0), "pid": os.getpid(), **extra}
+    with open(path, "a") as fh:
+        fh.write(json.dumps(line, default=str) + "\n")
+
+
+def read_events(run_dir: str | Path) -> list[dict]:
+    """The lines of ``<run_dir>/jobs/events.jsonl`` (empty when there are none)."""
+    path = _events_path(run_dir)
+    if not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def progress_on_disk(spec: dict) -> dict:
+    """Where a requeued task would resume: the newest checkpoint (train: epoch and step; finetune: epoch)
+    or the number of finished modules / alphas."""
+    from rift_dist.stages import parts
+
+    run_dir = Path(spec["run_dir"])
+    part, args = spec["part"], spec["args"]
+    if part == "stage" and args.get("stage") in ("train", "finetune"):
+        ckpts = sorted((run_dir / args["stage"] / "checkpoints").glob("ckpt-*.pt"))
+        if not ckpts:
+            return {"epoch": 0, "step": 0}
+        n = int(ckpts[-1].stem.split("-")[1])
+        if args["stage"] == "train":
+            return {"epoch": n // 1_000_000, "step": n % 1_000_000}
+        return {"epoch": n, "step": 0}
+    if part == "mrc_modules":
+        mods = args["modules"]
+        return {"modules_done": len(mods) - len(parts.missing_modules(run_dir, mods)), "modules": len(mods)}
+    return {}
+
+
+def _prepare_environment(spec: dict) -> None:
+    """Launcher variables for this process: drop the ones inherited from the submitting shell, and turn
+    submitit's local-executor variables into torchrun's (SLURM's are read by ``distributed.read_launch_env``)."""
+    for key, value in spec.get("submit_env", {}).items():
+        if os.environ.get(key) == value:
+            del os.environ[key]
+    if "SUBMITIT_LOCAL_NTASKS" in os.environ and "RANK" not in os.environ:
+        ntasks = int(os.environ["SUBMITIT_LOCAL_NTASKS"])
+        if ntasks > 1:
+            job_id = int(os.environ.get("SUBMITIT_LOCAL_JOB_ID", "0") or 0)
+            os.environ.update({
+                "RANK": os.environ.get("SUBMITIT_LOCAL_GLOBALID", "0"),
+                "LOCAL_RANK": os.environ.get("SUBMITIT_LOCAL_LOCALID", "0"),
+                "WORLD_SIZE": str(ntasks),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(20000 + job_id % 20000),
+            })
+
+
+def _part_stage(ctx, spec: dict, run) -> dict:
+    from rift_dist.pipeline import run_stages
+
+    return run_stages(ctx, [spec["args"]["stage"]])[spec["args"]["stage"]]
+
+
+def _part_mrc_prepare(ctx, spec: dict, run) -> dict:
+    from rift_dist.stages import parts
+
+    out = parts.prepare_mrc(ctx)
+    run.log_metrics({"num_examples": out["num_examples"]})
+    return out
+
+
+def _part_mrc_modules(ctx, spec: dict, run) -> dict:
+    from rift_dist.stages import parts
+
+    if ctx.tracker.active and ctx.tracker.key_file("mrc").is_file():
+        ctx.tracker.child("mrc")  # the stage run (created by rift submit) is running once its first task is
+    rows = parts.compute_mrc(ctx, list(spec["args"]["modules"]), run)
+    return {"modules": [r["module"] for r in rows], "mrc": {r["module"]: r["mrc"] for r in rows}}
+
+
+def _part_mrc_gather(ctx, spec: dict, run) -> dict:
+    from rift_dist.stages import parts
+
+    return parts.gather_mrc(ctx, int(spec["args"].get("candidates", 1)), spec["args"].get("assignment"))
+
+
+def _part_finetune_candidate(ctx, spec: dict, run) -> dict:
+    import shutil
+
+    from rift_dist.pipeline import make_context, run_stages
+    from rift_dist.stages import parts
+
+    j = int(spec["args"]["candidate"])
+    modules = parts.candidate_modules(ctx.cfg, ctx.run_dir, int(spec["args"]["candidates"]), write=ctx.is_main)
+    if j >= len(modules):
+        ctx.log(f"[finetune] candidate {j}: only {len(modules)} candidate module(s) after mrc.exclude; nothing to do")
+        return {"candidate": j, "module": None}
+    module = modules[j]
+    sub_cfg, sub = parts.candidate_config(ctx.cfg, ctx.run_dir, module)
+    ctx.runtime.barrier()
+    key_file = ctx.tracker.key_file(spec["run_key"]) if ctx.tracker.active else None
+    if key_file is not None and key_file.is_file():
+        target = sub / "mlflow" / "finetune.json"
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(key_file, target)  # the stage code continues the run created by rift submit
+    run.set_tags({"mlflow.runName": f"finetune[{module}]", "rift.candidate": module, "rift.candidate_index": j})
+    sub_ctx = make_context(sub_cfg, sub, ctx.runtime, False, ctx.tracker.parent.run_id)
+    try:
+        out = run_stages(sub_ctx, ["finetune"])["finetune"]
+    finally:
+        sub_ctx.tracker.close()
+    return {"candidate": j, "module": module, **out}
+
+
+def _part_interpolate_alphas(ctx, spec: dict, run) -> dict:
+    from rift_dist.stages import parts
+
+    pairs = [(None if j is None else int(j), float(a)) for j, a in spec["args"]["pairs"]]
+    modules = parts.read_candidates(ctx.run_dir) if any(j is not None for j, _ in pairs) else []
+    # the stage run was created by rift submit; never create it here (concurrent tasks would each make one)
+    stage_run = ctx.tracker.child("interpolation") if ctx.tracker.active and ctx.tracker.key_file(
+        "interpolation").is_file() else None
+    tags = {k: v for k, v in {"slurm.job_id": os.environ.get("SLURM_JOB_ID"),
+                              "slurm.array_task": os.environ.get("SLURM_ARRAY_TASK_ID")}.items() if v}
+    rows = []
+    by: dict = {}
+    for j, a in pairs:
+        by.setdefault(j, []).append(a)
+    for j, alphas in by.items():
+        if j is not None and j >= len(modules):
+            ctx.log(f"[interpolate] candidate {j} does not exist (only {len(modules)}); skipped")
+            continue
+        cand = None if j is None else modules[j]
+        rows += parts.interpolate_alphas(ctx, alphas, cand, stage_run, tags, j)
+    return {"rows": rows}
+
+
+def _part_interpolate_gather(ctx, spec: dict, run) -> dict:
+    from rift_dist.stages import parts
+
+    return parts.gather_interpolation(ctx, int(spec["args"].get("candidates", 1)))
+
+
+PARTS: dict[str, Callable] = {
+    "stage": _part_stage, "mrc_prepare": _part_mrc_prepare, "mrc_modules": _part_mrc_modules,
+    "mrc_gather": _part_mrc_gather, "finetune_candidate": _part_finetune_candidate,
+    "interpolate_alphas": _part_interpolate_alphas, "interpolate_gather": _part_interpolate_gather,
+}
+OWN_RUN_PARTS = ("mrc_prepare", "mrc_modules")
+"""Parts whose MLflow run is their own (ended by the job); the others' runs are ended by the stage code."""
+
+
+def run_task(spec: dict) -> dict:
+    """Run one task of a submitted job in this process (every rank of the job runs it).
+
+    Sets up the launcher environment, the config (from the submission), torch, the process group
+    (``Runtime``: torchrun / SLURM / submitit-local variables) and the stage context attached to the
+    pipeline's MLflow parent run; runs the part; tears down in ``finally``.  Global rank 0 records
+    start / end / failure in ``jobs/events.jsonl`` and logs to the task's MLflow run.
+
+    Returns:
+        {"job", "task", "outputs"}.
+
+    Raises:
+        whatever the part raises (StageError for missing inputs, DistributedError for a dead rank, ...).
+    """
+    if spec.get("executor") != "debug":
+        _prepare_environment(spec)
+    from rift_dist.config import from_dict
+    from rift_dist.distributed import Runtime
+    from rift_dist.pipeline import configure_torch, make_context
+    from rift_dist.stages import parts
+
+    cfg = from_dict(spec["config"], source=f"{spec['run_dir']}/config.yaml (as submitted)")
+    run_dir = Path(spec["run_dir"])
+    configure_torch(cfg)
+    if not cfg.precision.threads:
+        parts.torch_threads_from_slurm()
+    runtime = Runtime(cfg)
+    ctx = None
+    run = None
+    status = "FAILED"
+    try:
+        ctx = make_context(cfg, run_dir, runtime, progress=False, parent_run_id=spec.get("parent_run_id"))
+        if runtime.is_main:
+            record_event(spec, "start", progress=progress_on_disk(spec), world_size=runtime.world_size)
+            print(f"[rift] job {spec['job']} task {spec['index']} ({spec['label']}) starts: {runtime.world_size} "
+                  f"rank(s) on {runtime.device}; on disk: {progress_on_disk(spec)}", flush=True)
+        tags = {k: v for k, v in {
+            "slurm.job_id": os.environ.get("SLURM_JOB_ID"), "slurm.array_job_id": os.environ.get("SLURM_ARRAY_JOB_ID"),
+            "slurm.array_task": os.environ.get("SLURM_ARRAY_TASK_ID"), "slurm.restart_count":
+            os.environ.get("SLURM_RESTART_COUNT"), "slurm.node": os.environ.get("SLURMD_NODENAME"),
+            "rift.job": spec["job"], "rift.task": spec["index"], "rift.world_size": runtime.world_size}.items()
+            if v is not None}
+        if spec.get("run_key") and ctx.tracker.active:
+            run = ctx.tracker.child(spec.get("run_name") or spec["run_key"], key=spec["run_key"], tags=tags)
+        else:
+            from rift_dist.tracking import _Null
+
+            run = _Null()
+        out = PARTS[spec["part"]](ctx, spec, run)
+        status = "FINISHED"
+        if runtime.is_main:
+            record_event(spec, "end", progress=progress_on_disk(spec))
+        return {"job": spec["job"], "task": spec["index"], "outputs": out}
+    except (SystemExit, KeyboardInterrupt):
+        status = "KILLED"
+        raise
+    except Exception as exc:
+        if runtime.is_main:
+            record_event(spec, "failed", error=f"{type(exc).__name__}: {str(exc)[:500]}")
+        raise
+    finally:
+        if ctx is not None:
+            tracker = ctx.tracker
+            if run is not None and spec["part"] in OWN_RUN_PARTS:
+                tracker.end(run, status)
+            if status == "FAILED":
+                tracker.parent.set_tags({"rift.failed": f"{spec['job']} task {spec['index']} ({spec['label']})"})
+                tracker.end(tracker.parent, "FAILED")
+            elif status == "FINISHED" and spec.get("last"):
+                tracker.end(tracker.parent, "FINISHED")
+            tracker.close()
+        runtime.close()
+
+
+class StageJob(submitit.helpers.Checkpointable):
+    """The callable every submitted job runs: ``StageJob()(spec)`` = :func:`run_task` (spec: a task's dict).
+
+    Checkpointable: on preemption or before the time limit submitit calls :meth:`checkpoint` (global
+    rank 0 only), which resubmits the same spec; the requeued job resumes from the files on disk.
+    """
+
+    def __call__(self, spec: dict) -> dict:
+        """Run the task (see :func:`run_task`)."""
+        return run_task(spec)
+
+    def checkpoint(self, spec: dict) -> submitit.helpers.DelayedSubmission:
+        """Requeue the same task; record (events file, stdout) the progress the requeued job will resume from.
+
+        Saves nothing: every rank has saved its resumable state on the stage's schedule, so all ranks
+        resume from the same newest checkpoint on disk.
+        """
+        progress = progress_on_disk(spec)
+        try:
+            record_event(spec, "checkpoint", progress=progress)
+        except OSError:
+            pass
+        print(f"[rift] job {spec['job']} task {spec['index']}: preempted or near its time limit; requeued, it will "
+              f"resume from {progress}", flush=True)
+        return submitit.helpers.DelayedSubmission(StageJob(), spec)
+
+
+# ============================================================================== submission
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def read_submission(run_dir: str | Path) -> dict:
+    """The run's ``submission.json``.
+
+    Raises:
+        ClusterError: when there is none (names the file and how to make one).
+    """
+    path = Path(run_dir) / SUBMISSION_FILE
+    if not path.is_file():
+        raise ClusterError(f"{path} not found: {run_dir} was not submitted with `rift submit` "
+                           f"(or the path is wrong)")
+    return json.loads(path.read_text())
+
+
+def write_submission(run_dir: str | Path, record: dict) -> None:
+    """Write ``submission.json`` atomically."""
+    path = Path(run_dir) / SUBMISSION_FILE
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def sbatch_parameters(res: Resources, job_name: str, dependency: list[str] = ()) -> dict:
+    """submitit ``SlurmExecutor`` parameters (sbatch's names) for ``res``; ``dependency`` = job ids this
+    job waits for (``afterok``; the job is cancelled by SLURM when one of them fails)."""
+    p: dict[str, Any] = {"job_name": f"rift-{job_name}", "time": int(res.time_min), "nodes": int(res.nodes),
+                         "ntasks_per_node": res.ranks_per_node(), "cpus_per_task": int(res.cpus_per_task),
+                         "signal_delay_s": int(res.signal_delay_s), "array_parallelism": int(res.array_parallelism)}
+    if res.gpus_per_node:
+        p["gpus_per_node"] = int(res.gpus_per_node)
+    if res.mem_gb:
+        p["mem"] = f"{int(res.mem_gb)}GB" if float(res.mem_gb).is_integer() else f"{int(res.mem_gb * 1024)}MB"
+    for key in ("partition", "account", "qos", "constraint", "exclude"):
+        if getattr(res, key):
+            p[key] = getattr(res, key)
+    if res.setup:
+        p["setup"] = [str(x) for x in res.setup]
+    extra = {str(k): v for k, v in res.sbatch.items()}
+    if dependency:
+        p["dependency"] = "afterok:" + ":".join(dependency)
+        extra.setdefault("kill-on-invalid-dep", "yes")
+    if extra:
+        p["additional_parameters"] = extra
+    return p
+
+
+def sbatch_script(res: Resources, job_name: str, folder: str | Path, python: str, dependency: list[str] = (),
+                  array_size: int | None = None) -> str:
+    """The sbatch script submitit would write for this job (``--dry-run``; no SLURM needed)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    params = sbatch_parameters(res, job_name, dependency)
+    command = " ".join([shlex.quote(python), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    return _make_sbatch_string(command=command, folder=str(folder), map_count=array_size, **params)
+
+
+def _executor(kind: str, folder: Path, res: Resources, job_name: str, python: str, dependency: list[str]):
+    """A submitit executor of ``kind`` with this job's parameters."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "slurm":
+        try:
+            ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=res.max_requeues, python=python)
+        except RuntimeError as exc:
+            raise ClusterError(f"SLURM is not available here ({exc}); run `rift submit` on a login node, or use "
+                               f"--local to run the jobs on this machine") from exc
+        ex.update_parameters(**sbatch_parameters(res, job_name, dependency))
+        return ex
+    params: dict[str, Any] = {"timeout_min": int(res.time_min), "name": f"rift-{job_name}"}
+    if kind == "local":
+        if res.nodes > 1:
+            print(f"rift: {job_name}: the local executor has one node; running {res.ranks_per_node()} rank(s) "
+                  f"instead of {res.nodes} x {res.ranks_per_node()}", flush=True)
+        params.update(nodes=1, tasks_per_node=res.ranks_per_node(), gpus_per_node=int(res.gpus_per_node))
+        ex = submitit.AutoExecutor(folder=folder, cluster="local", local_python=python)
+    else:
+        ex = submitit.AutoExecutor(folder=folder, cluster="debug")
+    ex.update_parameters(**params)
+    return ex
+
+
+def _precreate_runs(tracker, jobs: list[JobPlan], cfg, profile: Profile, kind: str) -> None:
+    """Create the parent's stage runs and every task's own run ahead of time (status SCHEDULED)."""
+    if not tracker.active:
+        return
+    stage_runs = {}
+    for job in jobs:
+        name = STAGE_RUN_NAMES[job.stage]
+        if name not in stage_runs:
+            stage_runs[name] = tracker.child(name, key=name, status="SCHEDULED")
+        parent = stage_runs[name]
+        for t in job.tasks:
+            if t.run_key and t.run_key != name:
+                tracker.child(t.run_name or t.run_key, key=t.run_key, status="SCHEDULED", parent=parent,
+                              tags={"rift.job": job.name, "rift.task": t.index, "rift.task_label": t.label})
+        if job.part == "interpolate_alphas":
+            for t in job.tasks:
+                for j, a in t.args["pairs"]:
+                    key = f"alpha={a:g}" if j is None or a == 0.0 else f"alpha={a:g}@candidate-{j}"
+                    tracker.child(key, key=key, params={"alpha": a}, status="SCHEDULED", parent=parent,
+                                  tags={"rift.job": job.name, "rift.task": t.index})
+
+
+def _active_jobs(record: dict) -> list[str]:
+    """Job/task ids of the run that are still queued or running."""
+    states = job_states(record)
+    return [f"{jid} ({s})" for jid, s in states.items() if s.split()[0] in ACTIVE_STATES]
+
+
+def submit(cfg, profile: Profile, run_dir: str | Path, *, executor: str | None = None,
+           stages: list[str] | tuple[str, ...] = STAGES, only: list[str] | None = None, dry_run: bool = False,
+           config_path: str | None = None, log: Callable[[str], None] = print) -> dict:
+    """Submit the jobs that bring ``run_dir`` to the end of ``stages`` and record them in ``submission.json``.
+
+    Args:
+        cfg: the RunConfig (its ``tracking.uri`` is resolved here and passed to every job).
+        profile: the launch profile; executor: slurm, local or debug (default: the profile's).
+        stages / only: see :func:`plan_jobs`.
+        dry_run: print the plan (and the sbatch scripts) without submitting or touching MLflow.
+        log: where progress lines go.
+
+    With the slurm executor every job is queued at once (chained by ``afterok``) and this returns;
+    with local and debug this process runs them in order and waits (raising at the first failure).
+
+    Returns:
+        the submission record (also in ``<run_dir>/submission.json``).
+
+    Raises:
+        ClusterError: jobs of the run still active, SLURM missing, a bad profile or plan, or (local /
+            debug) a failed job (names the task and its error).
+    """
+    from rift_dist.config import dump_yaml, flatten, to_dict
+    from rift_dist.tracking import Tracker, resolve_tracking_uri
+
+    kind = executor or profile.executor
+    if kind not in EXECUTORS:
+        raise ClusterError(f"executor must be one of {', '.join(EXECUTORS)}, got {kind!r}")
+    run_dir = Path(run_dir).resolve()
+    cfg.run_dir = str(run_dir)
+    python = profile.python or sys.executable
+    jobs = plan_jobs(cfg, profile, run_dir, stages, only)
+    if not jobs:
+        log(f"rift: nothing to submit: stages {', '.join(s for s in STAGES if s in stages)} are done in {run_dir}")
+        return read_submission(run_dir) if (run_dir / SUBMISSION_FILE).is_file() else {}
+    if dry_run:
+        _print_plan(jobs, run_dir, kind, python, log, dry_run=True)
+        return {"jobs": [dataclasses.asdict(j) for j in jobs]}
+    record = json.loads((run_dir / SUBMISSION_FILE).read_text()) if (run_dir / SUBMISSION_FILE).is_file() else None
+    if record is not None and kind == "slurm" == record.get("executor"):
+        active = _active_jobs(record)
+        if active:
+            raise ClusterError(f"jobs of {run_dir} are still queued or running: {', '.join(active[:8])}"
+                               f"{' ...' if len(active) > 8 else ''}; wait for them (rift status {run_dir}) or "
+                               f"cancel them (rift cancel {run_dir}) before submitting again")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    params = flatten(cfg)  # as the user wrote it (rift run logs the same)
+    dump_yaml(cfg, run_dir / "config.yaml")
+    cfg = copy.deepcopy(cfg)  # the jobs' copy: one tracking URI for every job, resolved here
+    if cfg.tracking.enabled:
+        cfg.tracking.uri = resolve_tracking_uri(cfg, run_dir)
+    tracker = Tracker(cfg, run_dir)
+    parent_run_id = tracker.parent.run_id
+    if tracker.active:
+        tracker.parent.log_params(params)
+        tracker.parent.set_tags({"rift.run_dir": str(run_dir), "rift.executor": kind, "rift.profile": profile.name})
+        _precreate_runs(tracker, jobs, cfg, profile, kind)
+    tracker.close()
+    record = record or {"run_dir": str(run_dir), "submissions": []}
+    record.update({"executor": kind, "profile": profile.to_dict(), "config": config_path,
+                   "tracking": {"enabled": cfg.tracking.enabled, "uri": cfg.tracking.uri,
+                                "experiment": cfg.tracking.experiment, "parent_run_id": parent_run_id}})
+    submission = {"time": _now(), "argv": sys.argv[1:], "stages": [s for s in STAGES if s in stages],
+                  "only": only or [], "jobs": []}
+    record["submissions"].append(submission)
+    write_submission(run_dir, record)
+    _print_plan(jobs, run_dir, kind, python, log)
+    config = to_dict(cfg)
+    submit_env = {k: os.environ[k] for k in LAUNCHER_VARS if k in os.environ}
+    ids: dict[str, str] = {}
+    for n, job in enumerate(jobs):
+        folder = run_dir / "jobs" / job.name
+        deps = [ids[d] for d in job.depends_on if d in ids] if kind == "slurm" else []
+        ex = _executor(kind, folder, job.resources, job.name, python, deps)
+        specs = [{"run_dir": str(run_dir), "config": config, "job": job.name, "stage": job.stage, "part": job.part,
+                  "index": t.index, "label": t.label, "args": t.args, "run_key": t.run_key, "run_name": t.run_name,
+                  "parent_run_id": parent_run_id, "submit_env": submit_env, "last": n == len(jobs) - 1,
+                  "executor": kind}
+                 for t in job.tasks]
+        if job.array:
+            submitted = ex.map_array(StageJob(), specs)
+        else:
+            submitted = [ex.submit(StageJob(), specs[0])]
+        base = submitted[0].job_id.split("_")[0]
+        ids[job.name] = base
+        entry = {"name": job.name, "stage": job.stage, "part": job.part, "array": job.array, "job_id": base,
+                 "folder": str(folder), "depends_on": job.depends_on,
+                 "dependency": ("afterok:" + ":".join(deps)) if deps else "",
+                 "resources": dataclasses.asdict(job.resources),
+                 "tasks": [{"index": t.index, "label": t.label, "names": t.names, "args": t.args, "job_id": s.job_id,
+                            "run_key": t.run_key, "state": "SUBMITTED" if kind == "slurm" else "RUNNING"}
+                           for t, s in zip(job.tasks, submitted)]}
+        submission["jobs"].append(entry)
+        write_submission(run_dir, record)
+        log(f"rift: {job.name}: {'array of ' + str(len(submitted)) + ' task(s)' if job.array else 'job'} "
+            f"{base}{' after ' + entry['dependency'] if deps else ''}")
+        if kind != "slurm":
+            _wait_here(submitted, entry, job, run_dir, record, kind, log)
+    if kind == "slurm":
+        log(f"rift: submitted {len(jobs)} job(s); follow them with `rift status {run_dir}`")
+    return record
+
+
+def _wait_here(submitted, entry: dict, job: JobPlan, run_dir: Path, record: dict, kind: str, log) -> None:
+    """Local / debug executors: run (debug) or wait for (local) every task of a job; record states; raise on failure."""
+    failures = []
+    for task, sj in zip(entry["tasks"], submitted):
+        if kind == "debug" and sys.stdin is not None and sys.stdin.isatty():
+            try:
+                sj.result()  # submitit's debug executor opens pdb on an exception
+                exc = None
+            except Exception as e:  # noqa: BLE001 - reported below
+                exc = e
+        else:
+            while kind == "local" and not sj.done():
+                time.sleep(1.0)
+            exc = sj.exception()
+        task["state"] = "COMPLETED" if exc is None else "FAILED"
+        if exc is not None:
+            task["error"] = _last_line(str(exc))
+            failures.append(f"{job.name} task {task['index']} ({task['label']}): {task['error']}")
+    write_submission(run_dir, record)
+    if failures:
+        raise ClusterError("failed: " + "; ".join(failures) + f". Logs: {entry['folder']}. Re-submit what is not done "
+                           f"with `rift submit {run_dir} --{kind}`")
+
+
+def _last_line(text: str) -> str:
+    lines = [x for x in text.strip().splitlines() if x.strip()]
+    return lines[-1].strip()[:300] if lines else ""
+
+
+def _print_plan(jobs: list[JobPlan], run_dir: Path, kind: str, python: str, log, dry_run: bool = False) -> None:
+    log(f"rift: {'plan for' if dry_run else 'submitting'} {run_dir} ({kind} executor):")
+    for job in jobs:
+        r = job.resources
+        shape = f"{r.nodes} node(s) x {r.ranks_per_node()} rank(s), {r.gpus_per_node} GPU/node, {r.time_min} min"
+        where = f", partition {r.partition}" if r.partition else ""
+        after = f", after {', '.join(job.depends_on)}" if job.depends_on else ""
+        what = f"array of {len(job.tasks)}" if job.array else "job"
+        log(f"  {job.name:<19} {what:<12} {shape}{where}{after}")
+        if job.array:
+            for t in job.tasks:
+                log(f"      task {t.index:>3}: {t.label}")
+        if dry_run and kind == "slurm":
+            deps = [f"<{d}>" for d in job.depends_on]
+            script = sbatch_script(r, job.name, run_dir / "jobs" / job.name, python, deps,
+                                   len(job.tasks) if job.array and len(job.tasks) > 1 else None)
+            log("\n".join("      | " + line for line in script.splitlines()))
+
+
+# ============================================================================== status / cancel
+
+
+def _sacct(ids: list[str]) -> dict[str, str]:
+    if not ids:
+        return {}
+    try:
+        proc = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(ids)],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    out = {}
+    for line in proc.stdout.splitlines():
+        if "|" not in line:
+            continue
+        jid, state = line.split("|", 1)
+        out.update({x: state.strip() for x in _expand_array_id(jid.strip())})
+    return out
+
+
+def _squeue(ids: list[str]) -> dict[str, str]:
+    if not ids:
+        return {}
+    wanted = set(ids)
+    try:
+        proc = subprocess.run(["squeue", "-h", "--me", "--array", "-o", "%i|%T|%r"],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    out = {}
+    for line in proc.stdout.splitlines():
+        if line.count("|") < 2:
+            continue
+        jid, state, reason = line.split("|", 2)
+        label = state.strip() + (f" ({reason.strip()})" if reason.strip() and reason.strip() != "None" else "")
+        for x in _expand_array_id(jid.strip()):
+            if x.split("_")[0] in wanted:
+                out[x] = label
+    return out
+
+
+def _expand_array_id(jid: str) -> list[str]:
+    """``123_[0-2,5%4]`` -> 123_0, 123_1, 123_2, 123_5; other ids unchanged."""
+    if "_[" not in jid:
+        return [jid]
+    base, rest = jid.split("_[", 1)
+    rest = rest.rstrip("]").split("%")[0]
+    out = []
+    for part in rest.split(","):
+        if "-" in part:
+            a, b = part.split("-")
+            out += [f"{base}_{i}" for i in range(int(a), int(b) + 1)]
+        elif part:
+            out.append(f"{base}_{part}")
+    return out
+
+
+def _result_state(folder: str, job_id: str) -> tuple[str, str] | None:
+    """(state, error) from submitit's result pickle of a task, or None when it has none yet."""
+    path = Path(folder) / f"{job_id}_0_result.pkl"
+    if not path.is_file():
+        return None
+    try:
+        with path.open("rb") as fh:
+            outcome, payload = pickle.load(fh)
+    except Exception:  # noqa: BLE001 - an unreadable pickle just means "unknown"
+        return None
+    if outcome == "success":
+        return "COMPLETED", ""
+    return "FAILED", _last_line(str(payload))
+
+
+def job_states(record: dict) -> dict[str, str]:
+    """{task job id: state} for every task of every submission of a run.
+
+    SLURM: ``squeue`` (pending / running, with the reason) then ``sacct`` (finished); local and
+    debug: the state recorded by the waiting process, or submitit's result files.
+    """
+    tasks = [(job, t) for sub in record.get("submissions", []) for job in sub["jobs"] for t in job["tasks"]]
+    states: dict[str, str] = {}
+    if record.get("executor") == "slurm":
+        bases = sorted({job["job_id"] for job, _ in tasks})
+        queued = _squeue(bases)
+        finished = _sacct(bases)
+        for job, t in tasks:
+            jid = t["job_id"]
+            states[jid] = queued.get(jid) or finished.get(jid) or (_result_state(job["folder"], jid) or ("UNKNOWN",))[0]
+    else:
+        for job, t in tasks:
+            found = _result_state(job["folder"], t["job_id"])
+            states[t["job_id"]] = t.get("state") if t.get("state") in ("COMPLETED", "FAILED") else (
+                found[0] if found else t.get("state", "UNKNOWN"))
+    return states
+
+
+def _outputs_summary(run_dir: Path) -> str:
+    """One line: which stages are done, how many module / alpha results exist."""
+    bits = []
+    for s in STAGES:
+        if (run_dir / s / "done.json").is_file():
+            bits.append(f"{s} done")
+        elif s == "mrc" and (run_dir / "mrc" / "modules").is_dir():
+            bits.append(f"mrc {len(list((run_dir / 'mrc' / 'modules').glob('*.json')))} module(s)")
+        elif s == "interpolate" and (run_dir / "interpolate").is_dir():
+            bits.append(f"interpolate {len(list((run_dir / 'interpolate').rglob('alpha-*.json')))} alpha result(s)")
+        else:
+            bits.append(f"{s} -")
+    return ", ".join(bits)
+
+
+def task_done_on_disk(run_dir: str | Path, job: dict, task: dict) -> bool:
+    """Whether the work of a recorded task is on disk (done by this task or by a later re-submission)."""
+    from rift_dist.stages import parts
+
+    run_dir = Path(run_dir)
+    part, args = job["part"], task.get("args", {})
+    if part == "stage":
+        return (run_dir / args.get("stage", job["stage"]) / "done.json").is_file()
+    if part == "mrc_prepare":
+        return (run_dir / "mrc" / "adversarial_set.pt").is_file()
+    if part == "mrc_modules":
+        return not parts.missing_modules(run_dir, args.get("modules", []))
+    if part in ("mrc_gather", "interpolate_gather"):
+        return (run_dir / job["stage"] / "done.json").is_file()
+    if part == "finetune_candidate":
+        if not parts.candidates_file(run_dir).is_file():
+            return False
+        modules = parts.read_candidates(run_dir)
+        j = int(args.get("candidate", 0))
+        return j >= len(modules) or parts.finetune_candidate_done(None, run_dir, modules[j])
+    if part == "interpolate_alphas":
+        modules = parts.read_candidates(run_dir) if parts.candidates_file(run_dir).is_file() else []
+        for j, a in args.get("pairs", []):
+            if j is not None and int(j) >= len(modules):
+                return False
+            if not parts.alpha_file(run_dir, a, None if j is None else modules[int(j)]).is_file():
+                return False
+        return True
+    return False
+
+
+def status(run_dir: str | Path, log: Callable[[str], None] = print) -> dict:
+    """Print every job and task of a run with its state; name failed tasks and how to re-submit them.
+
+    Also sends MLflow writes that earlier jobs could not send (``<run_dir>/mlflow/pending``).
+
+    Returns:
+        {"states": {task job id: state}, "failed": [task descriptions], "active": [...]}.
+
+    Raises:
+        ClusterError: when the run has no ``submission.json``.
+    """
+    run_dir = Path(run_dir).resolve()
+    record = read_submission(run_dir)
+    _replay_pending(run_dir, record)
+    states = job_states(record)
+    tr = record.get("tracking", {})
+    log(f"run {run_dir}")
+    log(f"  executor {record.get('executor')}, profile {record.get('profile', {}).get('name')}; MLflow parent run "
+        f"{tr.get('parent_run_id')} at {tr.get('uri')} (experiment {tr.get('experiment')})")
+    requeues: dict[str, int] = {}  # checkpoint() calls (= requeues) per task job id
+    for e in read_events(run_dir):
+        if e["event"] == "checkpoint":
+            requeues[str(e.get("job_id"))] = requeues.get(str(e.get("job_id")), 0) + 1
+    failed, active = [], []
+    for n, sub in enumerate(record.get("submissions", []), 1):
+        log(f"submission {n} ({sub['time']}){' --only ' + ' '.join(sub['only']) if sub.get('only') else ''}:")
+        log(f"  {'job':<19} {'id':<14} {'task':>4}  {'state':<34} what")
+        for job in sub["jobs"]:
+            for t in job["tasks"]:
+                state = states.get(t["job_id"], "UNKNOWN")
+                task = str(t["index"]) if job["array"] else "-"
+                n_requeued = requeues.get(t["job_id"], 0)
+                shown = state + (f", requeued {n_requeued}x" if n_requeued else "")
+                log(f"  {job['name']:<19} {t['job_id']:<14} {task:>4}  {shown:<34} {t['label']}")
+                word = state.split()[0]
+                if word in FAILED_STATES or word.startswith("CANCELLED"):
+                    err = t.get("error") or (_result_state(job["folder"], t["job_id"]) or ("", ""))[1]
+                    if "Dependency" in state or (word.startswith("CANCELLED") and job.get("dependency")
+                                                 and not err):
+                        continue  # cancelled because an earlier job failed: not a failure of its own
+                    failed.append((job, t, state, err))
+                elif word in ACTIVE_STATES:
+                    active.append(t["job_id"])
+    log(f"outputs: {_outputs_summary(run_dir)}")
+    still_failed = [(j, t, s, e) for j, t, s, e in failed if not task_done_on_disk(run_dir, j, t)]
+    executor_flag = "" if record.get("executor") == "slurm" else f" --{record.get('executor')}"
+    for job, t, state, err in still_failed:
+        what = f"{job['name']} task {t['index']} ({t['label']})" if job["array"] else f"{job['name']} ({t['label']})"
+        log(f"FAILED: {what}: {state}{' — ' + err if err else ''}; log: {job['folder']}/{t['job_id']}_0_log.err")
+        name = t["names"][0] if t.get("names") else str(t["index"])
+        log(f"  re-submit it alone: rift submit {run_dir} --only {job['name']}{':' + name if job['array'] else ''}"
+            f"{executor_flag}")
+    if still_failed:
+        log(f"  or re-submit everything that is not done (failed tasks and the jobs after them): "
+            f"rift submit {run_dir}{executor_flag}")
+    return {"states": states, "failed": [f"{j['name']}:{t['label']}" for j, t, _, _ in still_failed],
+            "active": active}
+
+
+def _replay_pending(run_dir: Path, record: dict) -> None:
+    """Send MLflow writes saved by jobs that ended while the store was down."""
+    tr = record.get("tracking", {})
+    if not tr.get("enabled") or not any(run_dir.rglob("mlflow/pending/*.json")):
+        return
+    try:
+        from rift_dist.config import load_config
+        from rift_dist.tracking import Tracker
+
+        cfg = load_config(run_dir / "config.yaml")
+        cfg.tracking.uri = tr.get("uri") or cfg.tracking.uri
+        for pending in sorted({p.parent.parent.parent for p in run_dir.rglob("mlflow/pending/*.json")}):
+            Tracker(cfg, pending, parent_run_id=tr.get("parent_run_id")).close()
+    except Exception as exc:  # noqa: BLE001 - status must still print
+        print(f"rift: could not send buffered MLflow writes: {exc}", file=sys.stderr)
+
+
+def cancel(run_dir: str | Path, log: Callable[[str], None] = print) -> list[str]:
+    """Cancel every queued or running job of a run (SLURM: scancel; local: SIGTERM to the job's process).
+
+    Marks the MLflow parent run KILLED.  Returns the ids cancelled.
+
+    Raises:
+        ClusterError: no submission, or scancel failing.
+    """
+    run_dir = Path(run_dir).resolve()
+    record = read_submission(run_dir)
+    states = job_states(record)
+    active = [jid for jid, s in states.items() if s.split()[0] in ACTIVE_STATES or s in ("RUNNING", "SUBMITTED")]
+    if not active:
+        log(f"rift: no queued or running job in {run_dir}")
+        return []
+    if record.get("executor") == "slurm":
+        bases = sorted({jid.split("_")[0] for jid in active})  # an array's id cancels all its remaining tasks
+        proc = subprocess.run(["scancel", *bases], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ClusterError(f"scancel failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    else:
+        for jid in active:
+            pid = int(jid.split("_")[0]) if jid.split("_")[0].isdigit() else 0
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") if pid else ""
+            except OSError:
+                cmdline = ""
+            if "submitit" in cmdline:
+                os.kill(pid, signal.SIGTERM)
+    tr = record.get("tracking", {})
+    if tr.get("enabled") and tr.get("parent_run_id"):
+        try:
+            from rift_dist.config import load_config
+            from rift_dist.tracking import Tracker
+
+            cfg = load_config(run_dir / "config.yaml")
+            cfg.tracking.uri = tr.get("uri") or cfg.tracking.uri
+            tracker = Tracker(cfg, run_dir, parent_run_id=tr["parent_run_id"])
+            tracker.end(tracker.parent, "KILLED")
+            tracker.close()
+        except Exception as exc:  # noqa: BLE001 - the jobs are cancelled either way
+            print(f"rift: could not mark the MLflow run killed: {exc}", file=sys.stderr)
+    log(f"rift: cancelled {len(active)} job(s)/task(s): {', '.join(sorted(active))}")
+    return active
+
+
+def wait(run_dir: str | Path, timeout_s: float = 0, poll_s: float = 5.0, log: Callable[[str], None] = print) -> dict:
+    """Wait until no job of the run is queued or running; print state changes.
+
+    Returns :func:`job_states`' final dict.
+
+    Raises:
+        ClusterError: on ``timeout_s`` (> 0) running out.
+    """
+    record = read_submission(run_dir)
+    start = time.time()
+    seen: dict[str, str] = {}
+    while True:
+        states = job_states(record)
+        for jid, s in states.items():
+            if seen.get(jid) != s:
+                log(f"  {jid}: {s}")
+        seen = states
+        if not any(s.split()[0] in ACTIVE_STATES for s in states.values()):
+            return states
+        if timeout_s and time.time() - start > timeout_s:
+            raise ClusterError(f"jobs of {run_dir} still active after {timeout_s:.0f}s")
+        time.sleep(poll_s)
+
+
+# ============================================================================== CLI
+
+
+def add_arguments(subparsers) -> None:
+    """Add ``submit``, ``status``, ``cancel`` and ``report`` to the ``rift`` command line."""
+    p = subparsers.add_parser("submit", help="run the stage graph as SLURM jobs and arrays (submitit)",
+                              description="Submit CONFIG as jobs (see launch/*.yaml for profiles). Given a run "
+                                          "directory instead of a config, re-submit what is not done there.")
+    p.add_argument("config", help="experiment YAML, or a submitted run directory to re-submit what is not done")
+    p.add_argument("--profile", help="launch profile YAML (e.g. launch/example_cluster.yaml); default for a run "
+                                     "directory: the one it was submitted with")
+    p.add_argument("--run-dir", help="where the run lives (default: the config's run_dir)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable)")
+    p.add_argument("--profile-set", dest="profile_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a profile field, e.g. stages.mrc.array_size=8 (repeatable)")
+    p.add_argument("--stages", help="comma-separated stages to run (default: all that are not done)")
+    p.add_argument("--only", action="append", default=[], metavar="JOB[:NAME,...]",
+                   help="submit only this job, or these tasks of an array (module name, alpha, candidate or task "
+                        "index), e.g. --only mrc:layer2.1.conv2 (repeatable); nothing after it is submitted")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--local", action="store_true", help="run the jobs on this machine (submitit local executor)")
+    g.add_argument("--debug", action="store_true", help="run the jobs in this process (submitit debug executor)")
+    p.add_argument("--dry-run", action="store_true", help="print the jobs and sbatch scripts, submit nothing")
+    p.add_argument("--wait", action="store_true", help="after submitting to SLURM, wait for the jobs to end")
+    p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
+    s = subparsers.add_parser("status", help="jobs of a submitted run and their states")
+    s.add_argument("run_dir")
+    s.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
+    c = subparsers.add_parser("cancel", help="cancel the queued and running jobs of a submitted run")
+    c.add_argument("run_dir")
+    c.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
+    from rift_dist import report
+
+    report.add_arguments(subparsers.add_parser("report", help="Table 1 of the paper from the runs in MLflow"))
+
+
+def _submit_command(args) -> int:
+    from rift_dist.config import load_config
+
+    target = Path(args.config)
+    if target.is_dir():
+        record = read_submission(target)
+        cfg = load_config(target / "config.yaml", list(args.overrides))
+        run_dir = target
+        if args.profile:
+            profile = load_profile(args.profile, args.profile_overrides)
+        else:
+            stored = dict(record.get("profile", {}))
+            name = stored.pop("name", "<stored>")
+            for item in args.profile_overrides:
+                key, _, value = item.partition("=")
+                node = stored
+                parts_ = key.split(".")
+                for part in parts_[:-1]:
+                    node = node.setdefault(part, {})
+                node[parts_[-1]] = _parse_value(value)
+            profile = profile_from_dict(stored, f"{target / SUBMISSION_FILE} (profile {name})")
+            profile.name = name
+        executor = "local" if args.local else "debug" if args.debug else record.get("executor", profile.executor)
+        config_path = record.get("config")
+    else:
+        cfg = load_config(args.config, list(args.overrides))
+        run_dir = Path(args.run_dir or cfg.run_dir)
+        profile = load_profile(args.profile, args.profile_overrides)
+        executor = "local" if args.local else "debug" if args.debug else profile.executor
+        if executor == "slurm" and not args.profile:
+            raise ClusterError("a SLURM submission needs a launch profile: --profile launch/<cluster>.yaml (start "
+                               "from launch/example_cluster.yaml); or run the jobs here with --local / --debug")
+        config_path = str(Path(args.config).resolve())
+    stages = [s.strip() for s in args.stages.split(",")] if args.stages else list(STAGES)
+    submit(cfg, profile, run_dir, executor=executor, stages=stages, only=args.only or None, dry_run=args.dry_run,
+           config_path=config_path)
+    if args.wait and executor == "slurm" and not args.dry_run:
+        wait(run_dir)
+        return 1 if status(run_dir)["failed"] else 0
+    return 0
+
+
+def main(args) -> int:
+    """Run ``rift submit|status|cancel|report`` from parsed arguments; returns the exit status."""
+    try:
+        if args.command == "submit":
+            return _submit_command(args)
+        if args.command == "status":
+            result = status(args.run_dir)
+            return 1 if result["failed"] else 0
+        if args.command == "cancel":
+            cancel(args.run_dir)
+            return 0
+        if args.command == "report":
+            from rift_dist import report
+
+            return report.main(args)
+    except ClusterError as exc:
+        print(f"rift: {exc}", file=sys.stderr)
+        return 2
+    raise ClusterError(f"unknown cluster command {args.command!r}")
