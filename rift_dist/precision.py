@@ -1,38 +1,214 @@
-"""Precision and memory-layout switches: bf16/fp16 autocast and channels_last.
+"""Precision, memory layout and inference-only graph rewrites: bf16/fp16 autocast, channels_last,
+BatchNorm folding and ``torch.compile``.
 
-The hardware is probed once: on a CPU, bf16 autocast is used only when the
-processor has native bf16 arithmetic (AVX512-BF16 or AMX-BF16 in
-``/proc/cpuinfo``); on CUDA, bf16 when the device supports it.  Perturbations,
-projections and clipping stay in float32; only the model's forward runs under
-autocast.
+The hardware is probed once.  On a CPU, bf16 autocast is used only when the
+processor has native bf16 arithmetic: AMX-BF16 (Intel Sapphire Rapids and
+later) or AVX512-BF16 (Intel Cooper Lake, AMD Zen 4 and later), read from the
+``flags`` line of ``/proc/cpuinfo``, with oneDNN's own check
+(``torch.ops.mkldnn._is_mkldnn_bf16_supported``) as the fallback where that
+file does not exist.  On CUDA, bf16 when the device supports it, else fp16.
+Everything else falls back to float32.
+
+What stays float32 (checked by ``tests/unit/test_precision.py``): the
+parameters and optimizer state, the loss (logits are cast up before it), and
+everything the attacks do to the input -- the random start, the signed step,
+the projection onto the epsilon ball and the clipping to [0, 1] -- because
+only the model's forward runs under :meth:`Precision.autocast`.
+
+BatchNorm folding (:func:`fold_batchnorm`): in eval mode a BatchNorm layer is
+the affine map ``y = (x - mean) * gamma / sqrt(var + eps) + beta``; when it
+directly follows a convolution whose output has no other use, it can be folded
+into that convolution's weight and bias.  The folded copy computes the same
+function (to float rounding) with one memory-bound pass fewer per layer in the
+forward and in the input-gradient backward; it is used where the model is
+frozen and in eval mode: the PGD attack of evaluation, and MRC (RiFT Eq. 2).
+Source: the standard conv-BN fusion used for inference (e.g. Jacob et al.
+2018, §3.2); written here from the formula.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import weakref
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+_REPORTED_FLAGS = frozenset({"amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512_fp16", "avx512f",
+                             "avx512_vnni", "avx2", "fma"})
 
 
 @functools.lru_cache(maxsize=None)
 def cpu_features() -> frozenset[str]:
-    """The CPU flags relevant to bf16 (``avx512_bf16``, ``amx_bf16``, ``amx_tile``, ``avx512f``)."""
+    """The CPU flags relevant to the numerics chosen here, read from ``/proc/cpuinfo``.
+
+    Returns a subset of {amx_bf16, amx_tile, amx_int8, avx512_bf16, avx512_fp16, avx512f,
+    avx512_vnni, avx2, fma}; empty where the file is missing (macOS, Windows) or unreadable.
+    """
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return frozenset(flags & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f"})
+                    return frozenset(set(line.split(":", 1)[1].split()) & _REPORTED_FLAGS)
     except OSError:
         pass
     return frozenset()
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX-BF16)."""
-    return bool(cpu_features() & {"avx512_bf16", "amx_bf16"})
+    """True when the CPU has native bf16 arithmetic (AMX-BF16 or AVX512-BF16).
+
+    Uses the ``/proc/cpuinfo`` flags; where those are unavailable, asks oneDNN
+    (``torch.ops.mkldnn._is_mkldnn_bf16_supported``), and says False if that fails too.
+    """
+    flags = cpu_features()
+    if flags:
+        return any(f in flags for f in _BF16_FLAGS)
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_bf16_engine() -> str:
+    """Which bf16 unit oneDNN will use on this CPU: "amx", "avx512_bf16" or "none"."""
+    flags = cpu_features()
+    if "amx_bf16" in flags:
+        return "amx"
+    if "avx512_bf16" in flags:
+        return "avx512_bf16"
+    return "avx512_bf16" if cpu_has_bf16() else "none"
+
+
+def hardware_summary(device: torch.device | str = "cpu") -> str:
+    """One line naming the hardware and what it supports, for benchmark and log headers.
+
+    CPU: model name, flags, the bf16 unit, torch's vector ISA and intra-op threads;
+    CUDA: device name, compute capability and bf16 support.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        cap = torch.cuda.get_device_capability(idx)
+        return (f"cuda {torch.cuda.get_device_name(idx)} (sm_{cap[0]}{cap[1]}), "
+                f"bf16={'yes' if torch.cuda.is_bf16_supported() else 'no'}, torch {torch.__version__}")
+    name = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        isa = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # older torch
+        isa = "?"
+    return (f"cpu {name}, flags {','.join(sorted(cpu_features())) or 'none'}, bf16 unit {cpu_bf16_engine()}, "
+            f"torch ISA {isa}, threads {torch.get_num_threads()}, torch {torch.__version__}")
+
+
+# ------------------------------------------------------------------------------ BatchNorm folding
+
+_PAIRS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[str, str], ...]]" = weakref.WeakKeyDictionary()
+
+
+def _bare(model: nn.Module) -> nn.Module:
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def conv_bn_pairs(model: nn.Module) -> tuple[tuple[str, str], ...]:
+    """The ``(conv name, batchnorm name)`` pairs of ``model`` that can be folded.
+
+    A pair is a ``BatchNorm2d`` (with running statistics) whose only input is the
+    output of a ``Conv2d`` that nothing else uses, found by tracing ``forward``
+    with ``torch.fx``.  The result is memoised per model object.  A model that
+    cannot be traced has no pairs (nothing is folded); that is never an error.
+    """
+    model = _bare(model)
+    if model in _PAIRS:
+        return _PAIRS[model]
+    pairs: list[tuple[str, str]] = []
+    try:
+        from torch import fx
+
+        graph = fx.symbolic_trace(model).graph
+        mods = dict(model.named_modules())
+        for node in graph.nodes:
+            if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
+                continue
+            if not mods[node.target].track_running_stats or len(node.args) != 1:
+                continue
+            src = node.args[0]
+            if (isinstance(src, fx.Node) and src.op == "call_module" and isinstance(mods.get(src.target), nn.Conv2d)
+                    and len(src.users) == 1):
+                pairs.append((src.target, node.target))
+    except Exception:  # noqa: BLE001  (untraceable model: fold nothing)
+        pairs = []
+    _PAIRS[model] = tuple(pairs)
+    return _PAIRS[model]
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module, keep: tuple[str, ...] | list[str] = ()) -> nn.Module:
+    """An eval-mode copy of ``model`` with every foldable BatchNorm merged into its convolution.
+
+    For each pair of :func:`conv_bn_pairs` whose convolution is not named in ``keep``,
+    the copy's convolution gets weight ``W * s`` and bias ``b * s + beta - mean * s``
+    with ``s = gamma / sqrt(running_var + eps)`` (per output channel), and the
+    BatchNorm becomes ``nn.Identity``.  Convolutions in ``keep`` (e.g. the module MRC
+    perturbs, whose weight must stay in its own units) keep their BatchNorm.
+
+    The copy is in eval mode, its parameters do not require gradients, folded
+    weights keep the original's memory format (channels_last stays), and an in-place
+    ``torch.compile`` of the original is not carried over (the copy runs eagerly).
+    Folding is exact up to float rounding (~1e-7 relative in float32).
+
+    Args:
+        model: any module (DDP / compile wrappers are stripped); it is not modified.
+        keep: names of convolutions whose BatchNorm must not be folded.
+
+    Returns:
+        the folded copy (``nn.Module``, same class and parameter names as ``model``).
+    """
+    bare = _bare(model)
+    pairs = [p for p in conv_bn_pairs(bare) if p[0] not in set(keep)]
+    out = copy.deepcopy(bare)
+    out.eval()
+    for m in out.modules():
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            m._compiled_call_impl = None  # the compiled callable is bound to the original module
+    for p in out.parameters():
+        p.requires_grad_(False)
+    for conv_name, bn_name in pairs:
+        conv = out.get_submodule(conv_name)
+        bn = out.get_submodule(bn_name)
+        scale = bn.weight.float() / torch.sqrt(bn.running_var.float() + bn.eps) if bn.affine else \
+            1.0 / torch.sqrt(bn.running_var.float() + bn.eps)
+        shift = (bn.bias.float() if bn.affine else torch.zeros_like(scale)) - bn.running_mean.float() * scale
+        w = conv.weight.detach().clone()  # clone keeps the memory format
+        w.mul_(scale.to(w.dtype).view(-1, *([1] * (w.dim() - 1))))
+        bias = shift if conv.bias is None else conv.bias.float() * scale + shift
+        conv.weight = nn.Parameter(w, requires_grad=False)
+        conv.bias = nn.Parameter(bias.to(w.dtype), requires_grad=False)
+        parent, _, leaf = bn_name.rpartition(".")
+        setattr(out.get_submodule(parent) if parent else out, leaf, nn.Identity())
+    return out
+
+
+# ------------------------------------------------------------------------------ the resolved numerics
 
 
 @dataclass(frozen=True)
@@ -43,11 +219,16 @@ class Precision:
         device_type: "cpu" or "cuda".
         dtype: autocast dtype (torch.bfloat16 / torch.float16) or None for float32.
         channels_last: whether models and inputs use the channels_last memory format.
+        compile: ``torch.compile`` the model in place when it is built (eager otherwise).
+        fold_bn: fold eval-mode BatchNorm into convolutions where the model is frozen
+            (evaluation attacks, MRC); see :func:`fold_batchnorm`.
     """
 
     device_type: str
     dtype: torch.dtype | None
     channels_last: bool
+    compile: bool = False
+    fold_bn: bool = False
 
     def autocast(self):
         """A context manager running the forward pass under autocast (or nothing for float32)."""
@@ -56,9 +237,15 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Convert the model to channels_last when asked (weights stay float32)."""
+        """Convert the model to channels_last when asked and compile it in place when asked.
+
+        Weights stay float32.  ``nn.Module.compile`` keeps the module object and its
+        state-dict keys, so checkpoints, DDP and the attacks see the same model.
+        """
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if self.compile:
+            model.compile()
         return model
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,26 +254,45 @@ class Precision:
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def frozen_model(self, model: nn.Module, keep: tuple[str, ...] | list[str] = ()) -> nn.Module:
+        """The model to use where it is frozen and in eval mode (attacks in evaluation, MRC).
+
+        With ``fold_bn``: :func:`fold_batchnorm` (a copy; ``keep`` as there).  Without:
+        ``model`` itself (unwrapped), unchanged.
+        """
+        return fold_batchnorm(model, keep) if self.fold_bn else _bare(model)
+
     def describe(self) -> str:
-        """A one-line description for logs: dtype, layout and the CPU flags seen."""
+        """A one-line description for logs: dtype, layout, compile, BN folding and the hardware seen."""
         dt = "float32" if self.dtype is None else str(self.dtype).replace("torch.", "")
         extra = ""
         if self.device_type == "cpu":
-            extra = f", cpu flags: {','.join(sorted(cpu_features())) or 'none'}, threads {torch.get_num_threads()}"
-        return f"{self.device_type} autocast={dt} channels_last={self.channels_last}{extra}"
+            extra = (f", cpu flags: {','.join(sorted(cpu_features())) or 'none'}, bf16 unit {cpu_bf16_engine()}, "
+                     f"threads {torch.get_num_threads()}")
+        return (f"{self.device_type} autocast={dt} channels_last={self.channels_last} compile={self.compile} "
+                f"fold_bn={self.fold_bn}{extra}")
 
 
 def resolve_precision(cfg_precision, device: torch.device | str) -> Precision:
     """Turn ``PrecisionConfig`` switches into a :class:`Precision` for ``device``.
 
-    ``auto`` picks bf16 autocast and channels_last where the hardware runs them
-    natively, float32 NCHW otherwise.
+    ``autocast=auto`` picks bf16 where the hardware runs it natively (CUDA with bf16,
+    else fp16; CPUs with AMX-BF16 or AVX512-BF16) and float32 elsewhere.
+    ``channels_last=auto`` is on everywhere: oneDNN's and cuDNN's convolutions are faster
+    in NHWC in float32 too (measured on an AVX512-BF16 CPU, one thread, 3x3 convolutions
+    of ResNet-18 at batch 128: 64 channels 66 -> 92 GFLOP/s, 128 channels 86 -> 120; equal
+    from 256 channels on; ``benchmarks/README.md``).
+
+    An explicit ``bf16`` on a CPU without native bf16 is honoured (it runs, slowly, in
+    emulation; :meth:`Precision.describe` then says ``bf16 unit none``).
 
     Raises:
-        ValueError: fp16 on a CPU, or bf16 asked for on hardware without it.
+        ValueError: fp16 on a CPU, or an unknown mode.
     """
     device_type = torch.device(device).type
     mode = cfg_precision.autocast
+    if mode not in ("auto", "bf16", "fp16", "none"):
+        raise ValueError(f"precision.autocast must be auto, bf16, fp16 or none, got {mode!r}")
     if mode == "auto":
         if device_type == "cuda":
             mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -96,5 +302,8 @@ def resolve_precision(cfg_precision, device: torch.device | str) -> Precision:
         raise ValueError("precision.autocast=fp16 needs CUDA; use bf16 or none on a CPU")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[mode]
     cl = cfg_precision.channels_last
-    channels_last = (dtype is not None or device_type == "cuda") if cl == "auto" else cl == "on"
-    return Precision(device_type, dtype, channels_last)
+    if cl not in ("auto", "on", "off"):
+        raise ValueError(f"precision.channels_last must be auto, on or off, got {cl!r}")
+    channels_last = True if cl == "auto" else cl == "on"
+    fold = getattr(cfg_precision, "fold_bn", True)
+    return Precision(device_type, dtype, channels_last, bool(getattr(cfg_precision, "compile", False)), bool(fold))

@@ -12,10 +12,27 @@ mini-batches; after each pass dW is projected back onto the ball and the
 full-set loss evaluated; MRC is the largest of those losses minus the original
 one.  ``mrc.early_stop`` stops at the first projection, as Alg. 1 does.
 
-Speed (issue "fast where it counts"): perturbing a module inside unit k (a
-residual block, the stem or the head) leaves the input of unit k unchanged, so
-that input is computed once for the fixed set and cached; the ascent and the
-evaluations run only units k..end.  The mini-batch order of every pass is
+Speed (issue "fast where it counts"); every item keeps the values of the plain
+whole-network computation to float tolerance (``tests/unit/test_mrc.py``):
+
+* Activation cache: perturbing a module inside unit k (a residual block, the
+  stem or the head) leaves the input of unit k unchanged, so that input is
+  computed once for the fixed set and cached (on the device, in
+  ``mrc.cache_dtype``); the ascent and the evaluations run only units k..end.
+  Modules run in network order, so a unit's cache serves all its modules and
+  the next unit's cache is one unit further from it.
+* Reverse mode only where needed: every parameter but the perturbed weight has
+  ``requires_grad`` off, so the backward stops at that weight and computes no
+  other weight gradient.
+* Fused evaluation: with the whole set in one mini-batch (the default, 512 of
+  512), the forward that starts pass t+1 is the evaluation pass t asks for,
+  so a module costs T forward+backward passes and ONE extra no-grad forward,
+  not T forward+backward passes and T+1 evaluations (``mrc.fuse_eval``).
+* BatchNorm folding: in eval mode every BatchNorm except the perturbed
+  module's own is folded into its convolution (``precision.fold_bn``).
+* Precision and layout: bf16 autocast and channels_last per ``precision.*``.
+
+The mini-batch order of every pass (when a pass has several mini-batches) is
 drawn from a generator seeded by (seed, module name, pass), so the values do
 not depend on the rank, the cache or the order modules are processed in.
 
@@ -27,6 +44,7 @@ the modules not yet done.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -41,7 +59,7 @@ from torch import nn
 from rift_dist import checkpoint
 from rift_dist.attacks import eval_mode, pgd
 from rift_dist.distributed import seed_for
-from rift_dist.models import list_modules, unwrap
+from rift_dist.models import list_modules, module_names, unwrap
 from rift_dist.stages.common import (
     StageContext, StageError, at_state, index_noise, new_model, shard_bounds, write_done, write_json,
 )
@@ -74,28 +92,93 @@ def forward_from(model: nn.Module, k: int, h: torch.Tensor) -> torch.Tensor:
     return h
 
 
+def cache_dtype(name: str, autocast_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of cached activations for ``mrc.cache_dtype``.
+
+    ``auto`` = the autocast dtype when autocast is on (the units then produce it anyway),
+    else float32; ``float32``, ``bfloat16`` and ``float16`` as named.
+
+    Raises:
+        ValueError: for any other name.
+    """
+    if name == "auto":
+        return autocast_dtype or torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"mrc.cache_dtype must be auto, float32, bfloat16 or float16, got {name!r}")
+    return table[name]
+
+
 @torch.no_grad()
-def unit_inputs(model: nn.Module, k: int, images: torch.Tensor, batch_size: int, autocast, dtype: torch.dtype) -> torch.Tensor:
-    """The input of unit k for every image [N, ...], computed in chunks of ``batch_size`` and stored in ``dtype``."""
-    if k == 0:
-        return images
-    units = unwrap(model).units()[:k]
-    out = []
-    for i in range(0, len(images), batch_size):
-        h = images[i:i + batch_size]
+def advance_inputs(model: nn.Module, j: int, h: torch.Tensor, k: int, batch_size: int, autocast,
+                   dtype: torch.dtype, out_device: torch.device | None = None) -> torch.Tensor:
+    """Run units j..k-1 of ``model`` over ``h`` (the input of unit j for every example) in chunks.
+
+    Args:
+        h: [N, ...], the input of unit j (images [N, 3, H, W] in [0, 1] for j = 0).
+        batch_size: chunk size; autocast: a context-manager factory (or None).
+        dtype: dtype of the result; out_device: where to keep it (default: ``h``'s device).
+
+    Returns:
+        the input of unit k, [N, ...] in ``dtype`` (channels_last when the units produce it),
+        written chunk by chunk into one preallocated tensor (no second copy from a concatenation).
+    """
+    if k == j:
+        return h.to(device=out_device or h.device, dtype=dtype)
+    autocast = autocast or contextlib.nullcontext
+    units = unwrap(model).units()[j:k]
+    out = None
+    n = len(h)
+    for i in range(0, n, batch_size):
+        x = h[i:i + batch_size]
+        if x.dtype != torch.float32 and autocast is contextlib.nullcontext:
+            x = x.float()
         with autocast():
             for _, _, fn in units:
-                h = fn(h)
-        out.append(h.to(dtype))
-    return torch.cat(out)
+                x = fn(x)
+        if out is None:
+            fmt = torch.channels_last if (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+                                          and not x.is_contiguous()) else torch.contiguous_format
+            dev = out_device or x.device
+            out = torch.empty((n, *x.shape[1:]), dtype=dtype, device=dev, memory_format=fmt,
+                              pin_memory=dev.type == "cpu" and x.device.type == "cuda")
+        out[i:i + len(x)].copy_(x, non_blocking=True)
+    return out
 
 
-def _full_loss(model, k, inputs, labels, batch_size, autocast) -> tuple[float, float]:
+def unit_inputs(model: nn.Module, k: int, images: torch.Tensor, batch_size: int, autocast, dtype: torch.dtype) -> torch.Tensor:
+    """The input of unit k for every image [N, ...], computed in chunks of ``batch_size`` and stored in ``dtype``.
+
+    k = 0 returns ``images`` themselves (the fixed set, not a copy).
+    """
+    if k == 0:
+        return images
+    return advance_inputs(model, 0, images, k, batch_size, autocast, dtype)
+
+
+def pass_order(seed: int, name: str, t: int, n: int) -> torch.Tensor:
+    """The example order of pass t for module ``name``: a permutation of n drawn from (seed, name, t)."""
+    g = torch.Generator().manual_seed(seed_for(seed, name_seed(name), t))
+    return torch.randperm(n, generator=g)
+
+
+def _batch(inputs: torch.Tensor, idx, device: torch.device, upcast: bool) -> torch.Tensor:
+    """Rows ``idx`` (a slice or an index tensor) of the cache, on ``device``; float32 when ``upcast``."""
+    x = inputs[idx]
+    if x.device != device:
+        x = x.to(device, non_blocking=True)
+    if upcast and x.is_floating_point() and x.dtype != torch.float32:
+        x = x.float()
+    return x
+
+
+def _full_loss(model, k, inputs, labels, batch_size, autocast, upcast=False) -> tuple[float, float]:
     total_loss, correct = 0.0, 0
+    device = labels.device
     with torch.no_grad():
         for i in range(0, len(inputs), batch_size):
             with autocast():
-                logits = forward_from(model, k, inputs[i:i + batch_size]).float()
+                logits = forward_from(model, k, _batch(inputs, slice(i, i + batch_size), device, upcast)).float()
             y = labels[i:i + batch_size]
             total_loss += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
@@ -118,14 +201,18 @@ def module_criticality(
     early_stop: bool = False,
     seed: int = 0,
     autocast=None,
+    fuse_eval: bool = True,
     on_pass=None,
 ) -> dict:
     """MRC of one module (RiFT Eq. 2) by projected gradient ascent on its weight only.
 
     Args:
-        model: the AT model (unwrapped); put in eval mode for the call, its weights restored exactly after.
+        model: the AT model (unwrapped, or a :func:`rift_dist.precision.fold_batchnorm` copy that keeps
+            this module's BatchNorm); put in eval mode for the call, its weights restored exactly after.
         name: the module (Conv2d/Linear) name, e.g. ``layer2.1.conv2``.
-        inputs: the input of unit ``k`` for the fixed adversarial set (images [N, 3, H, W] in [0, 1] when k = 0).
+        inputs: the input of unit ``k`` for the fixed adversarial set (images [N, 3, H, W] in [0, 1] when
+            k = 0), float32 / bf16 / fp16, on the labels' device or (host-offloaded cache) on the CPU.
+            A low-precision cache is cast up to float32 per batch when ``autocast`` is None.
         labels: int64 [N].
         k: index of the unit owning the module (:func:`unit_index`); pass 0 to run the whole network.
         epsilon_w: relative radius: ||dW||_p <= epsilon_w * ||W0||_p.
@@ -133,15 +220,25 @@ def module_criticality(
         num_iterations: passes over the fixed set; lr: ascent step; batch_size: mini-batch.
         early_stop: stop after the first pass that needed a projection (Alg. 1).
         seed: the run's seed; the batch order of pass t is drawn from (seed, name, t).
-        on_pass: optional callback ``on_pass(t, dW)`` after each projection (tests).
+        autocast: zero-argument context-manager factory for the forwards (None = float32).
+        fuse_eval: when one mini-batch holds the whole set (N <= batch_size), the forward that starts
+            pass t+1 runs at exactly the weights pass t's evaluation needs, so its loss and accuracy
+            ARE that evaluation (and pass 1's forward gives the original loss): T passes then cost
+            T forward+backward and one extra forward instead of T forward+backward and T+1 full
+            evaluations.  The ascent sees exactly the batches (same seeded order) of the unfused
+            loop, so its iterates are bitwise those of the plain computation; only the reported
+            losses are summed in another order (float rounding, never fed back).
+        on_pass: optional callback ``on_pass(t, dW, radius)`` after each projection (tests).
 
     Returns:
         {"module", "num_params", "mrc", "robust_accuracy_drop", "loss_before", "loss_after",
          "accuracy_before", "accuracy_after", "passes"}.
-    """
-    import contextlib
 
+    Raises:
+        ValueError: p other than 2 or inf.
+    """
     autocast = autocast or contextlib.nullcontext
+    upcast = autocast is contextlib.nullcontext
     layer = dict(list_modules(model))[name]
     weight = layer.weight
     w0 = weight.detach().clone()
@@ -156,41 +253,83 @@ def module_criticality(
     else:
         raise ValueError(f"mrc.p must be 2 or inf, got {p}")
     n = len(inputs)
+    device = labels.device
+
+    def project() -> bool:
+        with torch.no_grad():
+            dw = weight - w0
+            if p == 2:
+                norm = dw.norm().item()
+                if norm > radius:
+                    weight.copy_(w0 + dw * (radius / norm))
+                    return True
+            elif dw.abs().max().item() > radius:
+                weight.copy_(w0 + dw.clamp(-radius, radius))
+                return True
+        return False
+
     try:
         with eval_mode(model):
-            loss0, acc0 = _full_loss(model, k, inputs, labels, batch_size, autocast)
-            best_loss, best_acc, passes = loss0, acc0, 0
-            for t in range(num_iterations):
-                g = torch.Generator().manual_seed(seed_for(seed, name_seed(name), t))
-                order = torch.randperm(n, generator=g).to(labels.device)
-                for i in range(0, n, batch_size):
-                    idx = order[i:i + batch_size]
-                    with autocast():
-                        logits = forward_from(model, k, inputs[idx]).float()
-                    loss = F.cross_entropy(logits, labels[idx])
-                    (grad,) = torch.autograd.grad(loss, weight)
+            if radius == 0:  # the ball is a point (eps_w = 0 or W0 = 0): nothing to maximise
+                loss0, acc0 = _full_loss(model, k, inputs, labels, batch_size, autocast, upcast)
+                best_loss, best_acc, passes = loss0, acc0, 0
+            elif fuse_eval and n <= batch_size:
+                loss0 = acc0 = None
+                passes, projected = 0, False
+                for t in range(num_iterations + 1):
+                    last = t == num_iterations
+                    if last:
+                        x, y = _batch(inputs, slice(None), device, upcast), labels
+                    else:
+                        idx = pass_order(seed, name, t, n)
+                        x, y = _batch(inputs, idx.to(inputs.device), device, upcast), labels[idx.to(device)]
+                    with torch.set_grad_enabled(not last), autocast():
+                        logits = forward_from(model, k, x).float()
+                    per_example = F.cross_entropy(logits.detach(), y, reduction="none")
+                    if not last:  # report in stored order, whatever the pass's permutation
+                        per_example = torch.empty_like(per_example).index_copy_(0, idx.to(device), per_example)
+                    loss_t = per_example.sum().item() / n
+                    acc_t = (logits.argmax(1) == y).sum().item() / n
+                    if t == 0:
+                        loss0, acc0 = loss_t, acc_t
+                        best_loss, best_acc = loss0, acc0
+                    else:  # this forward is the evaluation of pass t-1
+                        passes = t
+                        if loss_t > best_loss:
+                            best_loss, best_acc = loss_t, acc_t
+                        if early_stop and projected:
+                            break
+                    if last:
+                        break
+                    (grad,) = torch.autograd.grad(F.cross_entropy(logits, y), weight)  # the unfused ascent's loss
+                    del logits, x
                     with torch.no_grad():
                         weight.add_(grad, alpha=lr)  # ascent
-                projected = False
-                with torch.no_grad():
-                    dw = weight - w0
-                    if p == 2:
-                        norm = dw.norm().item()
-                        if norm > radius:
-                            weight.copy_(w0 + dw * (radius / norm))
-                            projected = True
-                    else:
-                        if dw.abs().max().item() > radius:
-                            weight.copy_(w0 + dw.clamp(-radius, radius))
-                            projected = True
-                if on_pass is not None:
-                    on_pass(t, (weight - w0).detach().clone(), radius)
-                loss_t, acc_t = _full_loss(model, k, inputs, labels, batch_size, autocast)
-                passes = t + 1
-                if loss_t > best_loss:
-                    best_loss, best_acc = loss_t, acc_t
-                if early_stop and projected:
-                    break
+                    projected = project()
+                    if on_pass is not None:
+                        on_pass(t, (weight - w0).detach().clone(), radius)
+            else:
+                loss0, acc0 = _full_loss(model, k, inputs, labels, batch_size, autocast, upcast)
+                best_loss, best_acc, passes = loss0, acc0, 0
+                for t in range(num_iterations):
+                    order = pass_order(seed, name, t, n)
+                    for i in range(0, n, batch_size):
+                        idx = order[i:i + batch_size]
+                        with autocast():
+                            logits = forward_from(model, k, _batch(inputs, idx.to(inputs.device), device, upcast)).float()
+                        loss = F.cross_entropy(logits, labels[idx.to(device)])
+                        (grad,) = torch.autograd.grad(loss, weight)
+                        with torch.no_grad():
+                            weight.add_(grad, alpha=lr)  # ascent
+                    projected = project()
+                    if on_pass is not None:
+                        on_pass(t, (weight - w0).detach().clone(), radius)
+                    loss_t, acc_t = _full_loss(model, k, inputs, labels, batch_size, autocast, upcast)
+                    passes = t + 1
+                    if loss_t > best_loss:
+                        best_loss, best_acc = loss_t, acc_t
+                    if early_stop and projected:
+                        break
     finally:
         with torch.no_grad():
             weight.copy_(w0)
@@ -199,6 +338,95 @@ def module_criticality(
     return {"module": name, "num_params": int(w0.numel()), "mrc": best_loss - loss0,
             "robust_accuracy_drop": acc0 - best_acc, "loss_before": loss0, "loss_after": best_loss,
             "accuracy_before": acc0, "accuracy_after": best_acc, "passes": passes}
+
+
+def iter_criticality(
+    model: nn.Module,
+    names: list[str],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg,
+    precision,
+    seed: int = 0,
+    log=None,
+):
+    """Compute the MRC of ``names``, yielding ``(name, row)`` as each module finishes.
+
+    The engine of the stage, without file I/O (the stage, the benchmarks and the tests share it):
+
+    * modules run in network order (by owning unit), so every unit's cached input is computed
+      once and reused by all its modules; the cache of the next unit is computed from the
+      current one by running one more unit (never from the images again);
+    * the cache lives on the model's device in ``mrc.cache_dtype`` (``auto`` = the autocast
+      dtype); when it would exceed ``mrc.max_cache_bytes``, it is kept in host memory and
+      streamed per batch on CUDA, and on a CPU the module runs from the images instead;
+    * with ``precision.fold_bn`` every BatchNorm except the perturbed module's own is folded
+      into its convolution (a per-module copy; the model is never modified);
+    * the forwards run under the precision's autocast and memory format.
+
+    Args:
+        model: the AT model (unwrapped, eval mode), on its device.
+        names: module names (any order); images: the fixed adversarial set float [N, 3, H, W] in [0, 1];
+        labels: int64 [N] on the same device.
+        cfg: an ``MRCConfig``; precision: a :class:`rift_dist.precision.Precision`.
+        seed: the run's seed (batch orders); log: optional ``log(str)`` for fallbacks.
+
+    Yields:
+        (name, row) with :func:`module_criticality`'s row plus "unit" (k), "cache_bytes" (bytes of the
+        cached unit input used; 0 when the module ran from the images) and "seconds" (wall time).
+    """
+    m = unwrap(model)
+    position = {n: i for i, n in enumerate(module_names(m))}
+    order = sorted(names, key=lambda n: (unit_index(m, n), position[n]))
+    ac = precision.autocast if precision.dtype is not None else None
+    dtype = cache_dtype(getattr(cfg, "cache_dtype", "float32"), precision.dtype)
+    limit = int(getattr(cfg, "max_cache_bytes", 0) or 0)
+    images = precision.prepare_input(images)
+    feeder = precision.frozen_model(m)  # computes the caches (every BatchNorm folded when asked)
+    cache_k, cache = 0, images
+    for name in order:
+        t0 = time.time()
+        k = unit_index(m, name) if cfg.use_cache else 0
+        if k > 0 and k != cache_k:
+            shape = unit_input_shape(m, k, images)
+            nbytes = math.prod(shape) * len(images) * torch.empty((), dtype=dtype).element_size()
+            host = bool(limit) and nbytes > limit
+            if host and images.device.type != "cuda":
+                if log:
+                    log(f"[mrc] {name}: the cache of unit {k} ({nbytes / 2**20:.0f} MiB) exceeds mrc.max_cache_bytes; "
+                        f"running the whole network from the images")
+                k = 0
+            else:
+                # advance the current cache when it is upstream and on the device, else start from the images
+                start_k, start = (cache_k, cache) if cache_k < k and cache.device == images.device else (0, images)
+                cache = advance_inputs(feeder, start_k, start, k, cfg.batch_size, ac, dtype,
+                                       out_device=torch.device("cpu") if host else None)
+                cache_k = k
+        inputs = cache if k > 0 else images
+        frozen = precision.frozen_model(m, keep=(name,))
+        row = module_criticality(
+            frozen, name, inputs, labels, k=k, epsilon_w=cfg.epsilon_w, p=cfg.p,
+            num_iterations=cfg.num_iterations, lr=cfg.lr, batch_size=cfg.batch_size, early_stop=cfg.early_stop,
+            seed=seed, autocast=ac, fuse_eval=getattr(cfg, "fuse_eval", True),
+        )
+        row["unit"] = k
+        row["cache_bytes"] = int(inputs.numel() * inputs.element_size()) if k else 0
+        row["seconds"] = time.time() - t0
+        del frozen
+        yield name, row
+
+
+def unit_input_shape(model: nn.Module, k: int, images: torch.Tensor) -> tuple[int, ...]:
+    """Per-example shape of the input of unit k, from a one-example forward of units 0..k-1."""
+    if k == 0:
+        return tuple(images.shape[1:])
+    m = unwrap(model)
+    with torch.no_grad():
+        h = torch.zeros((1, *images.shape[1:]), device=images.device)
+        with eval_mode(m):
+            for _, _, fn in m.units()[:k]:
+                h = fn(h)
+    return tuple(h.shape[1:])
 
 
 def module_costs(model: nn.Module, names: list[str], image_shape: tuple[int, ...]) -> dict[str, float]:
@@ -270,13 +498,14 @@ def build_adversarial_set(ctx: StageContext, model: nn.Module) -> tuple[torch.Te
     subset = train.subset(chosen)
     start, stop = shard_bounds(n, ctx.runtime.rank, ctx.runtime.world_size)
     a = cfg.mrc.attack
+    attack_model = ctx.precision.frozen_model(model)  # eval mode, BatchNorm folded when precision.fold_bn
     chunks = []
     for i in range(start, stop, cfg.data.eval_batch_size):
         j = min(stop, i + cfg.data.eval_batch_size)
         x = torch.from_numpy(subset.images[i:j]).permute(0, 3, 1, 2).float().div(255).to(ctx.device)
         y = torch.from_numpy(subset.labels[i:j]).long().to(ctx.device)
         noise = index_noise(torch.arange(i, j), tuple(x.shape[1:]), seed_for(cfg.seed, 3)).to(ctx.device)
-        x_adv = pgd(model, ctx.precision.prepare_input(x), y, a.epsilon, a.step_size, a.num_steps,
+        x_adv = pgd(attack_model, ctx.precision.prepare_input(x), y, a.epsilon, a.step_size, a.num_steps,
                     a.random_start, noise=noise, autocast=ctx.precision.autocast)
         chunks.append((x_adv.cpu(), y.cpu()))
     parts = ctx.runtime.all_gather_object(chunks)
@@ -350,35 +579,27 @@ def plot_table(path: Path, rows: list[dict], names_in_order: list[str], chosen: 
 
 def compute_modules(ctx: StageContext, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                     names: list[str], progress_desc: str = "MRC") -> list[dict]:
-    """MRC of ``names`` on this process, reusing each unit's cached input; results written per module.
+    """MRC of ``names`` on this process (see :func:`iter_criticality`); results written per module.
 
-    Modules with a result file in ``mrc/modules/`` are read back instead of recomputed.
+    Modules with a result file in ``mrc/modules/`` are read back instead of recomputed, so a
+    killed stage resumes with the modules not yet done.  Rows come back in the order of ``names``.
     """
     cfg = ctx.cfg.mrc
     out_dir = ctx.run_dir / STAGE / "modules"
     out_dir.mkdir(parents=True, exist_ok=True)
-    dtype = torch.bfloat16 if cfg.cache_dtype == "bfloat16" else torch.float32
-    cache_k, cache = None, None
-    rows = []
-    for name in ctx.bar(names, total=len(names), desc=progress_desc) if ctx.runtime.world_size == 1 else names:
+    done = {}
+    for name in names:
         result_path = out_dir / f"{name}.json"
         if result_path.is_file():
-            rows.append(json.loads(result_path.read_text()))
-            continue
-        k = unit_index(model, name) if cfg.use_cache else 0
-        if k != cache_k:
-            cache = unit_inputs(model, k, images, cfg.batch_size, ctx.precision.autocast, dtype)
-            cache_k = k
-        t0 = time.time()
-        row = module_criticality(
-            model, name, cache, labels, k=k, epsilon_w=cfg.epsilon_w, p=cfg.p, num_iterations=cfg.num_iterations,
-            lr=cfg.lr, batch_size=cfg.batch_size, early_stop=cfg.early_stop, seed=ctx.cfg.seed,
-            autocast=ctx.precision.autocast,
-        )
-        row["seconds"] = time.time() - t0
-        write_json(result_path, row)
-        rows.append(row)
-    return rows
+            done[name] = json.loads(result_path.read_text())
+    todo = [n for n in names if n not in done]
+    rows = iter_criticality(model, todo, images, labels, cfg, ctx.precision, seed=ctx.cfg.seed, log=ctx.log)
+    if ctx.runtime.world_size == 1:
+        rows = ctx.bar(rows, total=len(todo), desc=progress_desc)
+    for name, row in rows:
+        write_json(out_dir / f"{name}.json", row)
+        done[name] = row
+    return [done[n] for n in names]
 
 
 def run(ctx: StageContext) -> dict:
@@ -401,7 +622,8 @@ def run(ctx: StageContext) -> dict:
     mine = groups[ctx.runtime.rank]
     ctx.log(f"[mrc] {len(names)} modules, fixed adversarial set of {len(images)} images, "
             f"{ctx.runtime.world_size} rank(s) ({', '.join(str(len(g)) for g in groups)} modules each), "
-            f"cache={'on' if cfg.mrc.use_cache else 'off'}, {ctx.precision.describe()}")
+            f"cache={'on' if cfg.mrc.use_cache else 'off'} ({cfg.mrc.cache_dtype}), "
+            f"fused evaluation={'on' if cfg.mrc.fuse_eval else 'off'}, {ctx.precision.describe()}")
     t0 = time.time()
     with ctx.tracker.stage("mrc") as run_log:
         rows_mine = compute_modules(ctx, model, images, labels, mine)

@@ -126,3 +126,91 @@ def test_choose_modules():
     assert choose_modules(rows, order, ["first"], 2) == ["linear", "b"]
     with pytest.raises(Exception, match="not a module"):
         choose_modules(rows, order, ["nope"], 1)
+
+
+# ------------------------------------------------------------------------------ the fast engine
+
+
+def _small_resnet(width=4, seed=0):
+    torch.manual_seed(seed)
+    model = build_model_from("resnet18", 10, width=width, mean=(0.5,) * 3, std=(0.25,) * 3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None
+        model.train()
+        model(torch.rand(64, 3, 32, 32))
+    return model.eval()
+
+
+def test_fused_evaluation_equals_separate_evaluations():
+    """One mini-batch holds the set: pass t+1's forward is pass t's evaluation (same iterates, same values)."""
+    model = _small_resnet()
+    x, y = torch.rand(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    for name in ("conv1", "layer3.0.shortcut.0", "linear"):
+        for early in (False, True):
+            seen = {True: [], False: []}
+            rows = {f: module_criticality(model, name, x, y, k=0, num_iterations=3, batch_size=32, seed=2,
+                                          fuse_eval=f, early_stop=early,
+                                          on_pass=lambda t, dw, r, f=f: seen[f].append(dw))
+                    for f in (True, False)}
+            assert all(torch.equal(a, b) for a, b in zip(seen[True], seen[False]))  # bitwise the same ascent
+            assert rows[True]["passes"] == rows[False]["passes"]
+            assert math.isclose(rows[True]["mrc"], rows[False]["mrc"], rel_tol=1e-4, abs_tol=1e-6)
+            assert rows[True]["robust_accuracy_drop"] == pytest.approx(rows[False]["robust_accuracy_drop"], abs=1e-9)
+
+
+def test_engine_equals_plain_whole_network_computation():
+    """iter_criticality (cache advanced unit by unit, fused evaluation, fp32) == the plain computation."""
+    from rift_dist.config import MRCConfig
+    from rift_dist.precision import Precision
+    from rift_dist.stages.criticality import iter_criticality
+
+    model = _small_resnet()
+    x, y = torch.rand(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    names = [n for n, _ in list_modules(model)]
+    rows = dict(iter_criticality(model, names, x, y, MRCConfig(num_iterations=2, batch_size=32),
+                                 Precision("cpu", None, False), seed=4))
+    for name in names:
+        plain = module_criticality(model, name, x, y, k=0, num_iterations=2, batch_size=32, seed=4, fuse_eval=False)
+        assert math.isclose(plain["mrc"], rows[name]["mrc"], rel_tol=1e-4, abs_tol=1e-6), (name, plain, rows[name])
+    assert rows["conv1"]["cache_bytes"] == 0 and rows["layer1.0.conv1"]["cache_bytes"] == 32 * 4 * 32 * 32 * 4
+    assert rows["linear"]["unit"] == unit_index(model, "linear")
+
+
+def test_low_precision_cache_without_autocast():
+    """A bf16 cache with float32 compute is cast up per batch (no dtype mismatch), values close to fp32's."""
+    from rift_dist.config import MRCConfig
+    from rift_dist.precision import Precision
+    from rift_dist.stages.criticality import iter_criticality
+
+    model = _small_resnet()
+    x, y = torch.rand(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    names = ["layer2.0.conv1", "layer4.1.conv2", "linear"]
+    prec = Precision("cpu", None, False)
+    f32 = dict(iter_criticality(model, names, x, y, MRCConfig(num_iterations=2, batch_size=32), prec))
+    for fuse in (True, False):
+        cfg = MRCConfig(num_iterations=2, batch_size=32 if fuse else 16, cache_dtype="bfloat16", fuse_eval=fuse)
+        b16 = dict(iter_criticality(model, names, x, y, cfg, prec))
+        for n in names:
+            assert b16[n]["cache_bytes"] == f32[n]["cache_bytes"] // 2
+            if fuse:
+                assert b16[n]["mrc"] == pytest.approx(f32[n]["mrc"], rel=0.05, abs=1e-3)
+
+
+def test_cache_over_budget_runs_from_images():
+    from rift_dist.config import MRCConfig
+    from rift_dist.precision import Precision
+    from rift_dist.stages.criticality import iter_criticality
+
+    model = _small_resnet()
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    names = ["layer1.0.conv1", "layer3.1.conv2"]
+    prec = Precision("cpu", None, False)
+    logs = []
+    small = dict(iter_criticality(model, names, x, y, MRCConfig(num_iterations=2, batch_size=16, max_cache_bytes=1),
+                                  prec, log=logs.append))
+    big = dict(iter_criticality(model, names, x, y, MRCConfig(num_iterations=2, batch_size=16), prec))
+    assert all(small[n]["unit"] == 0 and small[n]["cache_bytes"] == 0 for n in names) and len(logs) == 2
+    for n in names:
+        assert math.isclose(small[n]["mrc"], big[n]["mrc"], rel_tol=1e-4, abs_tol=1e-6)
