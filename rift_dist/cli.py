@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
-import warnings
-from pathlib import Path
 
 from rift_dist.config import ConfigError, load_config
 

@@ -10,7 +10,6 @@ under torchrun, or inside a SLURM job.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import torch
 from rift_dist.config import RunConfig, dump_yaml, flatten
 from rift_dist.distributed import Runtime
 from rift_dist.precision import resolve_precision
-from rift_dist.stages import common
 from rift_dist.stages.common import STAGES, StageContext, StageError, read_done
 from rift_dist.tracking import Tracker
 

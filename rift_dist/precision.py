@@ -116,17 +116,11 @@ def hardware_summary(device: torch.device | str = "cpu") -> str:
 
 # ------------------------------------------------------------------------------ BatchNorm folding
 
+from rift_dist.models import unwrap  # noqa: E402  (wrapper-free model, one definition)
+
 _PAIRS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[str, str], ...]]" = weakref.WeakKeyDictionary()
 
 
-def _bare(model: nn.Module) -> nn.Module:
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        else:
-            return model
 
 
 def conv_bn_pairs(model: nn.Module) -> tuple[tuple[str, str], ...]:
@@ -137,7 +131,7 @@ def conv_bn_pairs(model: nn.Module) -> tuple[tuple[str, str], ...]:
     with ``torch.fx``.  The result is memoised per model object.  A model that
     cannot be traced has no pairs (nothing is folded); that is never an error.
     """
-    model = _bare(model)
+    model = unwrap(model)
     if model in _PAIRS:
         return _PAIRS[model]
     pairs: list[tuple[str, str]] = []
@@ -183,7 +177,7 @@ def fold_batchnorm(model: nn.Module, keep: tuple[str, ...] | list[str] = ()) -> 
     Returns:
         the folded copy (``nn.Module``, same class and parameter names as ``model``).
     """
-    bare = _bare(model)
+    bare = unwrap(model)
     pairs = [p for p in conv_bn_pairs(bare) if p[0] not in set(keep)]
     out = copy.deepcopy(bare)
     out.eval()
@@ -260,7 +254,7 @@ class Precision:
         With ``fold_bn``: :func:`fold_batchnorm` (a copy; ``keep`` as there).  Without:
         ``model`` itself (unwrapped), unchanged.
         """
-        return fold_batchnorm(model, keep) if self.fold_bn else _bare(model)
+        return fold_batchnorm(model, keep) if self.fold_bn else unwrap(model)
 
     def describe(self) -> str:
         """A one-line description for logs: dtype, layout, compile, BN folding and the hardware seen."""

@@ -11,14 +11,13 @@ collectives) and to the engine that ``ctx.runtime.parallelize_with`` returns.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch

@@ -111,13 +111,16 @@ def cache_dtype(name: str, autocast_dtype: torch.dtype | None) -> torch.dtype:
 
 @torch.no_grad()
 def advance_inputs(model: nn.Module, j: int, h: torch.Tensor, k: int, batch_size: int, autocast,
-                   dtype: torch.dtype, out_device: torch.device | None = None) -> torch.Tensor:
+                   dtype: torch.dtype, out_device: torch.device | None = None, info: dict | None = None) -> torch.Tensor:
     """Run units j..k-1 of ``model`` over ``h`` (the input of unit j for every example) in chunks.
 
     Args:
         h: [N, ...], the input of unit j (images [N, 3, H, W] in [0, 1] for j = 0).
         batch_size: chunk size; autocast: a context-manager factory (or None).
         dtype: dtype of the result; out_device: where to keep it (default: ``h``'s device).
+        info: optional dict that receives ``lossless``: whether the units' outputs already had
+            ``dtype`` (storing them lost nothing, so advancing this cache further gives bitwise
+            what a computation from the images would).
 
     Returns:
         the input of unit k, [N, ...] in ``dtype`` (channels_last when the units produce it),
@@ -136,6 +139,8 @@ def advance_inputs(model: nn.Module, j: int, h: torch.Tensor, k: int, batch_size
         with autocast():
             for _, _, fn in units:
                 x = fn(x)
+        if info is not None:
+            info["lossless"] = info.get("lossless", True) and x.dtype == dtype
         if out is None:
             fmt = torch.channels_last if (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
                                           and not x.is_contiguous()) else torch.contiguous_format
@@ -383,7 +388,7 @@ def iter_criticality(
     limit = int(getattr(cfg, "max_cache_bytes", 0) or 0)
     images = precision.prepare_input(images)
     feeder = precision.frozen_model(m)  # computes the caches (every BatchNorm folded when asked)
-    cache_k, cache = 0, images
+    cache_k, cache, chainable = 0, images, True
     for name in order:
         t0 = time.time()
         k = unit_index(m, name) if cfg.use_cache else 0
@@ -397,11 +402,15 @@ def iter_criticality(
                         f"running the whole network from the images")
                 k = 0
             else:
-                # advance the current cache when it is upstream and on the device, else start from the images
-                start_k, start = (cache_k, cache) if cache_k < k and cache.device == images.device else (0, images)
+                # advance the current cache when that is exact (upstream, on the device, stored without
+                # rounding), else start from the images: either way the values do not depend on which
+                # modules this process computed before (ranks agree bitwise with one process)
+                advance = cache_k < k and chainable and cache.device == images.device
+                start_k, start = (cache_k, cache) if advance else (0, images)
+                info = {}
                 cache = advance_inputs(feeder, start_k, start, k, cfg.batch_size, ac, dtype,
-                                       out_device=torch.device("cpu") if host else None)
-                cache_k = k
+                                       out_device=torch.device("cpu") if host else None, info=info)
+                cache_k, chainable = k, info.get("lossless", False)
         inputs = cache if k > 0 else images
         frozen = precision.frozen_model(m, keep=(name,))
         row = module_criticality(

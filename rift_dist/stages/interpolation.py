@@ -105,6 +105,20 @@ def plot_curve(path: Path, rows: list[dict], chosen: float) -> None:
     plt.close(fig)
 
 
+def selection_attack(cfg) -> AttackConfig:
+    """The PGD attack of the alpha sweep on the selection split (``eval.selection_attack_steps``)."""
+    a = cfg.eval.attack
+    return AttackConfig(a.epsilon, a.step_size, cfg.eval.selection_attack_steps, a.random_start)
+
+
+def evaluate_alpha(ctx: StageContext, theta_at: dict, theta_ft: dict, alpha: float, selection) -> dict:
+    """Clean and robust accuracy of theta(alpha) on the selection split: {"alpha", "clean_accuracy", "robust_accuracy"}."""
+    model = new_model(ctx, interpolate_state_dicts(theta_at, theta_ft, alpha))
+    ev = evaluate_model(ctx, model, selection, selection_attack(ctx.cfg), ctx.cfg.eval.selection_restarts,
+                        seed=ctx.cfg.seed + 29, desc=f"alpha {alpha:g}")
+    return {"alpha": alpha, "clean_accuracy": ev["clean_accuracy"], "robust_accuracy": ev["robust_accuracy"]}
+
+
 def run(ctx: StageContext) -> dict:
     """Sweep alpha on the selection split, choose alpha*, save theta(alpha*) as the RiFT model."""
     from rift_dist.data.loaders import get_dataset
@@ -113,8 +127,6 @@ def run(ctx: StageContext) -> dict:
     theta_at = at_state(ctx)
     theta_ft = load_state(ctx.run_dir / "finetune" / "model.pt", "the fine-tuned model")
     selection = get_dataset(cfg, "selection")
-    a = cfg.eval.attack
-    attack = AttackConfig(a.epsilon, a.step_size, cfg.eval.selection_attack_steps, a.random_start)
     done_dir = ctx.run_dir / STAGE / "alphas"
     rows = []
     with ctx.tracker.stage("interpolation") as parent:
@@ -123,10 +135,7 @@ def run(ctx: StageContext) -> dict:
             if part.is_file():
                 rows.append(json.loads(part.read_text()))
                 continue
-            model = new_model(ctx, interpolate_state_dicts(theta_at, theta_ft, alpha))
-            ev = evaluate_model(ctx, model, selection, attack, cfg.eval.selection_restarts, seed=cfg.seed + 29,
-                                desc=f"alpha {alpha:g}")
-            row = {"alpha": alpha, "clean_accuracy": ev["clean_accuracy"], "robust_accuracy": ev["robust_accuracy"]}
+            row = evaluate_alpha(ctx, theta_at, theta_ft, alpha, selection)
             rows.append(row)
             if ctx.is_main:
                 write_json(part, row)
@@ -135,13 +144,11 @@ def run(ctx: StageContext) -> dict:
                     r.log_metrics({"clean_accuracy": row["clean_accuracy"], "robust_accuracy": row["robust_accuracy"]})
                 parent.log_metrics({"clean_accuracy": row["clean_accuracy"], "robust_accuracy": row["robust_accuracy"]},
                                    step=int(round(alpha * 100)))
-            ctx.log(f"[interpolate] alpha {alpha:.2f}: clean {100 * ev['clean_accuracy']:.2f}% "
-                    f"robust {100 * ev['robust_accuracy']:.2f}%")
+            ctx.log(f"[interpolate] alpha {alpha:.2f}: clean {100 * row['clean_accuracy']:.2f}% "
+                    f"robust {100 * row['robust_accuracy']:.2f}%")
         at_row = next((r for r in rows if r["alpha"] == 0.0), None)
         if at_row is None:
-            model = new_model(ctx, theta_at)
-            ev = evaluate_model(ctx, model, selection, attack, cfg.eval.selection_restarts, seed=cfg.seed + 29)
-            at_row = {"alpha": 0.0, "clean_accuracy": ev["clean_accuracy"], "robust_accuracy": ev["robust_accuracy"]}
+            at_row = evaluate_alpha(ctx, theta_at, theta_ft, 0.0, selection)
         best = choose_alpha(rows + ([at_row] if at_row not in rows else []), at_row["robust_accuracy"],
                             cfg.interpolation.tolerance)
         if ctx.is_main:

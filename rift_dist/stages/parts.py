@@ -41,9 +41,9 @@ from pathlib import Path
 import torch
 
 from rift_dist import checkpoint
-from rift_dist.config import AttackConfig, RunConfig
+from rift_dist.config import RunConfig
 from rift_dist.stages.common import (
-    StageContext, StageError, at_state, evaluate_model, load_state, new_model, write_done, write_json,
+    StageContext, StageError, at_state, load_state, new_model, write_done, write_json,
 )
 
 IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "tiny-imagenet": 64}
@@ -308,7 +308,7 @@ def interpolate_alphas(ctx: StageContext, alphas: list[float], candidate: str | 
         StageError: a missing AT or fine-tuned model.
     """
     from rift_dist.data.loaders import get_dataset
-    from rift_dist.stages.interpolation import interpolate_state_dicts
+    from rift_dist.stages.interpolation import evaluate_alpha
 
     cfg = ctx.cfg
     todo = [a for a in alphas if not alpha_file(ctx.run_dir, a, candidate).is_file()]
@@ -321,17 +321,12 @@ def interpolate_alphas(ctx: StageContext, alphas: list[float], candidate: str | 
             theta_ft = load_state(ft_model_path(ctx.run_dir, candidate), "the fine-tuned model"
                                   + (f" of candidate {candidate}" if candidate else ""))
         selection = get_dataset(cfg, "selection")
-        a = cfg.eval.attack
-        attack = AttackConfig(a.epsilon, a.step_size, cfg.eval.selection_attack_steps, a.random_start)
     for alpha in alphas:
         path = alpha_file(ctx.run_dir, alpha, candidate)
         if path.is_file():
             rows.append(json.loads(path.read_text()))
             continue
-        model = new_model(ctx, interpolate_state_dicts(theta_at, theta_ft, alpha))
-        ev = evaluate_model(ctx, model, selection, attack, cfg.eval.selection_restarts, seed=cfg.seed + 29,
-                            desc=f"alpha {alpha:g}")
-        row = {"alpha": alpha, "clean_accuracy": ev["clean_accuracy"], "robust_accuracy": ev["robust_accuracy"]}
+        row = evaluate_alpha(ctx, theta_at, theta_ft, alpha, selection)
         if candidate is not None and alpha != 0.0:
             row["candidate"] = candidate
         rows.append(row)
@@ -347,7 +342,6 @@ def interpolate_alphas(ctx: StageContext, alphas: list[float], candidate: str | 
                                            "robust_accuracy": row["robust_accuracy"]}, step=int(round(alpha * 100)))
         ctx.log(f"[interpolate] {'candidate ' + candidate + ' ' if candidate else ''}alpha {alpha:.2f}: "
                 f"clean {100 * row['clean_accuracy']:.2f}% robust {100 * row['robust_accuracy']:.2f}%")
-        del model
     ctx.runtime.barrier()
     return rows
 
