@@ -250,6 +250,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-steps", type=int, default=0, help="clean SGD steps before calibration (0 = untrained)")
     p.add_argument("--variants", default=",".join(ALL_VARIANTS))
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its measurement log")
     p.add_argument("--memory", action="store_true", help="also measure peak memory with and without the cache")
     p.add_argument("--memory-only", action="store_true", help="only the memory measurement")
     p.add_argument("--memory-child", default="", help=argparse.SUPPRESS)
@@ -274,21 +275,39 @@ def main() -> None:
         raise SystemExit("--variants must include ref (everything is compared with it)")
     for v in variants:
         print(f"#   {v:<8} {describe_variant(v, device)}", flush=True)
+    # every measurement is appended to a log as it is taken; --resume picks a killed run up where it stopped
+    log_path = CACHE / (f"log-w{args.width}-seed{args.seed}-n{args.examples}-steps{args.train_steps}-T{args.iterations}"
+                        f"-b{args.batch_size}-m{args.modules}-t{torch.get_num_threads()}-{'_'.join(variants)}.jsonl")
+    done: dict[tuple[str, str], dict] = {}
+    if args.resume and log_path.is_file():
+        for line in log_path.read_text().splitlines():
+            rec = json.loads(line)
+            done[(rec["variant"], rec["module"])] = rec
+    todo = [n for n in names if not all((v, n) in done for v in variants)]
+    if len(todo) < len(names):
+        print(f"# resuming from {log_path}: {len(names) - len(todo)} module(s) already measured", flush=True)
+    elif log_path.is_file():
+        log_path.unlink()
+    CACHE.mkdir(parents=True, exist_ok=True)
     warm_up(model, images, labels, device)
-    gens = {v: variant_generator(v, model, names, images, labels, args, device) for v in variants}
-    rows = {v: {} for v in variants}
-    times = {v: Timings() for v in variants}
-    for name in names:
-        for v in variants:
-            sync(device)
-            w0, c0 = time.perf_counter(), time.process_time()
-            got, row = next(gens[v])
-            sync(device)
-            times[v].wall.append(time.perf_counter() - w0)
-            times[v].cpu.append(time.process_time() - c0)
-            assert got == name, (got, name)
-            rows[v][name] = row
-        print(f"#   {name:<20} " + " ".join(f"{v} {times[v].wall[-1]:6.1f}s" for v in variants), flush=True)
+    gens = {v: variant_generator(v, model, todo, images, labels, args, device) for v in variants}
+    with log_path.open("a") as log:
+        for name in todo:
+            for v in variants:
+                sync(device)
+                w0, c0 = time.perf_counter(), time.process_time()
+                got, row = next(gens[v])
+                sync(device)
+                rec = {"variant": v, "module": name, "wall": time.perf_counter() - w0, "cpu": time.process_time() - c0,
+                       "row": row}
+                assert got == name, (got, name)
+                done[(v, name)] = rec
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+            print(f"#   {name:<20} " + " ".join(f"{v} {done[(v, name)]['wall']:6.1f}s/{done[(v, name)]['cpu']:5.1f}c"
+                                             for v in variants), flush=True)
+    rows = {v: {n: done[(v, n)]["row"] for n in names} for v in variants}
+    times = {v: Timings([done[(v, n)]["wall"] for n in names], [done[(v, n)]["cpu"] for n in names]) for v in variants}
 
     ref = rows["ref"]
     print(f"\n{'module':<20} {'unit':>4} {'cache MiB':>9} " + " ".join(f"{'mrc ' + v:>12}" for v in variants)
