@@ -37,6 +37,7 @@ import _util  # noqa: F401  (sets sys.path)
 from _util import add_common_args, cifar10, cifar_model, interleave, ratio_line, setup
 
 EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 10
+ROOT_RUN = _util.ROOT / ".cache" / "bench_at_step"  # the StageContext's run directory (nothing is written)
 
 
 def plain_step(model, optimizer, x, y, noise):
@@ -70,6 +71,7 @@ class FoldedAttackEngine:
 
     @property
     def module(self):
+        """The folded eval-mode copy of the wrapped engine's module (rebuilt on every access)."""
         return self._precision.frozen_model(self._engine.module)
 
     def __call__(self, x):
@@ -107,10 +109,8 @@ def make_ours(args, device, base, precision_cfg, fold: bool):
     return step, precision.describe()
 
 
-ROOT_RUN = _util.ROOT / ".cache" / "bench_at_step"
-
-
 def main() -> None:
+    """Parse the arguments, run the comparison, print the table and the ratios."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(p)
     p.add_argument("--reps", type=int, default=3, help="timed steps per contender (after one warm-up step)")

@@ -67,6 +67,7 @@ def kernel_ceiling(device, dtype, batch: int, width: int, reps: int) -> dict[str
 
 
 def main() -> None:
+    """Parse the arguments, run the comparison, print the table and the ratios."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(p)
     p.add_argument("--reps", type=int, default=3)

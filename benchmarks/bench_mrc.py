@@ -240,6 +240,7 @@ def run_memory(args) -> None:
 
 
 def main() -> None:
+    """Parse the arguments, run the comparison, print the table and the ratios."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(p)
     p.add_argument("--modules", type=int, default=0, help="evenly spaced subsample of modules (0 = all 21)")

@@ -72,6 +72,7 @@ def evaluate(model, precision, x, y, batch_size: int = 500, seed: int = 7) -> tu
 
 
 def main() -> None:
+    """Parse the arguments, run the comparison, print the table and the ratios."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(p)
     p.add_argument("--epochs", type=int, default=6)
