@@ -11,13 +11,12 @@ Contenders (run interleaved in one process, each repeated; see ``_util.py``):
   ``torch.autograd.grad`` and clips like torchattacks' PGD, ``loss.backward()`` + ``optimizer.step()``.
 * ``ours``: ``rift_dist.stages.adversarial_training.train_step`` with the default config, i.e. the
   precision ``precision.autocast=auto`` / ``channels_last=auto`` resolve to on this machine (bf16
-  autocast + channels_last on CPUs with AVX512-BF16 or AMX and on CUDA; float32 elsewhere).
-* ``ours+fold`` (proposed, see README): the same ``train_step`` whose attack runs on
-  ``ctx.precision.frozen_model(engine.module)`` -- the model with every BatchNorm folded into its
-  convolution (exact in eval mode up to rounding).  Emulated here with an engine whose ``module`` is
-  that folded copy, rebuilt every step; it becomes the default once train_step takes that one-line change.
-* ``ours-fp32`` (with --all): ``ours+fold`` with float32 NCHW, to separate the algorithmic part from
-  the precision/layout part.
+  autocast + channels_last on CPUs with AVX512-BF16 or AMX and on CUDA; float32 elsewhere) and
+  ``precision.fold_bn`` (the attack runs on a copy with every BatchNorm folded into its convolution,
+  rebuilt every step; exact in eval mode up to rounding).
+* ``ours-nofold`` (with --all): ``ours`` with ``precision.fold_bn: false``.
+* ``ours-fp32`` (with --all): ``ours`` in float32 NCHW, to separate the algorithmic part from the
+  precision/layout part.
 
 Prints images/s for each and the speed-up over ``plain`` (goal on this CPU: >= 4x).
 
@@ -58,30 +57,7 @@ def plain_step(model, optimizer, x, y, noise):
     return loss.item()
 
 
-class FoldedAttackEngine:
-    """An engine whose ``module`` (what train_step attacks) is a BatchNorm-folded copy, rebuilt per access.
-
-    Everything else (forward, train(), step(), state) goes to the wrapped engine, so train_step's
-    training forward/backward is untouched.  Emulates the proposed one-line change
-    ``model = prec.frozen_model(engine.module)`` in ``train_step``.
-    """
-
-    def __init__(self, engine, precision):
-        self._engine, self._precision = engine, precision
-
-    @property
-    def module(self):
-        """The folded eval-mode copy of the wrapped engine's module (rebuilt on every access)."""
-        return self._precision.frozen_model(self._engine.module)
-
-    def __call__(self, x):
-        return self._engine(x)
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-
-def make_ours(args, device, base, precision_cfg, fold: bool):
+def make_ours(args, device, base, precision_cfg):
     """A (step function, description) pair running rift_dist's train_step on a copy of ``base``."""
     from rift_dist.config import RunConfig
     from rift_dist.distributed import Runtime
@@ -100,8 +76,6 @@ def make_ours(args, device, base, precision_cfg, fold: bool):
     t = cfg.train
     engine = runtime.parallelize_with(
         model, lambda params: torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay))
-    if fold:
-        engine = FoldedAttackEngine(engine, precision)
 
     def step(x, y, noise):
         return train_step(ctx, engine, x, y, noise)["loss"]
@@ -116,7 +90,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3, help="timed steps per contender (after one warm-up step)")
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--all", action="store_true", help="also time ours+fold in float32 NCHW")
+    p.add_argument("--all", action="store_true", help="also time ours without BatchNorm folding and ours in float32 NCHW")
     args = p.parse_args()
     device = setup(args)
     from rift_dist.config import PrecisionConfig
@@ -143,12 +117,12 @@ def main() -> None:
     plain_model = copy.deepcopy(base).to(device)
     plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     contenders = {"plain": cycling("plain", lambda x, y, n: plain_step(plain_model, plain_opt, x, y, n))}
-    ours, d_ours = make_ours(args, device, base, PrecisionConfig(), fold=False)
+    ours, d_ours = make_ours(args, device, base, PrecisionConfig())
     contenders["ours"] = cycling("ours", ours)
-    ours_fold, _ = make_ours(args, device, base, PrecisionConfig(), fold=True)
-    contenders["ours+fold"] = cycling("ours+fold", ours_fold)
     if args.all:
-        f32, _ = make_ours(args, device, base, PrecisionConfig(autocast="none", channels_last="off"), fold=True)
+        nofold, _ = make_ours(args, device, base, PrecisionConfig(fold_bn=False))
+        contenders["ours-nofold"] = cycling("ours-nofold", nofold)
+        f32, _ = make_ours(args, device, base, PrecisionConfig(autocast="none", channels_last="off"))
         contenders["ours-fp32"] = cycling("ours-fp32", f32)
     print(f"# plain: float32 NCHW; ours: train_step with {d_ours}", flush=True)
     times = interleave(contenders, device, args.reps, warmup=1)

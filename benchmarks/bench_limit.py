@@ -8,8 +8,8 @@ batch; convolutions and the linear layer, 2 FLOPs per multiply-add) and charges 
 The ceiling is measured in the same run, with the same dtype and thread count: the best FLOP/s of
 a square matmul (2048, 4096; 8192 on CUDA) and of every 3x3 convolution shape of the network at the
 step's batch size (forward, NCHW and channels_last).  The share achieved / best is printed for our
-step with the default settings (``ours``: train_step as it is; ``ours+fold``: with the BatchNorm-folded
-attack of bench_at_step.py), and with --all for the plain float32 NCHW step against the float32 ceiling.
+step with the default settings (``ours``: train_step, bf16 + channels_last + BatchNorm folding in the
+attack where available), and with --all for the plain float32 NCHW step against the float32 ceiling.
 
 Usage:  .venv/bin/python benchmarks/bench_limit.py [--reps 3] [--threads N] [--device cuda] [--all]
 """
@@ -92,9 +92,8 @@ def main() -> None:
     print(f"# one forward: {fwd / 1e9:.1f} GFLOP ({fwd / args.batch_size / 1e9:.3f} GFLOP/image); "
           f"PGD-{STEPS} AT step charged {step_flops / 1e9:.0f} GFLOP (= {2 * STEPS + 3} forwards)", flush=True)
 
-    ours, _ = make_ours(args, device, base, PrecisionConfig(), fold=False)
-    ours_fold, _ = make_ours(args, device, base, PrecisionConfig(), fold=True)
-    contenders = {"ours": lambda: ours(x, y, noise), "ours+fold": lambda: ours_fold(x, y, noise)}
+    ours, _ = make_ours(args, device, base, PrecisionConfig())
+    contenders = {"ours": lambda: ours(x, y, noise)}
     if args.all:
         pm = copy.deepcopy(base).to(device)
         opt = torch.optim.SGD(pm.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 _BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 _REPORTED_FLAGS = frozenset({"amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512_fp16", "avx512f",
@@ -126,7 +127,8 @@ _PAIRS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[str, str], ...]]" = we
 def conv_bn_pairs(model: nn.Module) -> tuple[tuple[str, str], ...]:
     """The ``(conv name, batchnorm name)`` pairs of ``model`` that can be folded.
 
-    A pair is a ``BatchNorm2d`` (with running statistics) whose only input is the
+    A pair is a BatchNorm layer (``nn.BatchNorm2d``, torch's ``SyncBatchNorm``, the gloo
+    all-reduce BatchNorm of :mod:`rift_dist.distributed`; with running statistics) whose only input is the
     output of a ``Conv2d`` that nothing else uses, found by tracing ``forward``
     with ``torch.fx``.  The result is memoised per model object.  A model that
     cannot be traced has no pairs (nothing is folded); that is never an error.
@@ -138,10 +140,15 @@ def conv_bn_pairs(model: nn.Module) -> tuple[tuple[str, str], ...]:
     try:
         from torch import fx
 
-        graph = fx.symbolic_trace(model).graph
+        class _Tracer(fx.Tracer):
+            # BatchNorm subclasses defined outside torch.nn (the all-reduce BatchNorm) stay leaves too
+            def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+                return isinstance(m, _BatchNorm) or super().is_leaf_module(m, qualname)
+
+        graph = _Tracer().trace(model)
         mods = dict(model.named_modules())
         for node in graph.nodes:
-            if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
+            if node.op != "call_module" or not isinstance(mods.get(node.target), _BatchNorm):
                 continue
             if not mods[node.target].track_running_stats or len(node.args) != 1:
                 continue

@@ -468,9 +468,10 @@ def evaluate_sequence(ctx: StageContext, model: nn.Module, dataset, attacks: Seq
     bs = max(1, ctx.cfg.data.eval_batch_size)
     batches = [todo[i:i + bs] for i in range(0, len(todo), bs)]
     prep, ac = ctx.precision.prepare_input, ctx.precision.autocast
+    attacked = ctx.precision.frozen_model(model) if batches else model  # BatchNorm folded when precision.fold_bn
     for b, idx in enumerate(ctx.bar(batches, total=len(batches), desc=desc or name)):
         images, labels = _batch_tensors(dataset, idx, ctx.device)
-        out, bad = run_attack_sequence(model, images, labels, attacks, torch.from_numpy(idx), seed, prep, ac)
+        out, bad = run_attack_sequence(attacked, images, labels, attacks, torch.from_numpy(idx), seed, prep, ac)
         outcome[idx] = out.cpu().numpy()
         outside[idx] = bad.cpu().numpy()
         if store is not None:

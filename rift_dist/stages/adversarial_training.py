@@ -87,7 +87,9 @@ def train_step(ctx: StageContext, engine, images: torch.Tensor, labels: torch.Te
     cfg = ctx.cfg.train
     prec = ctx.precision
     a = cfg.attack
-    model = engine.module  # attack on the unwrapped module: no DDP hooks, no buffer broadcasts
+    # the attack runs on the unwrapped module (no DDP hooks, no buffer broadcasts), in eval mode; with
+    # precision.fold_bn on a copy with every BatchNorm folded into its convolution (same function, fewer passes)
+    model = prec.frozen_model(engine.module)
     images = prec.prepare_input(images)
     if cfg.method == "trades":
         with torch.no_grad(), prec.autocast():

@@ -232,6 +232,7 @@ def evaluate_model(
     offset = start
     prep = ctx.precision.prepare_input
     ac = ctx.precision.autocast
+    model = ctx.precision.frozen_model(model)  # eval mode; BatchNorm folded when precision.fold_bn (a copy)
     for images, labels in ctx.bar(loader, total=len(loader), desc=desc):
         images, labels = images.to(ctx.device), labels.to(ctx.device)
         n = labels.numel()

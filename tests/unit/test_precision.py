@@ -171,3 +171,52 @@ def test_mrc_choice_same_in_fp32_and_bf16():
     # the ranking must hold (0.97 here; benchmarks/bench_mrc.py checks >= 0.95 on the paper's setting)
     assert _spearman([fp32[n]["mrc"] for n in names], [bf16[n]["mrc"] for n in names]) >= 0.9
     assert bf16["layer1.0.conv1"]["cache_bytes"] == 64 * 8 * 32 * 32 * 2  # the cache is kept in bf16
+
+
+def test_synchronised_batchnorm_is_folded_too():
+    """`distributed.sync_bn` swaps BatchNorm2d for the all-reduce BatchNorm; folding must still find every pair."""
+    from rift_dist.distributed import AllReduceBatchNorm, convert_sync_batchnorm
+
+    model = _calibrated(width=4)
+    plain_pairs = P.conv_bn_pairs(model)
+    synced = convert_sync_batchnorm(copy.deepcopy(model), torch.device("cpu")).eval()
+    assert any(isinstance(m, AllReduceBatchNorm) for m in synced.modules())
+    assert P.conv_bn_pairs(synced) == plain_pairs and len(plain_pairs) == 20
+    folded = P.fold_batchnorm(synced)
+    assert not any(isinstance(m, AllReduceBatchNorm) for m in folded.modules())
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_train_step_attack_on_folded_model_matches_unfolded():
+    """The AT step's attack runs on the BatchNorm-folded copy: same step as without folding (float32).
+
+    One PGD step: the input gradients agree to ~1e-7, so the signs and the adversarial batch are the same.
+    (Over many steps, sign-PGD amplifies that rounding into a few flipped pixels, as any change of
+    summation order would; the benchmarks compare trained models instead.)"""
+    from rift_dist.config import RunConfig
+    from rift_dist.distributed import Runtime
+    from rift_dist.stages.adversarial_training import train_step
+    from rift_dist.stages.common import StageContext
+
+    base = _calibrated(width=4)
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    noise = torch.empty_like(x).uniform_(-1, 1, generator=torch.Generator().manual_seed(3))
+    out = {}
+    for fold in (False, True):
+        cfg = RunConfig()
+        cfg.tracking.enabled = False
+        cfg.precision = PrecisionConfig(autocast="none", channels_last="off", fold_bn=fold)
+        cfg.train.attack.num_steps = 1
+        prec = P.resolve_precision(cfg.precision, "cpu")
+        ctx = StageContext(cfg, None, Runtime(cfg), None, prec, progress=False)
+        model = copy.deepcopy(base)
+        engine = ctx.runtime.parallelize_with(model, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+        stats = train_step(ctx, engine, x, y, noise)
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 20  # the trained model keeps its BN
+        out[fold] = (stats, {k: v.clone() for k, v in model.state_dict().items()})
+    assert out[True][0]["robust_correct"] == out[False][0]["robust_correct"]
+    assert abs(out[True][0]["loss"] - out[False][0]["loss"]) < 1e-5
+    for k, v in out[False][1].items():
+        torch.testing.assert_close(out[True][1][k].float(), v.float(), rtol=1e-4, atol=1e-6)
