@@ -143,7 +143,8 @@ class TrainConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     """Attack used to make training examples."""
     select_best: bool = True
-    """Keep the epoch with the best robust accuracy on the selection split (robust-overfitting early stop)."""
+    """Keep the epoch with the best robust accuracy on the selection split (robust-overfitting early stop;
+    Rice et al. 2020); ties go to the better clean accuracy, then the earlier epoch."""
     eval_attack_steps: int = 10
     """PGD steps of the per-epoch robust-accuracy check."""
     checkpoint_every: int = 50

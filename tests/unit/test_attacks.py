@@ -102,3 +102,4 @@ def test_bad_arguments(model, batch):
         pgd(model, *batch, -0.1)
     with pytest.raises(ValueError, match="target_probs"):
         pgd(model, *batch, EPS, loss="kl")
+
