@@ -1,5 +1,6 @@
 """Adversarial-training stage helpers that need no training run."""
 
+
 def test_best_epoch_selection_breaks_robust_ties_by_clean_accuracy():
     from rift_dist.stages.adversarial_training import improves
 
