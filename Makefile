@@ -29,8 +29,15 @@ test-all: install
 	bash scripts/slurm/install.sh
 	$(VENV)/bin/pytest -q --durations=15
 
+# bench_mrc at T = 2 ascent passes (the README's figures; ~25 min on 2 cores); BENCH_MRC_ARGS= for the paper's T = 10
+BENCH_MRC_ARGS ?= --iterations 2 --train-steps 200 --memory
 bench: install
-	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@echo "== benchmarks/bench_mrc.py $(BENCH_MRC_ARGS)" && $(PY) benchmarks/bench_mrc.py $(BENCH_MRC_ARGS)
+	@echo "== benchmarks/bench_at_step.py --all" && $(PY) benchmarks/bench_at_step.py --all
+	@echo "== benchmarks/bench_limit.py --all" && $(PY) benchmarks/bench_limit.py --all
+	@echo "== benchmarks/bench_precision.py" && $(PY) benchmarks/bench_precision.py
+	@echo "== benchmarks/bench_mrc_ranks.py" && $(PY) benchmarks/bench_mrc_ranks.py
+	@echo "== benchmarks/bench_data_loading.py" && $(PY) benchmarks/bench_data_loading.py
 
 clean:
 	rm -rf runs mlflow.db mlartifacts .pytest_cache

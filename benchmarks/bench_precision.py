@@ -1,6 +1,6 @@
 """Does bf16 + channels_last change what adversarial training learns?  A short AT run in both.
 
-Trains a width-8 CIFAR ResNet-18 with Madry PGD-AT (PGD-10, 8/255, step 2/255, random start; SGD
+Trains a width-16 CIFAR ResNet-18 (the default config's) with Madry PGD-AT (PGD-10, 8/255, step 2/255, random start; SGD
 momentum 0.9, weight decay 5e-4, batch 128, lr 0.1 then 0.01 for the last third of the epochs) on
 2,000 real CIFAR-10 training images for a few epochs, once per precision and seed:
 
@@ -80,7 +80,7 @@ def main() -> None:
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--train", type=int, default=2000, help="training images")
     p.add_argument("--test", type=int, default=1000, help="test images")
-    p.add_argument("--width", type=int, default=8)
+    p.add_argument("--width", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=128)
     args = p.parse_args()
     device = setup(args)
