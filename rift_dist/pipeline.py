@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rift_dist.config import RunConfig, dump_yaml, flatten
+from rift_dist.config import ConfigError, RunConfig, dump_yaml, flatten
 from rift_dist.distributed import Runtime
 from rift_dist.precision import resolve_precision
 from rift_dist.stages.common import STAGES, StageContext, StageError, read_done
@@ -90,6 +90,28 @@ def run_stages(ctx: StageContext, stages: list[str] | tuple[str, ...] = STAGES) 
     return results
 
 
+def check_module_names(cfg: RunConfig) -> None:
+    """Fail before any work when ``finetune.modules`` or ``mrc.modules`` names a module the model lacks.
+
+    Builds the configured model on the CPU (only when one of the lists is set) and compares the
+    names with :func:`rift_dist.models.module_names` (the Conv2d/Linear layers, RiFT §3.2).
+
+    Raises:
+        ConfigError: naming the key, the unknown name(s), the architecture and the valid names.
+    """
+    lists = {"finetune.modules": cfg.finetune.modules, "mrc.modules": cfg.mrc.modules}
+    if not any(lists.values()):
+        return
+    from rift_dist.models import build_model, module_names
+
+    names = module_names(build_model(cfg))
+    for key, wanted in lists.items():
+        unknown = [n for n in wanted if n not in names]
+        if unknown:
+            raise ConfigError(f"{key}: no module named {', '.join(map(repr, unknown))} in {cfg.model.arch}; "
+                              f"valid modules: {', '.join(names)}")
+
+
 def run_pipeline(cfg: RunConfig, run_dir: str | Path | None = None, stages=STAGES, progress: bool = True,
                  parent_run_id: str | None = None, print_table: bool = True) -> dict:
     """Run the RiFT stage graph for ``cfg`` in ``run_dir`` (default ``cfg.run_dir``) on this process's runtime.
@@ -103,6 +125,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path | None = None, stages=STAGE
     """
     run_dir = Path(run_dir or cfg.run_dir)
     cfg.run_dir = str(run_dir)
+    check_module_names(cfg)
     configure_torch(cfg)
     runtime = Runtime(cfg)
     status = "FAILED"

@@ -23,6 +23,15 @@ def test_truncated_file_is_a_clear_error(tmp_path):
         load(tmp_path / "missing.pt")
 
 
+def test_random_bytes_are_corrupt_not_code(tmp_path):
+    """Random bytes fail inside torch's weights-only unpickler too; they must not be sold as 'needs code'."""
+    p = tmp_path / "noise.pt"
+    p.write_bytes(torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes())
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as info:
+        load(p)
+    assert "weights_only=False" not in str(info.value)
+
+
 class Evil:
     def __reduce__(self):
         return (print, ("pwned",))

@@ -59,3 +59,24 @@ def test_units_chain_equals_forward(arch, size):
         owned = [p for _, prefixes, _ in units for p in prefixes]
         for name, _ in list_modules(model):
             assert sum((name + ".").startswith(p) for p in owned) == 1, name
+
+
+def test_unknown_module_names_fail_before_any_work(tmp_path):
+    from rift_dist.config import ConfigError, RunConfig
+    from rift_dist.pipeline import check_module_names, run_pipeline
+
+    cfg = RunConfig()
+    cfg.model.width = 4
+    cfg.tracking.enabled = False
+    cfg.finetune.modules = ["layer2.1.conv2", "layer9.9.conv9"]
+    with pytest.raises(ConfigError, match=r"finetune.modules: no module named 'layer9.9.conv9' in resnet18; valid modules: conv1"):
+        check_module_names(cfg)
+    with pytest.raises(ConfigError, match="finetune.modules"):
+        run_pipeline(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # refused before the run directory or MLflow was touched
+    cfg.finetune.modules = ["layer2.1.conv2"]
+    cfg.mrc.modules = ["linear", "fc"]
+    with pytest.raises(ConfigError, match="mrc.modules: no module named 'fc'"):
+        check_module_names(cfg)
+    cfg.mrc.modules = ["linear"]
+    check_module_names(cfg)  # valid names pass
