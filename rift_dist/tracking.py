@@ -194,7 +194,11 @@ class Tracker:
             else:
                 self.parent = RunHandle(self, self._parent_run_id())
         except Exception as exc:  # never let tracking stop a run
-            warnings.warn(f"MLflow tracking is off for this run: could not reach {self.uri}: {exc}", stacklevel=2)
+            detail = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            warnings.warn(f"MLflow tracking is off for this run: could not reach {self.uri} when the run started "
+                          f"({type(exc).__name__}: {detail}). The run goes on untracked (its artefacts are in the run "
+                          f"directory); check the server or unset MLFLOW_TRACKING_URI to use the local store.",
+                          stacklevel=2)
             self.active = False
             self.parent = _Null()
             return
