@@ -125,8 +125,28 @@ class RunHandle(_Null):
             self.tracker._submit(["metrics", self.run_id, clean, int(step or 0), ts])
 
     def log_params(self, params: dict) -> None:
-        """Log params (values turned to strings, at most 6000 characters; sent in batches of 100)."""
+        """Log params (values turned to strings, at most 6000 characters; sent in batches of 100).
+
+        MLflow params are immutable.  When the run already holds some of these keys with other values
+        (a run directory re-run with changed settings, e.g. after a failed first attempt), those keys
+        are not re-sent (MLflow would reject the whole batch); their new values go to tags
+        ``rift.param_changed.<key>`` ("old -> new") with one warning.  When the store cannot be read,
+        everything is queued as before.
+        """
         items = [[k, str(v)[:6000]] for k, v in params.items()]
+        try:
+            # only when the store answered last time: a buffered queue means it is down (no 10 s wait)
+            reachable = self.tracker.client is not None and not self.tracker._queue
+            old = self.tracker.client.get_run(self.run_id).data.params if reachable else {}
+        except Exception:  # noqa: BLE001  (store down: the queue handles it)
+            old = {}
+        changed = {k: f"{old[k]} -> {v}"[:5000] for k, v in items if k in old and old[k] != v}
+        if changed:
+            warnings.warn(f"MLflow run {self.run_id} already records {len(changed)} param(s) with other values "
+                          f"(e.g. {next(iter(changed))}: {next(iter(changed.values()))}); MLflow params cannot change, "
+                          f"so the new values are tags rift.param_changed.<key>", stacklevel=2)
+            self.set_tags({f"rift.param_changed.{k}": v for k, v in changed.items()})
+        items = [[k, v] for k, v in items if k not in old]
         for i in range(0, len(items), 100):
             self.tracker._submit(["params", self.run_id, items[i:i + 100]])
 

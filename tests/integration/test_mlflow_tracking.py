@@ -214,3 +214,43 @@ def test_concurrent_writers_share_one_sqlite_store(tmp_path):
     assert not (tmp_path / "run" / "mlflow" / "pending").exists()
     print(f"\n{n} writers x {steps * 2 + 3} writes on one SQLite store: all arrived; "
           f"'database is locked' retries: {sum(r[3] for r in results)}")
+
+
+def test_rerun_with_changed_settings_keeps_params_and_tags_the_changes(tmp_path, monkeypatch):
+    """Real SQLite store: a run directory re-run with another value must not lose the batch (MLflow params are immutable)."""
+    from rift_dist.config import RunConfig
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = RunConfig()
+    cfg.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = Tracker(cfg, tmp_path / "run")
+    first.parent.log_params({"data.train_subset": -5, "seed": 0})
+    first.finish("FAILED")
+    again = Tracker(cfg, tmp_path / "run")  # same run directory: the same parent run is continued
+    assert again.parent.run_id == first.parent.run_id
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again.parent.log_params({"data.train_subset": 4000, "seed": 0, "train.epochs": 8})
+        again.parent.flush()
+    assert any("param_changed" in str(c.message) for c in caught)
+    assert not any("rejected" in str(c.message) for c in caught)
+    data = again.client.get_run(again.parent.run_id).data
+    assert data.params == {"data.train_subset": "-5", "seed": "0", "train.epochs": "8"}  # the new key arrived
+    assert data.tags["rift.param_changed.data.train_subset"] == "-5 -> 4000"
+    again.finish("FINISHED")
+
+
+def test_unreachable_server_at_start_warns_once_and_the_run_goes_on(tmp_path, monkeypatch):
+    """No server at the start: one warning naming the URI and what happens; tracking calls become no-ops."""
+    from rift_dist.config import RunConfig
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: nothing listens
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker = Tracker(RunConfig(), tmp_path / "run")
+    off = [str(c.message) for c in caught if "tracking is off" in str(c.message)]
+    assert len(off) == 1 and "http://127.0.0.1:9" in off[0] and "goes on untracked" in off[0]
+    assert "\n" not in off[0]
+    assert not tracker.active
+    tracker.parent.log_metrics({"x": 1.0}, step=1)  # no error, no network
+    tracker.finish("FINISHED")

@@ -197,18 +197,3 @@ def test_transient_versus_permanent_errors_and_http_limits(monkeypatch):
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "60"  # the user's setting wins
 
-
-def test_unreachable_server_at_start_warns_once_and_the_run_goes_on(tmp_path, monkeypatch):
-    """No server at the start: one warning naming the URI and what happens; tracking calls become no-ops."""
-    from rift_dist.config import RunConfig
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: nothing listens
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        tracker = Tracker(RunConfig(), tmp_path / "run")
-    off = [str(c.message) for c in caught if "tracking is off" in str(c.message)]
-    assert len(off) == 1 and "http://127.0.0.1:9" in off[0] and "goes on untracked" in off[0]
-    assert "\n" not in off[0]
-    assert not tracker.active
-    tracker.parent.log_metrics({"x": 1.0}, step=1)  # no error, no network
-    tracker.finish("FINISHED")
