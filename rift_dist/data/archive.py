@@ -243,9 +243,10 @@ def unpack_archive(archive: str | Path, cache_dir: str | Path) -> Path:
     """
     archive = Path(archive).expanduser()
     if not archive.is_file():
+        where = "" if archive.is_absolute() else f" (relative paths are read from the current directory: {archive.resolve()})"
         raise ArchiveError(
-            f"data archive {archive} does not exist; set data.archive to an existing .tar.gz file "
-            f"(e.g. ../shared/data/cifar10-jpeg.tar.gz) or leave it empty and set data.root"
+            f"data archive {archive} does not exist{where}; set data.archive to an existing .tar.gz file "
+            f"(an absolute path, or run from the directory it is relative to) or leave it empty and set data.root"
         )
     cache_dir = Path(cache_dir).expanduser()
     try:

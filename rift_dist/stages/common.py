@@ -115,9 +115,12 @@ def read_done(ctx: StageContext, stage: str) -> dict | None:
     before = data.get("signature", {})
     changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
     if changed:
+        later = [s for s in STAGES[STAGES.index(stage) + 1:] if (ctx.run_dir / s).exists()] if stage in STAGES else []
+        redo = " ".join(str(ctx.run_dir / s) for s in [stage] + later)
         raise StageError(
             f"stage '{stage}' in {ctx.run_dir} was produced with a different config (changed: {', '.join(changed)}). "
-            f"Use a new --run-dir, or delete {ctx.run_dir / stage} to redo it."
+            f"Use a new --run-dir, or delete {redo} to redo it"
+            + (" and the stages built on it." if later else ".")
         )
     return data
 

@@ -653,7 +653,7 @@ def run(ctx: StageContext) -> dict:
             run_log.set_tags({"rift.chosen_modules": ",".join(chosen)})
             run_log.log_artifact(ctx.run_dir / "mrc.csv")
             run_log.log_artifact(ctx.run_dir / STAGE / "mrc.png")
-    lowest = ", ".join("%s (%+.3f)" % (r["module"], r["mrc"]) for r in sorted(rows, key=lambda r: r["mrc"])[:3])
+    lowest = ", ".join("%s (%+.3g)" % (r["module"], r["mrc"]) for r in sorted(rows, key=lambda r: r["mrc"])[:3])
     ctx.log(f"[mrc] lowest MRC: {lowest}; chosen: {', '.join(chosen)} ({time.time() - t0:.0f}s)")
     outputs = {"table": str(ctx.run_dir / "mrc.csv"), "chosen": chosen}
     write_done(ctx, STAGE, outputs)

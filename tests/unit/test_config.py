@@ -50,3 +50,25 @@ def test_all_shipped_configs_load():
     assert len(names) >= 11
     for p in root.glob("*.yaml"):
         load_config(p)
+
+
+def test_a_finished_stage_with_changed_config_names_the_keys_and_what_to_delete(tmp_path):
+    from rift_dist.config import RunConfig
+    from rift_dist.distributed import Runtime
+    from rift_dist.precision import resolve_precision
+    from rift_dist.stages.common import StageContext, StageError, read_done, write_done
+
+    cfg = RunConfig()
+    cfg.tracking.enabled = False
+    for stage in ("finetune", "interpolate", "evaluate"):
+        (tmp_path / stage).mkdir()
+    ctx = StageContext(cfg, tmp_path, Runtime(cfg), None, resolve_precision(cfg.precision, "cpu"), progress=False)
+    write_done(ctx, "finetune", {})
+    assert read_done(ctx, "finetune") is not None  # same config: reused
+    cfg.finetune.lr = 0.01
+    with pytest.raises(StageError, match=r"changed: finetune.lr") as info:
+        read_done(ctx, "finetune")
+    text = str(info.value)
+    for stage in ("finetune", "interpolate", "evaluate"):  # the later stages are built on it: delete them too
+        assert str(tmp_path / stage) in text
+    assert str(tmp_path / "train") not in text
