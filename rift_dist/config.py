@@ -493,10 +493,14 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> 
     return data
 
 
-def _merge(base: dict, top: dict) -> dict:
+def deep_merge(base: dict, top: dict) -> dict:
+    """A new dict: ``base`` with ``top`` laid over it, nested dicts merged key by key (``top`` wins).
+
+    Used for YAML ``base:`` files and for a user's DeepSpeed JSON over the generated config.
+    """
     out = dict(base)
     for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -517,7 +521,7 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: the top level must be a mapping of config sections")
     base = data.pop("base", None)
     if base:
-        data = _merge(read_yaml(path.parent / base), data)
+        data = deep_merge(read_yaml(path.parent / base), data)
     return data
 
 

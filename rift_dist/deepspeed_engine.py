@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from rift_dist.config import deep_merge
 from rift_dist.distributed import DistributedError, Engine, Runtime
 
 # Optimizer hyperparameters that are implementation switches, not part of the method (not sent to DeepSpeed).
@@ -145,15 +146,8 @@ def deepspeed_config(runtime: Runtime, optimizer: torch.optim.Optimizer | None) 
             extra = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise DistributedError(f"distributed.deepspeed_config {path}: cannot read it as JSON ({exc})") from exc
-        ds = _merge(ds, extra)
+        ds = deep_merge(ds, extra)
     return ds
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def build_engine(runtime: Runtime, model: nn.Module,
