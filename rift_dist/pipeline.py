@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from rift_dist.config import ConfigError, RunConfig, dump_yaml, flatten
 from rift_dist.distributed import Runtime
 from rift_dist.precision import resolve_precision
+from rift_dist.run_lock import RunDirLock, RunDirLockedError
 from rift_dist.stages.common import STAGES, StageContext, StageError, read_done
 from rift_dist.tracking import Tracker
 
@@ -112,6 +114,21 @@ def check_module_names(cfg: RunConfig) -> None:
                               f"valid modules: {', '.join(names)}")
 
 
+def check_stages_current(cfg: RunConfig, run_dir: Path, stages) -> None:
+    """Refuse, before anything is written, a run whose finished stages were produced with another config.
+
+    Reads each requested stage's ``done.json`` (if any) exactly as :func:`run_stages` will, so that a
+    changed setting is refused while the run directory, its ``config.yaml`` and its MLflow runs are
+    still untouched (validate, then write).
+
+    Raises:
+        StageError: naming the stage, the changed keys and what to delete (see ``read_done``).
+    """
+    probe = SimpleNamespace(cfg=cfg, run_dir=run_dir)
+    for name in stages:
+        read_done(probe, name)
+
+
 def run_pipeline(cfg: RunConfig, run_dir: str | Path | None = None, stages=STAGES, progress: bool = True,
                  parent_run_id: str | None = None, print_table: bool = True) -> dict:
     """Run the RiFT stage graph for ``cfg`` in ``run_dir`` (default ``cfg.run_dir``) on this process's runtime.
@@ -119,20 +136,41 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path | None = None, stages=STAGE
     Sets up the process group from the environment (torchrun / SLURM / single
     process) and tears it down in ``finally``.  Returns {stage: outputs}.
 
+    Validate, then write: the main process takes the run directory's exclusive lock
+    (:class:`rift_dist.run_lock.RunDirLock`; a second pipeline on the same directory is refused at
+    once, naming the holder) and checks every requested stage's done marker against ``cfg`` before
+    ``config.yaml`` is written or MLflow is touched, so a refused command changes nothing.
+
     With ``parent_run_id`` (a run of a pipeline submitted with ``rift submit``) the stages log into
     that MLflow parent run and leave its status to its owner; without it, the run directory's own
     parent run is continued (or created) and marked FINISHED / FAILED at the end.
+
+    Raises:
+        RunDirLockedError: another process holds the run directory.
+        StageError: a finished stage was produced with a different config (nothing is written).
     """
     run_dir = Path(run_dir or cfg.run_dir)
     cfg.run_dir = str(run_dir)
     check_module_names(cfg)
     configure_torch(cfg)
     runtime = Runtime(cfg)
+    lock = RunDirLock(run_dir)
     status = "FAILED"
     ctx = None
     try:
+        refusal = None
         if runtime.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                lock.acquire()
+                check_stages_current(cfg, run_dir, list(stages))
+            except StageError as exc:
+                refusal = (type(exc).__name__, str(exc))
+        refusal = runtime.broadcast_object(refusal)
+        if refusal is not None:
+            cls = RunDirLockedError if refusal[0] == RunDirLockedError.__name__ else StageError
+            raise cls(refusal[1])
+        if runtime.is_main:
+            lock.record_holder()
             dump_yaml(cfg, run_dir / "config.yaml")
         runtime.barrier()
         ctx = make_context(cfg, run_dir, runtime, progress, parent_run_id)
@@ -148,6 +186,9 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path | None = None, stages=STAGE
         status = "FINISHED"
         return results
     finally:
-        if ctx is not None:
-            ctx.tracker.finish(status, end_parent=parent_run_id is None)
-        runtime.close()
+        try:
+            if ctx is not None:
+                ctx.tracker.finish(status, end_parent=parent_run_id is None)
+        finally:
+            lock.release()
+            runtime.close()

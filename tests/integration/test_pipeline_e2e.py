@@ -64,3 +64,14 @@ def test_end_to_end_and_rerun_skips(tmp_path):
         assert f"[{stage}] already done" in second.stdout
     runs_after = client.search_runs([exp.experiment_id], max_results=100)
     assert len([r for r in runs_after if "mlflow.parentRunId" not in r.data.tags]) == 1  # same parent run continued
+
+    # A changed setting on the finished run is refused before anything is written: the run directory,
+    # its config.yaml and the MLflow store (status, params, tags) keep every byte.
+    from tests.integration.test_run_lock import tree_digest
+
+    before = tree_digest(run_dir.parent)
+    refused = rift("run", str(cfg), "--run-dir", str(run_dir), "--set", "finetune.lr=0.05", check=False)
+    assert refused.returncode == 1 and "produced with a different config" in refused.stderr
+    assert "finetune.lr" in refused.stderr
+    assert tree_digest(run_dir.parent) == before
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
