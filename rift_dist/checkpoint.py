@@ -7,14 +7,30 @@ tensors, numbers, strings, lists and dicts only.  A truncated or corrupt file
 raises :class:`CheckpointError`, and :class:`CheckpointManager` falls back to
 the previous good checkpoint instead of crashing or silently restarting.
 State dicts are consolidated and wrapper-free (no ``module.`` prefixes).
+
+Checksums: ``torch.save`` writes a ZIP archive whose every record carries the
+CRC-32 of its bytes (written with it, by PyTorch's own writer); ``torch.load``
+does not check them, so a file with flipped bytes but the right size would load
+silently.  :func:`load` verifies every record's CRC-32 with the standard
+library's ``zipfile`` before unpickling, so such a file is a corrupt file.
+
+Temporary files are named ``.<name>.<host>.<pid>.<random>.tmp``; those left by a
+killed writer of this host are removed by :func:`remove_stale_temporaries`
+(called when a :class:`CheckpointManager` is created).  A full disk is one
+:class:`CheckpointError` naming the path, the bytes needed and the fix; the
+previous file under the real name is left intact.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
+import socket
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +41,121 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or not loadable with weights_only=True."""
 
 
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested dict/list/tuple (an estimate of the file size)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _host() -> str:
+    """This host's name with dots replaced (it is one dot-free field of a temporary file's name)."""
+    return socket.gethostname().replace(".", "-") or "localhost"
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{_host()}.{os.getpid()}."
+
+
 def save_atomic(obj: Any, path: str | Path) -> Path:
-    """Save ``obj`` with ``torch.save`` to ``path`` atomically (temporary file, fsync, rename)."""
+    """Save ``obj`` with ``torch.save`` to ``path`` atomically (temporary file, fsync, rename).
+
+    Raises:
+        CheckpointError: when the disk is full (or over quota): one message naming the path, the
+            bytes needed and the free space; the temporary file is removed and the previous file
+            under ``path`` (if any) is untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if _is_no_space(exc):
+            free = shutil.disk_usage(path.parent).free
+            raise CheckpointError(
+                f"disk full writing {path}: it needs about {_tensor_bytes(obj) / 2**20:.1f} MiB and "
+                f"{free / 2**20:.1f} MiB are free on that filesystem. Free space there (or put the run "
+                f"directory elsewhere with --run-dir) and re-run the same command to resume; the previous "
+                f"checkpoint is intact.") from None
         raise
     return path
+
+
+def _is_no_space(exc: BaseException | None) -> bool:
+    """True when ``exc`` or an exception it was raised from/while handling is ENOSPC / EDQUOT.
+
+    ``torch.save`` turns a full disk into a RuntimeError of its ZIP writer raised while handling the
+    OSError, so the chain is searched.
+    """
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(exc):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete temporary files of :func:`save_atomic` left in ``directory`` by dead writers of this host.
+
+    A temporary file's name carries its writer's host and PID; it is removed when the host is this
+    one and no process with that PID is alive (a live writer's file is never touched; files of other
+    hosts are left to their hosts).  Returns the removed paths.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    host, removed = _host(), []
+    pattern = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+    for p in directory.iterdir():
+        m = pattern.match(p.name)
+        if not m or m.group("host") != host:
+            continue
+        pid = int(m.group("pid"))
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # still alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def verify_checksums(path: str | Path) -> None:
+    """Check the CRC-32 of every record of a ``torch.save`` ZIP file (legacy non-ZIP files pass unchecked).
+
+    Raises:
+        CheckpointError: naming the first record whose bytes do not match their checksum, or the
+            archive structure that is damaged.
+    """
+    path = Path(path)
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # a legacy (pre-1.6) torch file or garbage; torch.load decides
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except Exception as exc:  # noqa: BLE001 - BadZipFile, UnicodeDecodeError on a damaged name, ...
+        raise CheckpointError(f"{path}: corrupt (damaged archive structure: {type(exc).__name__}: {exc})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: corrupt (record {bad!r} does not match its CRC-32 checksum; "
+                              f"size {path.stat().st_size} bytes)")
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
@@ -52,6 +168,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    verify_checksums(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises RuntimeError / UnpicklingError / EOFError / zipfile errors
@@ -75,7 +192,8 @@ class CheckpointManager:
     """Numbered resumable checkpoints in one directory, newest first, keeping the last ``keep``.
 
     Files are ``<dir>/ckpt-<step:09d>.pt``.  :meth:`load_latest` returns the newest
-    readable one and warns about (and skips) corrupt newer files.
+    readable one (checksums verified) and warns about (and skips) corrupt newer files.
+    Creating a manager removes the temporary files that killed writers left in its directory.
     """
 
     _pattern = re.compile(r"ckpt-(\d+)\.pt$")
@@ -83,6 +201,8 @@ class CheckpointManager:
     def __init__(self, directory: str | Path, keep: int = 2):
         self.directory = Path(directory)
         self.keep = max(1, keep)
+        remove_stale_temporaries(self.directory)
+        remove_stale_temporaries(self.directory.parent)  # the stage folder's model.pt / best.pt writes
 
     def paths(self) -> list[Path]:
         """Existing checkpoint files, newest (highest step) first."""

@@ -59,3 +59,63 @@ def test_manager_falls_back_to_previous_good(tmp_path):
         with pytest.raises(CheckpointError, match="every checkpoint"):
             m.load_latest()
     assert CheckpointManager(tmp_path / "none").load_latest() is None
+
+
+def test_flipped_bytes_same_size_are_corrupt_and_skipped(tmp_path):
+    """64 flipped bytes inside a tensor record keep the size and unpickle fine; the CRC-32 catches them."""
+    m = CheckpointManager(tmp_path, keep=2)
+    m.save({"w": torch.zeros(10_000), "step": 1}, 1)
+    newest = m.save({"w": torch.ones(10_000), "step": 2}, 2)
+    data = bytearray(newest.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+    newest.write_bytes(bytes(data))
+    assert newest.stat().st_size == len(data)
+    torch.load(newest, weights_only=True)  # torch alone would take it
+    with pytest.raises(CheckpointError, match="CRC-32"):
+        load(newest)
+    with pytest.warns(UserWarning, match="falling back"):
+        assert m.load_latest()["step"] == 1
+
+
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    import os
+    import subprocess
+
+    from rift_dist.checkpoint import _host, remove_stale_temporaries
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".ckpt-000000004.pt.{_host()}.{dead.pid}.abc123.tmp"
+    live = tmp_path / f".ckpt-000000004.pt.{_host()}.{os.getppid()}.def456.tmp"
+    other_host = tmp_path / f".ckpt-000000004.pt.elsewhere-node.{dead.pid}.ghi789.tmp"
+    for p in (stale, live, other_host):
+        p.write_bytes(b"partial")
+    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and other_host.exists()
+    (tmp_path / "checkpoints").mkdir()
+    stale2 = tmp_path / "checkpoints" / stale.name
+    stale2.write_bytes(b"partial")
+    CheckpointManager(tmp_path / "checkpoints")
+    assert not stale2.exists()
+
+
+def test_full_disk_is_one_clear_error_and_keeps_the_previous_file(tmp_path):
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        m = CheckpointManager(mnt / "ckpt")
+        m.save({"w": torch.zeros(1000), "step": 1}, 1)
+        with pytest.raises(CheckpointError) as info:
+            m.save({"w": torch.zeros(1_000_000), "step": 2}, 2)  # 4 MB on a 1 MB disk
+        msg = str(info.value)
+        assert "disk full" in msg and str(mnt / "ckpt") in msg and "3.8 MiB" in msg and "--run-dir" in msg
+        assert info.value.__cause__ is None and info.value.__suppress_context__
+        assert m.load_latest()["step"] == 1
+        assert [p.name for p in (mnt / "ckpt").iterdir()] == ["ckpt-000000001.pt"]  # no temporary left
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
