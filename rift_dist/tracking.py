@@ -36,6 +36,7 @@ the store to be up to start logging.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -89,6 +90,36 @@ def is_transient(exc: BaseException) -> bool:
     return code not in _PERMANENT_CODES
 
 
+def _param_value_limit() -> int:
+    """MLflow's longest param value (6,000 characters in MLflow 3), read from MLflow itself."""
+    try:
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+        return int(MAX_PARAM_VAL_LENGTH)
+    except ImportError:  # pragma: no cover - MLflow without the constant
+        return 6000
+
+
+def mlflow_param_key(key: str) -> str:
+    """``key`` itself when MLflow accepts it as a param / tag key, else a sanitised, still unique form.
+
+    MLflow's rule (``mlflow.utils.validation``): characters in ``[\\w\\-. /:]``, a normalised relative
+    path, at most 250 characters.  Other characters become ``_``, ``/`` becomes ``_`` and, when the key
+    had to change, an 8-hex-digit hash of the original is appended so two keys never collide.
+    """
+    try:
+        from mlflow.utils.validation import path_not_unique, validate_param_and_metric_name
+
+        ok = validate_param_and_metric_name(key) and not path_not_unique(key)
+    except ImportError:  # pragma: no cover
+        ok = re.fullmatch(r"[\w\-. :]+", key) is not None
+    if ok and len(key) <= 250:
+        return key
+    clean = re.sub(r"[^\w\-. :]", "_", key).strip(" .") or "param"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+    return f"{clean[:240]}_{digest}"
+
+
 class _Null:
     """A run handle that does nothing (ranks other than 0, tracking disabled)."""
 
@@ -125,7 +156,14 @@ class RunHandle(_Null):
             self.tracker._submit(["metrics", self.run_id, clean, int(step or 0), ts])
 
     def log_params(self, params: dict) -> None:
-        """Log params (values turned to strings, at most 6000 characters; sent in batches of 100).
+        """Log params (values turned to strings; sent in batches of 100), none lost.
+
+        MLflow refuses a whole batch for one bad key, and cuts values at 6,000 characters.  So keys it
+        would refuse (a ``=`` or other characters outside ``[\\w\\-. /:]``, a non-normal path, over 250
+        characters) are sanitised (:func:`mlflow_param_key`) with the original in tag
+        ``rift.param_key.<sanitised>``; values over MLflow's limit are cut with tag
+        ``rift.param_truncated.<key>`` saying so, and the full values of every sanitised or cut param go
+        to the run's artefact ``params_full.json``.
 
         MLflow params are immutable.  When the run already holds some of these keys with other values
         (a run directory re-run with changed settings, e.g. after a failed first attempt), those keys
@@ -133,7 +171,27 @@ class RunHandle(_Null):
         ``rift.param_changed.<key>`` ("old -> new") with one warning.  When the store cannot be read,
         everything is queued as before.
         """
-        items = [[k, str(v)[:6000]] for k, v in params.items()]
+        limit = _param_value_limit()
+        items, renamed, cut, full = [], {}, {}, {}
+        for k, v in params.items():
+            key, text = mlflow_param_key(str(k)), str(v)
+            if key != k:
+                renamed[key] = str(k)
+            if len(text) > limit:
+                cut[key] = f"{len(text)} characters, cut to {limit}; the full value is in params_full.json"
+                text = text[:limit]
+            if key != k or key in cut:
+                full[str(k)] = str(v)
+            items.append([key, text])
+        if renamed:
+            self.set_tags({f"rift.param_key.{k}": v[:5000] for k, v in renamed.items()})
+        if cut:
+            self.set_tags({f"rift.param_truncated.{k}": v for k, v in cut.items()})
+        if full:
+            path = self.tracker.run_dir / "mlflow" / f"params_full-{self.run_id}" / "params_full.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(full, indent=1, sort_keys=True))
+            self.log_artifact(path)
         try:
             # only when the store answered last time: a buffered queue means it is down (no 10 s wait)
             reachable = self.tracker.client is not None and not self.tracker._queue

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import json
 import warnings
 from pathlib import Path
 
@@ -253,4 +254,35 @@ def test_unreachable_server_at_start_warns_once_and_the_run_goes_on(tmp_path, mo
     assert "\n" not in off[0]
     assert not tracker.active
     tracker.parent.log_metrics({"x": 1.0}, step=1)  # no error, no network
+    tracker.finish("FINISHED")
+
+
+def test_no_param_lost_to_a_bad_key_or_a_long_value(tmp_path, monkeypatch):
+    """Real SQLite store: one key MLflow refuses used to sink its whole batch of 100; long values were cut silently."""
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    from rift_dist.config import RunConfig
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = RunConfig()
+    cfg.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(cfg, tmp_path / "run")
+    params = {f"section.key_{i}": i for i in range(165)}
+    params["eval.weird=key"] = "x"
+    params["data.long"] = "y" * 7000
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker.parent.log_params(params)
+        tracker.parent.flush()
+    assert not any("rejected" in str(c.message) for c in caught)
+    run = tracker.client.get_run(tracker.parent.run_id)
+    assert len(run.data.params) == 167  # all arrived
+    sane = [k for k in run.data.params if k.startswith("eval.weird")]
+    assert len(sane) == 1 and "=" not in sane[0]
+    assert run.data.tags[f"rift.param_key.{sane[0]}"] == "eval.weird=key"
+    assert len(run.data.params["data.long"]) == MAX_PARAM_VAL_LENGTH
+    assert "7000 characters" in run.data.tags["rift.param_truncated.data.long"]
+    local = tracker.client.download_artifacts(tracker.parent.run_id, "params_full.json", str(tmp_path))
+    full = json.loads(Path(local).read_text())
+    assert full["data.long"] == "y" * 7000 and full["eval.weird=key"] == "x"
     tracker.finish("FINISHED")
