@@ -52,7 +52,9 @@ def at_loss(method: str, logits_clean: torch.Tensor | None, logits_adv: torch.Te
         raise ValueError(f"{method} needs the clean logits")
     logits_clean = logits_clean.float()
     if method == "trades":
-        kl = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits_clean, 1), reduction="batchmean")
+        # log-probabilities on both sides (log_target): exactly 0 when the adversarial logits equal the clean ones
+        kl = F.kl_div(F.log_softmax(logits_adv, 1), F.log_softmax(logits_clean, 1), reduction="batchmean",
+                      log_target=True)
         return F.cross_entropy(logits_clean, labels) + beta * kl
     if method == "mart":
         probs_adv = F.softmax(logits_adv, 1)

@@ -30,7 +30,10 @@ STAGE = "interpolate"
 
 
 def interpolate_state_dicts(theta_at: dict, theta_ft: dict, alpha: float) -> dict:
-    """(1 - alpha) * theta_at + alpha * theta_ft for floating-point entries; others copied from theta_ft.
+    """(1 - alpha) * theta_at + alpha * theta_ft for floating-point entries (RiFT Eq. 9).
+
+    Integer buffers (BatchNorm's ``num_batches_tracked``) are not blended: they come from theta_at at
+    alpha 0 and from theta_ft otherwise, so alpha 0 is the AT state exactly and alpha 1 the FT state.
 
     Args:
         theta_at, theta_ft: state dicts with the same keys and shapes.
@@ -60,7 +63,7 @@ def interpolate_state_dicts(theta_at: dict, theta_ft: dict, alpha: float) -> dic
             else:
                 out[k] = ((1 - alpha) * a.double() + alpha * b.double()).to(a.dtype)
         else:
-            out[k] = b.clone()  # integer buffers (num_batches_tracked) are copied, not blended
+            out[k] = (a if alpha == 0.0 else b).clone()  # integer buffers: copied from an endpoint, not blended
     return out
 
 
