@@ -464,19 +464,33 @@ def _list_tiny(base: Path, split: str) -> _Listing:
 
 
 def _decode_all(listing: _Listing) -> np.ndarray:
+    """Decode every image of a listing into one uint8 [N, H, W, 3] array.
+
+    Raises:
+        DataError: when the split is empty, or when its images do not all have one size: the
+            message blames the images of the minority size(s) (not whichever sorts first) and
+            names the majority size.
+    """
     if not listing.files:
         raise DataError(f"no images found for {listing.description}")
     first = decode_image(listing.files[0])
     out = np.empty((len(listing.files),) + first.shape, dtype=np.uint8)
     out[0] = first
+    by_shape: dict[tuple, list] = {first.shape: [listing.files[0]]}
     for i, path in enumerate(listing.files[1:], 1):
         img = decode_image(path)
-        if img.shape != first.shape:
-            raise DataError(
-                f"{path}: image is {img.shape[1]}x{img.shape[0]}, but {listing.files[0]} is "
-                f"{first.shape[1]}x{first.shape[0]}; all images of a split must have one size (resize the odd ones)"
-            )
-        out[i] = img
+        by_shape.setdefault(img.shape, []).append(path)
+        if img.shape == first.shape:
+            out[i] = img
+    if len(by_shape) > 1:
+        common = max(by_shape, key=lambda shape: len(by_shape[shape]))
+        odd = [(p, shape) for shape, paths in by_shape.items() if shape != common for p in paths]
+        shown = ", ".join(f"{p} ({shape[1]}x{shape[0]})" for p, shape in odd[:5])
+        raise DataError(
+            f"{len(odd)} image(s) of {listing.description} differ in size from the other "
+            f"{len(by_shape[common])}, which are {common[1]}x{common[0]}: {shown}"
+            f"{' ...' if len(odd) > 5 else ''}; all images of a split must have one size (resize the odd ones)"
+        )
     return out
 
 

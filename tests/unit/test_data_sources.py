@@ -329,3 +329,17 @@ def test_decode_cache_reused_and_invalidated(tmp_path, monkeypatch):
 def test_load_split_is_memoised(tmp_path):
     write_cifar_pickles(tmp_path, "cifar10", 1, 1)
     assert load_split("cifar10", tmp_path, "test") is load_split("cifar10", tmp_path, "test")
+
+
+def test_odd_sized_image_that_sorts_first_is_the_one_blamed(tmp_path):
+    """Tiny-ImageNet with one odd image whose name sorts first: blame it (the minority size), not a good image."""
+    from PIL import Image
+
+    base = write_tiny_imagenet(tmp_path, wnids=("n01", "n02"), n_train=3)
+    odd = base / "train" / "n01" / "images" / "n01_0.JPEG"  # the first file of the split
+    Image.fromarray(np.zeros((60, 64, 3), np.uint8)).save(odd, format="PNG")
+    with pytest.raises(DataError) as info:
+        load_split("tiny-imagenet", tmp_path, "train")
+    msg = str(info.value)
+    assert "1 image(s)" in msg and "n01_0.JPEG (64x60)" in msg and "which are 64x64" in msg
+    assert "n01_1.JPEG" not in msg and "n02_" not in msg
