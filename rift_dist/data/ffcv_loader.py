@@ -622,17 +622,21 @@ def convert_dataset(
     out = beton_dir(out_dir, dataset, storage, jpeg_quality)
     root_s = str(root)
     paths: dict[str, Path] = {}
+    # load (and so validate) every split to be written before the first file is written: a refused
+    # split (e.g. a Tiny-ImageNet val/ without val_annotations.txt) must not leave a train.beton behind
+    todo = {}
     for split in ("train", "test"):
         path = out / f"{split}.beton"
         if path.exists() and not overwrite:
             verify_beton(path, num_classes=NUM_CLASSES.get(dataset))
             print(f"[ffcv] {path} exists and verifies; kept (pass --overwrite to rewrite)")
         else:
-            ds = load_split(dataset, root_s, split, layout=layout)
-            write_beton(ds, path, storage, jpeg_quality, overwrite=overwrite, progress=progress,
-                        num_workers=num_workers, source_root=root_s)
-            print(f"[ffcv] wrote {path} ({len(ds)} images)")
+            todo[split] = load_split(dataset, root_s, split, layout=layout)
         paths[split] = path
+    for split, ds in todo.items():
+        write_beton(ds, paths[split], storage, jpeg_quality, overwrite=overwrite, progress=progress,
+                    num_workers=num_workers, source_root=root_s)
+        print(f"[ffcv] wrote {paths[split]} ({len(ds)} images)")
     if corruption_root:
         from .corruptions import load_corruption_set
 

@@ -16,7 +16,7 @@ import os
 import shutil
 import tarfile
 import threading
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -392,6 +392,22 @@ def test_verify_and_convert_cli(tmp_path, files, cifar_subset):
     with redirect_stdout(io.StringIO()) as out:  # second run keeps (and verifies) the files
         assert fl.convert_command(args) == 0
     assert "kept" in out.getvalue()
+
+
+def test_convert_refusing_a_split_writes_nothing(tmp_path):
+    """A Tiny-ImageNet tree whose val/ lacks val_annotations.txt: refused before train.beton is written."""
+    from tests.conftest import write_tiny_imagenet
+
+    base = write_tiny_imagenet(tmp_path / "src", wnids=("n01", "n02"), n_train=2)
+    (base / "val" / "val_annotations.txt").unlink()
+    c = argparse.ArgumentParser()
+    fl.add_convert_arguments(c)
+    args = c.parse_args(["tiny-imagenet", "--root", str(base), "--out", str(tmp_path / "out"), "--workers", "1"])
+    with redirect_stderr(io.StringIO()) as err:
+        assert fl.convert_command(args) == 2
+    assert "val_annotations.txt" in err.getvalue()
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()] if (tmp_path / "out").exists() else []
+    assert written == []
 
 
 # --------------------------------------------------------------------------- config checks
