@@ -509,7 +509,7 @@ def _pct(x: float | None) -> str:
     return fmt_pct(x) + ("%" if x is not None else "")
 
 
-def sanity_checks(figures: dict, tolerance: float = 0.005, square_margin: float = 0.02) -> dict:
+def sanity_checks(figures: dict, tolerance: float = 0.005, square_margin: float = 0.02, loss_gap: float = 0.02) -> dict:
     """Checks against false robustness on already measured figures (Carlini et al. 2019 §5; Croce & Hein 2020 §5).
 
     Args:
@@ -517,9 +517,13 @@ def sanity_checks(figures: dict, tolerance: float = 0.005, square_margin: float 
             "epsilon_sweep": [(epsilon, robust accuracy), ...] (PGD, including the main epsilon),
             "epsilon0_accuracy": float or None, "square_gain": float or None (fraction of samples
             that Square broke after the gradient attacks failed on them), "square_source": str,
-            "autoattack_accuracy": float or None, "pgd_accuracy": float, "violations": int}.
+            "autoattack_accuracy": float or None, "pgd_accuracy": float, "violations": int,
+            "margin_accuracy": float or None (PGD with the CW margin loss)}.
         tolerance: slack of the monotonicity and AutoAttack-vs-PGD checks (fraction of samples).
         square_margin: the most Square may add over the gradient attacks before masking is flagged.
+        loss_gap: the most the margin-loss PGD may fall below the cross-entropy PGD before the
+            cross-entropy attack is flagged as weak (a gap means the CE gradients are uninformative,
+            e.g. saturated softmax; Carlini & Wagner 2017 §V, Croce & Hein 2020 §3).
 
     Returns:
         {"passed": bool, "failed": [names], "checks": [{"name", "passed" (True/False/None = not run),
@@ -575,6 +579,17 @@ def sanity_checks(figures: dict, tolerance: float = 0.005, square_margin: float 
         ok = aa <= pgd_acc + tolerance
         add("autoattack_le_pgd", ok, f"AutoAttack {fmt_pct(aa)} vs PGD {fmt_pct(pgd_acc)}"
             + ("" if ok else " — AutoAttack weaker than PGD: check the attack settings"))
+
+    margin_acc, pgd_acc = figures.get("margin_accuracy"), figures.get("pgd_accuracy")
+    if margin_acc is None or pgd_acc is None:
+        add("margin_pgd_agrees_with_ce_pgd", None, "not run (eval.margin_pgd_steps is 0)")
+    else:
+        ok = margin_acc >= pgd_acc - loss_gap
+        add("margin_pgd_agrees_with_ce_pgd", ok,
+            f"PGD with the margin loss {fmt_pct(margin_acc)} vs cross-entropy PGD {fmt_pct(pgd_acc)} "
+            f"(limit {fmt_pct(loss_gap)} below)"
+            + ("" if ok else " — the cross-entropy attack is weak here: report the margin-loss figure (or "
+                             "AutoAttack) as the robust accuracy"))
 
     viol = int(figures.get("violations", 0))
     add("attacks_in_threat_model", viol == 0,
@@ -718,7 +733,9 @@ def robustness_suite(ctx: StageContext, model: nn.Module, dataset, label: str,
     figures = {"clean_accuracy": main["clean_accuracy"], "robust": robust, "epsilon_sweep": sweep,
                "epsilon0_accuracy": zero["robust_accuracy"], "square_gain": square_gain, "square_source": source,
                "autoattack_accuracy": aa["robust_accuracy"] if aa else None,
-               "pgd_accuracy": main["robust_accuracy"], "violations": violations}
+               "pgd_accuracy": main["robust_accuracy"], "violations": violations,
+               "margin_accuracy": next((r["robust_accuracy"] for name, r in out["pgd"].items()
+                                        if name.endswith("-margin")), None)}
     out["sanity"] = sanity_checks(figures, e.sanity_tolerance, e.sanity_square_margin)
     return out
 

@@ -317,6 +317,21 @@ def test_sanity_checks_on_figures():
                       "square_not_better_than_gradients", "autoattack_le_pgd", "attacks_in_threat_model"}
 
 
+def test_sanity_checks_compare_margin_pgd_with_ce_pgd():
+    """A model at 8.6 % CE-PGD but 3.1 % margin-PGD used to pass every check; the CE attack is weak there."""
+    base = {"clean_accuracy": 0.40, "robust": {"pgd-10": 0.086, "pgd-20-margin": 0.031},
+            "epsilon_sweep": [(4 / 255, 0.2), (8 / 255, 0.086), (16 / 255, 0.01)], "epsilon0_accuracy": 0.40,
+            "square_gain": 0.0, "pgd_accuracy": 0.086, "margin_accuracy": 0.031}
+    result = sanity_checks(base)
+    assert result["failed"] == ["margin_pgd_agrees_with_ce_pgd"]
+    detail = next(c["detail"] for c in result["checks"] if c["name"] == "margin_pgd_agrees_with_ce_pgd")
+    assert "margin" in detail and "report the margin-loss figure" in detail
+    assert sanity_checks({**base, "margin_accuracy": 0.080})["passed"]  # within 2 pp: agrees
+    unrun = sanity_checks({**base, "margin_accuracy": None})
+    assert unrun["passed"] and any(c["passed"] is None for c in unrun["checks"]
+                                   if c["name"] == "margin_pgd_agrees_with_ce_pgd")
+
+
 def test_suite_reports_settings_and_autoattack(tmp_path):
     net = linear_model()
     ds = dataset_for(net, n=16)
