@@ -63,7 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _torchrun(args: argparse.Namespace, argv: list[str]) -> int:
-    """Re-launch this command under torchrun with ``--nproc`` processes on this node."""
+    """Re-launch this command under torchrun with ``--nproc`` processes on this node.
+
+    SIGTERM / SIGINT reaching this process are passed on to torchrun (which passes them to its
+    workers, whose handlers checkpoint and exit); this process then waits for it and returns its status.
+    """
+    import signal
+
     rest, skip = [], False
     for i, a in enumerate(argv):
         if skip:
@@ -78,7 +84,17 @@ def _torchrun(args: argparse.Namespace, argv: list[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
            "-m", "rift_dist.cli", *rest]
     print("rift: launching", " ".join(cmd), flush=True)
-    return subprocess.call(cmd)
+    child = subprocess.Popen(cmd)
+
+    def forward(signum, frame):  # noqa: ARG001 - signal protocol
+        child.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def _config(args: argparse.Namespace):
@@ -123,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "nproc", 0) and args.nproc > 1 and "RANK" not in os.environ:
             return _torchrun(args, argv)
         cfg = _config(args)
+        from rift_dist import interrupts
         from rift_dist.pipeline import run_pipeline
+
+        interrupts.install()  # SIGTERM / SIGINT: checkpoint at the next step, close MLflow runs, exit 143 / 130
 
         if args.command == "evaluate" and args.checkpoint:
             from rift_dist.robustness import evaluate_checkpoint
@@ -141,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         print("rift: interrupted — re-run the same command to resume", file=sys.stderr)
         return 130
     except Exception as exc:  # clear one-line errors for the errors we expect
+        from rift_dist.interrupts import Interrupted
+
+        if isinstance(exc, Interrupted):
+            print(f"rift: {exc}; the checkpoint is written — re-run the same command to resume", file=sys.stderr)
+            return exc.exit_code
         from rift_dist.checkpoint import CheckpointError
         from rift_dist.stages.common import StageError
 

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import torch
 
+from rift_dist import interrupts
 from rift_dist.config import ConfigError, RunConfig, dump_yaml, flatten
 from rift_dist.distributed import Runtime
 from rift_dist.precision import resolve_precision
@@ -81,6 +82,7 @@ def run_stages(ctx: StageContext, stages: list[str] | tuple[str, ...] = STAGES) 
     """
     results = {}
     for name in stages:
+        interrupts.check(ctx.runtime, where=f"the stages before '{name}'")
         done = read_done(ctx, name)
         if done is not None:
             ctx.log(f"[{name}] already done — reusing {ctx.run_dir / name} (delete it to redo)")
@@ -185,6 +187,9 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path | None = None, stages=STAGE
             print_summary(json.loads((run_dir / "summary.json").read_text()))
         status = "FINISHED"
         return results
+    except interrupts.Interrupted:
+        status = "KILLED"
+        raise
     finally:
         try:
             if ctx is not None:

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rift_dist import checkpoint
+from rift_dist import checkpoint, interrupts
 from rift_dist.attacks import eval_mode, pgd
 from rift_dist.distributed import seed_for
 from rift_dist.models import list_modules, module_names, unwrap
@@ -608,6 +608,8 @@ def compute_modules(ctx: StageContext, model: nn.Module, images: torch.Tensor, l
     for name, row in rows:
         write_json(out_dir / f"{name}.json", row)
         done[name] = row
+        # per rank (ranks hold different numbers of modules): a signalled rank stops after this module
+        interrupts.check(None, where=f"MRC of module {name} (saved; {len(done)} of {len(names)} on this rank)")
     return [done[n] for n in names]
 
 

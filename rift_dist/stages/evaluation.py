@@ -22,6 +22,7 @@ import json
 import time
 from pathlib import Path
 
+from rift_dist.atomic import atomic_write_text
 from rift_dist.stages.common import (
     StageContext, at_state, evaluate_model, fmt_pct, load_state, new_model, write_done, write_json,
 )
@@ -189,7 +190,7 @@ def run(ctx: StageContext) -> dict:
         }
         if ctx.is_main:
             write_json(ctx.run_dir / "summary.json", summary)
-            (ctx.run_dir / "summary.md").write_text(summary_markdown(summary))
+            atomic_write_text(ctx.run_dir / "summary.md", summary_markdown(summary))
             write_csv(ctx.run_dir / "summary.csv", result_csv_rows("AT", at) + result_csv_rows("RiFT", rift))
             metrics = {**result_metrics("at", at), **result_metrics("rift", rift)}
             run_log.log_metrics(metrics)

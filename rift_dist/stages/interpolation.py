@@ -15,12 +15,14 @@ Artefacts: ``interpolation.csv`` (alpha, clean_accuracy, robust_accuracy),
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
 import torch
 
-from rift_dist import checkpoint
+from rift_dist import checkpoint, interrupts
+from rift_dist.atomic import atomic_write_text
 from rift_dist.config import AttackConfig
 from rift_dist.stages.common import (
     StageContext, at_state, evaluate_model, load_state, new_model, write_done, write_json,
@@ -133,22 +135,33 @@ def run(ctx: StageContext) -> dict:
     done_dir = ctx.run_dir / STAGE / "alphas"
     rows = []
     with ctx.tracker.stage("interpolation") as parent:
+
+        def log_alpha(alpha: float, row: dict, part: Path) -> None:
+            # logged after the result file is written; the ".logged" marker says it reached the tracker, so
+            # a kill between the two is replayed from the file on resume instead of losing the metrics
+            with ctx.tracker.stage(f"alpha={alpha:g}", key=f"alpha={alpha:g}", params={"alpha": alpha},
+                                   parent=parent) as r:
+                r.log_metrics({"clean_accuracy": row["clean_accuracy"], "robust_accuracy": row["robust_accuracy"]})
+            parent.log_metrics({"clean_accuracy": row["clean_accuracy"], "robust_accuracy": row["robust_accuracy"]},
+                               step=int(round(alpha * 100)))
+            part.with_suffix(".logged").touch()
+
         for alpha in cfg.interpolation.alphas:
             part = done_dir / f"alpha-{alpha:.4f}.json"
             if part.is_file():
-                rows.append(json.loads(part.read_text()))
+                row = json.loads(part.read_text())
+                rows.append(row)
+                if ctx.is_main and not part.with_suffix(".logged").is_file():
+                    log_alpha(alpha, row, part)
                 continue
             row = evaluate_alpha(ctx, theta_at, theta_ft, alpha, selection)
             rows.append(row)
             if ctx.is_main:
                 write_json(part, row)
-                with ctx.tracker.stage(f"alpha={alpha:g}", key=f"alpha={alpha:g}", params={"alpha": alpha},
-                                       parent=parent) as r:
-                    r.log_metrics({"clean_accuracy": row["clean_accuracy"], "robust_accuracy": row["robust_accuracy"]})
-                parent.log_metrics({"clean_accuracy": row["clean_accuracy"], "robust_accuracy": row["robust_accuracy"]},
-                                   step=int(round(alpha * 100)))
+                log_alpha(alpha, row, part)
             ctx.log(f"[interpolate] alpha {alpha:.2f}: clean {100 * row['clean_accuracy']:.2f}% "
                     f"robust {100 * row['robust_accuracy']:.2f}%")
+            interrupts.check(ctx.runtime, where=f"interpolation alpha {alpha:g} (its result is saved)")
         at_row = next((r for r in rows if r["alpha"] == 0.0), None)
         if at_row is None:
             at_row = evaluate_alpha(ctx, theta_at, theta_ft, 0.0, selection)
@@ -156,11 +169,12 @@ def run(ctx: StageContext) -> dict:
                             cfg.interpolation.tolerance)
         if ctx.is_main:
             path = ctx.run_dir / "interpolation.csv"
-            with path.open("w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=("alpha", "clean_accuracy", "robust_accuracy"))
-                w.writeheader()
-                for r in sorted(rows, key=lambda r: r["alpha"]):
-                    w.writerow(r)
+            buf = io.StringIO(newline="")
+            w = csv.DictWriter(buf, fieldnames=("alpha", "clean_accuracy", "robust_accuracy"))
+            w.writeheader()
+            for r in sorted(rows, key=lambda r: r["alpha"]):
+                w.writerow(r)
+            atomic_write_text(path, buf.getvalue())  # a kill mid-write never leaves half a table
             plot_curve(ctx.run_dir / STAGE / "interpolation.png", rows, best["alpha"])
             checkpoint.save_atomic(interpolate_state_dicts(theta_at, theta_ft, best["alpha"]),
                                    ctx.run_dir / STAGE / "model.pt")
