@@ -77,6 +77,7 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        _fault_point(path)
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -89,6 +90,23 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
                 f"checkpoint is intact.") from None
         raise
     return path
+
+
+_SAVES = 0
+
+
+def _fault_point(path: Path) -> None:
+    """Fault injection for the chaos tests: with env ``RIFT_FAULT_KILL_IN_SAVE=N`` the process SIGKILLs
+    itself inside its N-th checkpoint write (temporary file complete, not yet renamed). Off by default."""
+    global _SAVES
+    target = os.environ.get("RIFT_FAULT_KILL_IN_SAVE")
+    if not target:
+        return
+    _SAVES += 1
+    if _SAVES == int(target):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _is_no_space(exc: BaseException | None) -> bool:

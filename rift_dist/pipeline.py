@@ -89,6 +89,7 @@ def run_stages(ctx: StageContext, stages: list[str] | tuple[str, ...] = STAGES) 
             results[name] = done["outputs"]
             continue
         t0 = time.time()
+        ctx.log(f"[{name}] started")
         results[name] = stage_function(name, ctx.cfg)(ctx)
         ctx.log(f"[{name}] finished in {time.time() - t0:.1f}s")
     return results
