@@ -566,24 +566,62 @@ def read_table(path: Path) -> list[dict]:
                  "robust_accuracy_drop": float(r["robust_accuracy_drop"])} for r in csv.DictReader(fh)]
 
 
-def plot_table(path: Path, rows: list[dict], names_in_order: list[str], chosen: list[str]) -> None:
-    """Bar chart of MRC per module, in network order, chosen modules highlighted."""
+def plot_table(path: Path, rows: list[dict], names_in_order: list[str], chosen: list[str], caption: str = "") -> dict:
+    """Bar chart of MRC per module (RiFT Eq. 2), in network order, the fine-tuned module(s) highlighted.
+
+    Args:
+        path: PNG to write.
+        rows: the MRC table ({"module", "mrc", ...}).
+        names_in_order: module names in network order (x axis).
+        chosen: the module(s) RiFT fine-tunes (drawn in orange, named in the legend).
+        caption: the settings line under the axes (eps_w, images, data set, model).
+
+    Returns:
+        the texts drawn: {"title", "xlabel", "ylabel", "legend": [labels], "caption"} (for tests).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     by = {r["module"]: r for r in rows}
     names = [n for n in names_in_order if n in by]
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 4))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.42 * len(names)), 5.2))
     ax.bar(range(len(names)), [by[n]["mrc"] for n in names],
            color=["tab:orange" if n in chosen else "tab:blue" for n in names])
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-    ax.set_ylabel("MRC (increase of adversarial loss)")
-    ax.set_title("Module robust criticality (orange: fine-tuned)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=9)
+    top = max([by[n]["mrc"] for n in names] + [1e-12])
+    for i, name in enumerate(names):  # a near-zero bar is invisible: mark the chosen module(s) and their labels
+        if name in chosen:
+            ax.get_xticklabels()[i].set_color("tab:orange")
+            ax.get_xticklabels()[i].set_fontweight("bold")
+            ax.plot(i, by[name]["mrc"] + 0.03 * top, marker="v", color="tab:orange", markersize=9)
+    ax.tick_params(axis="y", labelsize=10)
+    ax.set_xlabel("module (network order)", fontsize=11)
+    ax.set_ylabel("MRC: increase of the mean\nadversarial cross-entropy (nats)", fontsize=11)
+    ax.set_title("Module robust criticality (RiFT Eq. 2)", fontsize=12)
+    ax.legend(handles=[Patch(color="tab:orange", label=f"fine-tuned: {', '.join(chosen)} (lowest MRC)"),
+                       Patch(color="tab:blue", label="other modules")], fontsize=9, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    if caption:
+        fig.text(0.01, 0.01, caption, fontsize=9, ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.035 if caption else 0, 1, 1))
+    fig.savefig(path, dpi=130)
+    texts = {"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
+             "legend": [t.get_text() for t in ax.get_legend().get_texts()],
+             "caption": " ".join(t.get_text() for t in fig.texts)}
     plt.close(fig)
+    return texts
+
+
+def mrc_caption(cfg, num_images: int) -> str:
+    """The settings line of the MRC figure: eps_w, the number of images, the data set and the model."""
+    a = cfg.train.attack
+    width = f"width {cfg.model.width}" if cfg.model.arch.startswith("resnet") else f"widen {cfg.model.widen_factor}"
+    return (f"eps_w = {cfg.mrc.epsilon_w:g} (relative), {cfg.mrc.num_iterations} ascent steps; {num_images} fixed "
+            f"adversarial training images (PGD-{a.num_steps}, eps {255 * a.epsilon:g}/255); {cfg.data.dataset}, "
+            f"{cfg.model.arch} ({width})")
 
 
 def compute_modules(ctx: StageContext, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -647,7 +685,7 @@ def run(ctx: StageContext) -> dict:
             write_table(ctx.run_dir / "mrc.csv", rows)
             write_json(ctx.run_dir / STAGE / "mrc.json", {"rows": rows, "chosen": chosen, "assignment": groups,
                                                           "rank_seconds": per_rank})
-            plot_table(ctx.run_dir / STAGE / "mrc.png", rows, all_names, chosen)
+            plot_table(ctx.run_dir / STAGE / "mrc.png", rows, all_names, chosen, mrc_caption(cfg, len(images)))
             for r in rows:
                 run_log.log_metrics({f"mrc.{r['module']}": r["mrc"],
                                      f"robust_accuracy_drop.{r['module']}": r["robust_accuracy_drop"]})

@@ -190,6 +190,8 @@ def run(ctx: StageContext) -> dict:
         }
         if ctx.is_main:
             write_json(ctx.run_dir / "summary.json", summary)
+            figure = ctx.path("evaluate", "at_vs_rift.png")
+            plot_at_vs_rift(figure, summary)
             atomic_write_text(ctx.run_dir / "summary.md", summary_markdown(summary))
             write_csv(ctx.run_dir / "summary.csv", result_csv_rows("AT", at) + result_csv_rows("RiFT", rift))
             metrics = {**result_metrics("at", at), **result_metrics("rift", rift)}
@@ -198,6 +200,8 @@ def run(ctx: StageContext) -> dict:
             run_log.set_tags({"rift.sanity": tag})
             for name in ("summary.json", "summary.md", "summary.csv"):
                 run_log.log_artifact(ctx.run_dir / name)
+            for fig_path in (figure, ctx.run_dir / "mrc" / "mrc.png", ctx.run_dir / "interpolate" / "interpolation.png"):
+                run_log.log_artifact(fig_path, "figures")  # the figures summary.md shows, beside it
             ctx.tracker.parent.log_metrics({k: v for k, v in metrics.items() if k.count(".") == 1})
             ctx.tracker.parent.set_tags({"rift.sanity": tag})
             ctx.tracker.parent.log_artifact(ctx.run_dir / "summary.md")
@@ -249,6 +253,52 @@ def _pair_table(title: str, left: dict, right: dict) -> list[str]:
     return lines + [""]
 
 
+def plot_at_vs_rift(path: Path, summary: dict) -> dict:
+    """Grouped bars of clean / robust / corruption accuracy, AT vs RiFT, on the test split (RiFT Table 1).
+
+    Error bars are +-1 binomial standard error sqrt(p (1 - p) / n) with n the number of test images
+    (for the corruption mean, n is the images per set: a conservative bar, since the sets share images).
+    Returns the texts drawn ({"title", "xlabel", "ylabel", "legend", "caption"}).
+    """
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = int(summary.get("test_examples") or 0)
+    keys = [("clean_accuracy", "clean"), ("robust_accuracy", f"robust (PGD-{summary['pgd']['num_steps']}, "
+                                                            f"worst of {summary['pgd']['restarts']})")]
+    if summary["at"].get("corruption_accuracy") is not None:
+        keys.append(("corruption_accuracy", "corruption (mean over sets)"))
+    fig, ax = plt.subplots(figsize=(7.0, 4.4))
+    width = 0.38
+    for j, (model, label, color) in enumerate((("at", "AT", "tab:blue"), ("rift", "RiFT", "tab:orange"))):
+        vals = [summary[model][k] for k, _ in keys]
+        errs = [100 * math.sqrt(max(v * (1 - v), 0.0) / n) if n else 0.0 for v in vals]
+        xs = [i + (j - 0.5) * width for i in range(len(keys))]
+        bars = ax.bar(xs, [100 * v for v in vals], width, yerr=errs, capsize=4, label=label, color=color)
+        for b, v in zip(bars, vals):  # the value inside the bar's foot, clear of the error bar
+            ax.text(b.get_x() + b.get_width() / 2, 0.5, f"{100 * v:.1f}", ha="center", va="bottom", fontsize=8,
+                    color="white", fontweight="bold")
+    ax.set_xticks(range(len(keys)), [name for _, name in keys], fontsize=9)
+    ax.set_ylabel("accuracy on the test split (%)", fontsize=10)
+    modules = ", ".join(summary.get("modules", []))
+    same = " — RiFT = AT" if summary["alpha"] == 0 else ""
+    ax.set_title(f"AT vs RiFT ({modules}, alpha* = {summary['alpha']:g}{same}); n = {n} test images, +-1 s.e.",
+                 fontsize=10)
+    ax.legend(fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    texts = {"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
+             "legend": [t.get_text() for t in ax.get_legend().get_texts()],
+             "caption": " ".join(t.get_text() for t in fig.texts)}
+    plt.close(fig)
+    return texts
+
+
 def summary_markdown(summary: dict) -> str:
     """The AT-vs-RiFT table as Markdown, with settings, AutoAttack, corruption tables and sanity checks."""
     from rift_dist.robustness import sanity_markdown
@@ -261,6 +311,10 @@ def summary_markdown(summary: dict) -> str:
                  f"(chosen on the {summary['selection_split']} split); {summary['test_examples']} test images"
                  + (f" (quick look: eval.n_examples = {summary['n_examples']})" if summary.get("n_examples") else "")
                  + ".")
+    lines.append("")
+    lines.append("Figures: ![AT vs RiFT](evaluate/at_vs_rift.png) ![MRC per module](mrc/mrc.png) "
+                 "![interpolation sweep](interpolate/interpolation.png) (paths in the run directory; in MLflow "
+                 "they are the evaluation run's figures/ artefacts)")
     lines.append("")
     lines.append("Attack settings (L-inf, pixels in [0, 1]):")
     for name, r in at.get("pgd", {}).items():

@@ -89,8 +89,26 @@ def choose_alpha(rows: list[dict], at_robust_accuracy: float, tolerance: float =
     return max(ok, key=lambda r: (r["clean_accuracy"], r["robust_accuracy"], -r["alpha"]))
 
 
-def plot_curve(path: Path, rows: list[dict], chosen: float) -> None:
-    """Clean and robust accuracy against alpha, alpha* marked."""
+def plot_curve(path: Path, rows: list[dict], chosen: float, at_robust: float | None = None, tolerance: float = 0.001,
+               split: str = "", n: int = 0, attack: str = "PGD") -> dict:
+    """Clean and robust accuracy against alpha (RiFT Eq. 9), alpha* and the rule that chose it drawn.
+
+    Args:
+        path: PNG to write.
+        rows: [{"alpha", "clean_accuracy", "robust_accuracy"}] (fractions).
+        chosen: alpha*.
+        at_robust: the AT model's robust accuracy on the same split; with it, the selection line
+            "robust >= AT robust - tolerance" (RiFT §4) is drawn.
+        tolerance: the rule's slack (fraction; 0.001 = 0.1 pp).
+        split, n: the split and its number of images (title; binomial error bars +-1 standard error
+            sqrt(p (1 - p) / n) when n > 0).
+        attack: the exact attack of the robust curve (e.g. "PGD-10, worst of 1").
+
+    Returns:
+        the texts drawn: {"title", "xlabel", "ylabel", "legend": [labels], "caption"} (for tests).
+    """
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,16 +116,33 @@ def plot_curve(path: Path, rows: list[dict], chosen: float) -> None:
 
     rows = sorted(rows, key=lambda r: r["alpha"])
     a = [r["alpha"] for r in rows]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(a, [100 * r["clean_accuracy"] for r in rows], "o-", label="clean accuracy")
-    ax.plot(a, [100 * r["robust_accuracy"] for r in rows], "s-", label="robust accuracy (PGD)")
+
+    def se(key):
+        return [100 * math.sqrt(max(r[key] * (1 - r[key]), 0.0) / n) if n else 0.0 for r in rows]
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    ax.errorbar(a, [100 * r["clean_accuracy"] for r in rows], yerr=se("clean_accuracy"), fmt="o-", capsize=3,
+                label="clean accuracy")
+    ax.errorbar(a, [100 * r["robust_accuracy"] for r in rows], yerr=se("robust_accuracy"), fmt="s-", capsize=3,
+                label=f"robust accuracy ({attack})")
+    if at_robust is not None:
+        ax.axhline(100 * (at_robust - tolerance), color="tab:red", ls=":",
+                   label=f"rule: robust >= AT robust - {100 * tolerance:g} pp")
     ax.axvline(chosen, color="grey", ls="--", label=f"alpha* = {chosen:g}")
-    ax.set_xlabel("interpolation factor alpha")
-    ax.set_ylabel("accuracy (%)")
-    ax.legend(fontsize=8)
+    ax.set_xlabel("interpolation factor alpha (0 = AT model, 1 = fine-tuned)", fontsize=10)
+    ax.set_ylabel("accuracy (%)", fontsize=10)
+    where = f"{split} split" + (f", n = {n} images" if n else "")
+    ax.set_title(f"Interpolation sweep on the {where}" + (" (error bars: +-1 s.e.)" if n else ""), fontsize=10)
+    ax.tick_params(labelsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=130)
+    texts = {"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
+             "legend": [t.get_text() for t in ax.get_legend().get_texts()],
+             "caption": " ".join(t.get_text() for t in fig.texts)}
     plt.close(fig)
+    return texts
 
 
 def selection_attack(cfg) -> AttackConfig:
@@ -175,7 +210,11 @@ def run(ctx: StageContext) -> dict:
             for r in sorted(rows, key=lambda r: r["alpha"]):
                 w.writerow(r)
             atomic_write_text(path, buf.getvalue())  # a kill mid-write never leaves half a table
-            plot_curve(ctx.run_dir / STAGE / "interpolation.png", rows, best["alpha"])
+            sel = selection_attack(cfg)
+            attack = f"PGD-{sel.num_steps}" + (f", worst of {cfg.eval.selection_restarts} restarts"
+                                               if cfg.eval.selection_restarts > 1 else "")
+            plot_curve(ctx.run_dir / STAGE / "interpolation.png", rows, best["alpha"], at_row["robust_accuracy"],
+                       cfg.interpolation.tolerance, cfg.selection_split, len(selection), attack)
             checkpoint.save_atomic(interpolate_state_dicts(theta_at, theta_ft, best["alpha"]),
                                    ctx.run_dir / STAGE / "model.pt")
             write_json(ctx.run_dir / STAGE / "alpha.json", {"alpha": best["alpha"], "row": best, "at": at_row,
