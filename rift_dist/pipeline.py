@@ -10,6 +10,7 @@ under torchrun, or inside a SLURM job.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ from rift_dist import interrupts
 from rift_dist.config import ConfigError, RunConfig, dump_yaml, flatten
 from rift_dist.distributed import Runtime
 from rift_dist.precision import resolve_precision
+from rift_dist.preflight import check_inputs, usable_cpus
 from rift_dist.run_lock import RunDirLock, RunDirLockedError
 from rift_dist.stages.common import STAGES, StageContext, StageError, read_done
 from rift_dist.tracking import Tracker
@@ -117,6 +119,23 @@ def check_module_names(cfg: RunConfig) -> None:
                               f"valid modules: {', '.join(names)}")
 
 
+def cap_num_workers(cfg: RunConfig) -> str:
+    """Cap ``data.num_workers`` at the CPUs each local process may use; returns a note when it was capped.
+
+    The paper configs ask for 8 loader workers; on a 2-core machine (or 8 ranks sharing a 16-core node)
+    that many processes only fight over the cores.  Each of the ``LOCAL_WORLD_SIZE`` processes on this
+    node gets ``usable CPUs // LOCAL_WORLD_SIZE`` (at least 1); 0 (load in the main process) is kept.
+    """
+    want = cfg.data.num_workers
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")) or 1))
+    limit = max(1, usable_cpus() // local)
+    if want > limit:
+        cfg.data.num_workers = limit
+        return (f"rift: data.num_workers {want} -> {limit}: this process may use {usable_cpus()} CPU(s)"
+                + (f" shared by {local} local processes" if local > 1 else ""))
+    return ""
+
+
 def check_stages_current(cfg: RunConfig, run_dir: Path, stages) -> None:
     """Refuse, before anything is written, a run whose finished stages were produced with another config.
 
@@ -155,6 +174,8 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path | None = None, stages=STAGE
     run_dir = Path(run_dir or cfg.run_dir)
     cfg.run_dir = str(run_dir)
     check_module_names(cfg)
+    check_inputs(cfg, stages)  # every input path the stages need, before anything runs or is written
+    note = cap_num_workers(cfg)
     configure_torch(cfg)
     runtime = Runtime(cfg)
     lock = RunDirLock(run_dir)
@@ -181,6 +202,8 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path | None = None, stages=STAGE
             ctx.tracker.parent.log_params(flatten(cfg))
             ctx.tracker.parent.set_tags({"rift.run_dir": str(run_dir.resolve())})
         ctx.log(f"rift: run {run_dir} — {runtime.world_size} process(es) on {runtime.device}, {ctx.precision.describe()}")
+        if note:
+            ctx.log(note)
         results = run_stages(ctx, list(stages))
         if print_table and runtime.is_main and (run_dir / "summary.json").is_file() and "evaluate" in stages:
             from rift_dist.stages.evaluation import print_summary
