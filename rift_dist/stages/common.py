@@ -80,12 +80,13 @@ class StageContext:
             print(message, flush=True)
 
     def bar(self, iterable, total: int | None = None, desc: str = ""):
-        """A tqdm progress bar on the main process (plain iteration elsewhere)."""
+        """Progress on the main process: a tqdm bar on a terminal, a line per 10 % or minute in a log file
+        (:func:`rift_dist.progress.progress`); plain iteration elsewhere."""
         if not (self.is_main and self.progress):
             return iterable
-        from tqdm.auto import tqdm
+        from rift_dist.progress import progress
 
-        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+        return progress(iterable, total=total, desc=desc, stream=sys.stderr)
 
 
 # ------------------------------------------------------------------------------ done markers
