@@ -372,7 +372,28 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+SWITCH_KEYS = frozenset(k for k, v in CHOICES.items() if {"on", "off"} <= set(v))
+"""Fields that take ``auto|on|off``; YAML's booleans (``on``/``off``/``yes``/``no``/``true``/``false`` unquoted)
+and the strings on/off/true/false/yes/no in any case are accepted there and normalised to "on" / "off"."""
+
+_SWITCH_WORDS = {"on": "on", "true": "on", "yes": "on", "off": "off", "false": "off", "no": "off", "auto": "auto"}
+
+
 # --------------------------------------------------------------------------- parsing
+
+
+def _coerce_switch(value: Any, key: str, source: str) -> str:
+    """An ``auto|on|off`` value: True -> "on", False -> "off", strings matched case-insensitively.
+
+    Raises:
+        ConfigError: for anything else, naming the key, the value, the file and the accepted spellings.
+    """
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, str) and value.strip().lower() in _SWITCH_WORDS:
+        return _SWITCH_WORDS[value.strip().lower()]
+    raise ConfigError(f"{source}: '{key}' is {value!r}; write auto, on or off (true/false also accepted), "
+                      f"e.g. --set {key}=off")
 
 
 def _parse_number(value: Any, key: str, source: str) -> float:
@@ -408,6 +429,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is float:
         return _parse_number(value, key, source)
     if tp is str:
+        if key in SWITCH_KEYS:
+            return _coerce_switch(value, key, source)
         if isinstance(value, str) and key.split(".")[-1] in PATH_KEYS:
             value = os.path.expandvars(value)
         if not isinstance(value, str):
@@ -438,24 +461,126 @@ def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
     return obj
 
 
+# Range rules, one per numeric field (and per list that needs an entry): key -> (test, what the value must be).
+# Units: epsilons and step sizes are fractions of the pixel range [0, 1]; alphas and accuracy tolerances are
+# fractions too.  ``_validate`` applies them to every list item of list fields.
+_GE0 = (lambda v: v >= 0, ">= 0")
+_GE1 = (lambda v: v >= 1, ">= 1")
+_POS = (lambda v: v > 0, "> 0")
+_UNIT = (lambda v: 0.0 <= v <= 1.0, "in [0, 1] (a fraction of the pixel range; 8/255 is written 8/255)")
+_FRAC = (lambda v: 0.0 <= v <= 1.0, "in [0, 1] (a fraction)")
+_MOMENTUM = (lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+_GAMMA = (lambda v: 0.0 < v <= 1.0, "in (0, 1]")
+
+RANGES: dict[str, tuple[Any, str]] = {
+    "seed": _GE0,
+    **{f"{s}.attack.{k}": r for s in ("train", "mrc", "eval")
+       for k, r in (("epsilon", _UNIT), ("step_size", _UNIT), ("num_steps", _GE0))},
+    "data.train_subset": (lambda v: v >= 0, ">= 0 (0 = all images)"),
+    "data.test_subset": (lambda v: v >= 0, ">= 0 (0 = all images)"),
+    "data.val_size": _GE0,
+    "data.split_seed": _GE0,
+    "data.batch_size": _GE1,
+    "data.eval_batch_size": _GE1,
+    "data.num_workers": _GE0,
+    "data.ffcv_jpeg_quality": (lambda v: 1 <= v <= 100, "in 1..100"),
+    "data.severities": (lambda v: v in (1, 2, 3, 4, 5), "in 1..5"),
+    "data.corruption_subset": (lambda v: v >= 0, ">= 0 (0 = all images)"),
+    "data.corruption_seed": _GE0,
+    "model.width": _GE1,
+    "model.widen_factor": _GE1,
+    "model.mean": (lambda v: 0.0 <= v <= 1.0, "in [0, 1] (a mean of pixels in [0, 1])"),
+    "model.std": _POS,
+    "train.epochs": _GE1,
+    "train.lr": _POS,
+    "train.momentum": _MOMENTUM,
+    "train.weight_decay": _GE0,
+    "train.milestones": _GE0,
+    "train.gamma": _GAMMA,
+    "train.beta": _GE0,
+    "train.eval_attack_steps": _GE0,
+    "train.checkpoint_every": (lambda v: v >= 0, ">= 0 (0 = only at epoch ends)"),
+    "train.max_steps_per_epoch": (lambda v: v >= 0, ">= 0 (0 = the whole epoch)"),
+    "mrc.epsilon_w": (lambda v: v >= 0, ">= 0 (relative to the weight's norm; 0.1 in the paper)"),
+    "mrc.p": (lambda v: v >= 1, ">= 1 (a norm; 2 = Frobenius)"),
+    "mrc.num_iterations": _GE1,
+    "mrc.lr": _POS,
+    "mrc.batch_size": _GE1,
+    "mrc.num_examples": _GE1,
+    "mrc.top_k": _GE1,
+    "mrc.max_cache_bytes": (lambda v: v >= 0, ">= 0 (0 = no limit)"),
+    "finetune.epochs": _GE1,
+    "finetune.lr": _POS,
+    "finetune.momentum": _MOMENTUM,
+    "finetune.weight_decay": _GE0,
+    "finetune.milestones": _GE0,
+    "finetune.gamma": _GAMMA,
+    "finetune.max_steps_per_epoch": (lambda v: v >= 0, ">= 0 (0 = the whole epoch)"),
+    "interpolation.alphas": _FRAC,
+    "interpolation.tolerance": _FRAC,
+    "eval.restarts": _GE1,
+    "eval.selection_attack_steps": _GE0,
+    "eval.selection_restarts": _GE1,
+    "eval.n_examples": (lambda v: v >= 0, ">= 0 (0 = all)"),
+    "eval.autoattack_steps": _GE1,
+    "eval.autoattack_queries": _GE1,
+    "eval.autoattack_seed": _GE0,
+    "eval.extra_pgd_steps": _GE1,
+    "eval.margin_pgd_steps": (lambda v: v >= 0, ">= 0 (0 = off)"),
+    "eval.extra_restarts": _GE1,
+    "eval.sanity_epsilons": _UNIT,
+    "eval.sanity_square_margin": _FRAC,
+    "eval.sanity_tolerance": _FRAC,
+    "eval.sanity_examples": _GE1,
+    "eval.sanity_square_queries": _GE1,
+    "precision.threads": (lambda v: v >= 0, ">= 0 (0 = leave torch's setting)"),
+    "distributed.timeout_s": _GE1,
+    "distributed.zero_stage": (lambda v: v in (0, 1, 2), "0, 1 or 2"),
+    "distributed.gradient_accumulation_steps": _GE1,
+}
+"""The range rule of every numeric field: ``{key: (test, description)}``; list fields are checked per item."""
+
+NONEMPTY = ("interpolation.alphas", "data.severities")
+"""List fields that need at least one entry."""
+
+
+
+def _fix(key: str, source: str) -> str:
+    where = source.replace(" with --set", "")
+    return f"fix it in {where} or with --set {key}=..."
+
+
 def _validate(cfg: RunConfig, source: str) -> None:
+    """Check every choice and range rule (:data:`CHOICES`, :data:`RANGES`, :data:`NONEMPTY`).
+
+    Runs inside :func:`from_dict` / :func:`load_config`, i.e. before any data, MLflow or run-directory work.
+    (``eval.corruption_protocol`` and the AutoAttack names are checked by
+    ``rift_dist.robustness.validate_eval_config``.)
+
+    Raises:
+        ConfigError: ``"<file>: '<key>' is <value>; it must be <rule>; fix it in <file> or with --set <key>=..."``.
+    """
     flat = flatten(cfg)
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
-            raise ConfigError(f"{source}: '{key}' is {flat[key]!r}; choose one of {', '.join(allowed)}")
-    for key in ("train.attack.epsilon", "mrc.attack.epsilon", "eval.attack.epsilon", "mrc.epsilon_w"):
-        if flat[key] < 0:
-            raise ConfigError(f"{source}: '{key}' must be >= 0, got {flat[key]}")
-    for a in cfg.interpolation.alphas:
-        if not 0.0 <= a <= 1.0:
-            raise ConfigError(f"{source}: 'interpolation.alphas' must lie in [0, 1], got {a}")
-    for s in cfg.data.severities:
-        if s not in (1, 2, 3, 4, 5):
-            raise ConfigError(f"{source}: 'data.severities' must be in 1..5, got {s}")
-    if cfg.mrc.top_k < 1:
-        raise ConfigError(f"{source}: 'mrc.top_k' must be >= 1")
-    if cfg.distributed.zero_stage not in (0, 1, 2):
-        raise ConfigError(f"{source}: 'distributed.zero_stage' must be 0, 1 or 2")
+            raise ConfigError(f"{source}: '{key}' is {flat[key]!r}; choose one of {', '.join(allowed)}; "
+                              f"{_fix(key, source)}")
+    for key in NONEMPTY:
+        if not flat[key]:
+            raise ConfigError(f"{source}: '{key}' is []; it needs at least one entry; {_fix(key, source)}")
+    for key, (ok, rule) in RANGES.items():
+        value = flat[key]
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if not ok(item):
+                shown = f"{item!r} (in {value!r})" if isinstance(value, list) else repr(item)
+                raise ConfigError(f"{source}: '{key}' is {shown}; it must be {rule}; {_fix(key, source)}")
+    if cfg.eval.autoattack and not cfg.eval.autoattack_attacks:
+        raise ConfigError(f"{source}: 'eval.autoattack_attacks' is [] while eval.autoattack is true; list at least "
+                          f"one attack or set eval.autoattack: false; {_fix('eval.autoattack_attacks', source)}")
+    if cfg.model.mean and cfg.model.std and len(cfg.model.mean) != len(cfg.model.std):
+        raise ConfigError(f"{source}: 'model.mean' has {len(cfg.model.mean)} entries and 'model.std' "
+                          f"{len(cfg.model.std)}; give one per input channel; {_fix('model.std', source)}")
 
 
 def from_dict(data: dict, source: str = "<dict>") -> RunConfig:
@@ -528,18 +653,18 @@ def read_yaml(path: str | Path) -> dict:
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML config file (or the built-in defaults when ``path`` is None) and apply overrides.
 
+    Every type, choice and range rule is checked here (:func:`_validate`), so a bad value is refused before
+    any data, MLflow or run-directory work.  ``auto|on|off`` fields accept YAML booleans (``off`` unquoted).
+
     Raises:
-        ConfigError: naming the key and the file on any unknown key or wrong type.
+        ConfigError: naming the key, the value and the file (``"<file> with --set"`` for overrides) and the fix,
+            on any unknown key, wrong type, bad choice or value out of range.
     """
     data = read_yaml(path) if path else {}
     source = str(path) if path else "<defaults>"
-    try:
-        cfg = from_dict(data, source)
-    except ConfigError:
-        raise
-    if overrides:
-        cfg = from_dict(apply_overrides(data, overrides), f"{source} with --set")
-    return cfg
+    if overrides:  # one check of the merged tree: an override may repair a value of the file
+        return from_dict(apply_overrides(data, overrides), f"{source} with --set")
+    return from_dict(data, source)
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
