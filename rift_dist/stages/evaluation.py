@@ -203,7 +203,8 @@ def run(ctx: StageContext) -> dict:
             for fig_path in (figure, ctx.run_dir / "mrc" / "mrc.png", ctx.run_dir / "interpolate" / "interpolation.png"):
                 run_log.log_artifact(fig_path, "figures")  # the figures summary.md shows, beside it
             ctx.tracker.parent.log_metrics({k: v for k, v in metrics.items() if k.count(".") == 1})
-            ctx.tracker.parent.set_tags({"rift.sanity": tag})
+            ctx.tracker.parent.log_metrics(headline_metrics(summary))
+            ctx.tracker.parent.set_tags({"rift.sanity": tag, **headline_tags(cfg, summary)})
             ctx.tracker.parent.log_artifact(ctx.run_dir / "summary.md")
             ctx.tracker.parent.log_artifact(ctx.run_dir / "summary.csv")
             if failed:
@@ -213,6 +214,40 @@ def run(ctx: StageContext) -> dict:
     write_done(ctx, STAGE, outputs)
     ctx.runtime.barrier()
     return outputs
+
+
+def headline_metrics(summary: dict) -> dict[str, float]:
+    """The parent run's headline numbers in percent and deltas in points, e.g. ``at_clean_accuracy_pct``,
+    ``rift_robust_accuracy_pct``, ``delta_corruption_accuracy_pp``, and ``alpha_star``.
+
+    MLflow's runs table shows these without a click; the fractions stay on the evaluation child run.
+    """
+    out = {}
+    for key in ("clean_accuracy", "robust_accuracy", "corruption_accuracy"):
+        a, b = summary["at"].get(key), summary["rift"].get(key)
+        if a is None or b is None:
+            continue
+        out[f"at_{key}_pct"] = 100 * a
+        out[f"rift_{key}_pct"] = 100 * b
+        out[f"delta_{key}_pp"] = 100 * (b - a)
+    out["alpha_star"] = float(summary["alpha"])
+    return out
+
+
+def headline_tags(cfg, summary: dict) -> dict[str, str]:
+    """Tags of the parent run: module(s), alpha*, data set, architecture, seed, and the table as its description.
+
+    ``mlflow.note.content`` is the run's description in the MLflow UI (rendered Markdown).
+    """
+    table = ["| metric | AT | RiFT | delta (pp) |", "| --- | --- | --- | --- |"]
+    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(summary)]
+    same = " (alpha* = 0: the RiFT model is the AT model)" if summary["alpha"] == 0 else ""
+    note = (f"**RiFT on {cfg.data.dataset} / {cfg.model.arch}**, seed {cfg.seed}: fine-tuned module(s) "
+            f"`{', '.join(summary['modules'])}`, alpha* = {summary['alpha']:g}{same}, "
+            f"{summary['test_examples']} test images.\n\n" + "\n".join(table))
+    return {"rift.modules": ",".join(summary["modules"]), "rift.alpha_star": f"{summary['alpha']:g}",
+            "rift.dataset": cfg.data.dataset, "rift.arch": cfg.model.arch, "rift.seed": str(cfg.seed),
+            "mlflow.note.content": note}
 
 
 def summary_rows(summary: dict) -> list[tuple[str, str, str, str]]:

@@ -159,6 +159,30 @@ def evaluate_alpha(ctx: StageContext, theta_at: dict, theta_ft: dict, alpha: flo
     return {"alpha": alpha, "clean_accuracy": ev["clean_accuracy"], "robust_accuracy": ev["robust_accuracy"]}
 
 
+def log_alpha(ctx: StageContext, stage_run, alpha: float, row: dict, part: Path | None = None,
+              key: str | None = None, tags: dict | None = None, curve: bool = True) -> None:
+    """Log one alpha's result: its own child run (``alpha=<a>``, param alpha) and a point of the stage's curve.
+
+    The curve is logged on the interpolation run at step = the alpha's index in
+    ``interpolation.alphas``, with the metric ``alpha`` at the same step, so MLflow can chart accuracy
+    against alpha (x axis: the ``alpha`` metric) rather than against alpha x 100.  Called after the
+    result file ``part`` is written; then ``part`` gets a ``.logged`` marker, so a kill between the two
+    is replayed from the file on resume instead of losing the metrics.
+    """
+    key = key or f"alpha={alpha:g}"
+    metrics = {"clean_accuracy": row["clean_accuracy"], "robust_accuracy": row["robust_accuracy"]}
+    with ctx.tracker.stage(key, key=key, params={"alpha": alpha}, parent=stage_run) as r:
+        if tags:
+            r.set_tags(tags)
+        r.log_metrics(metrics)
+    if curve:
+        alphas = list(ctx.cfg.interpolation.alphas)
+        step = alphas.index(alpha) if alpha in alphas else len(alphas)
+        stage_run.log_metrics({**metrics, "alpha": alpha}, step=step)
+    if part is not None:
+        part.with_suffix(".logged").touch()
+
+
 def run(ctx: StageContext) -> dict:
     """Sweep alpha on the selection split, choose alpha*, save theta(alpha*) as the RiFT model."""
     from rift_dist.data.loaders import get_dataset
@@ -170,30 +194,19 @@ def run(ctx: StageContext) -> dict:
     done_dir = ctx.run_dir / STAGE / "alphas"
     rows = []
     with ctx.tracker.stage("interpolation") as parent:
-
-        def log_alpha(alpha: float, row: dict, part: Path) -> None:
-            # logged after the result file is written; the ".logged" marker says it reached the tracker, so
-            # a kill between the two is replayed from the file on resume instead of losing the metrics
-            with ctx.tracker.stage(f"alpha={alpha:g}", key=f"alpha={alpha:g}", params={"alpha": alpha},
-                                   parent=parent) as r:
-                r.log_metrics({"clean_accuracy": row["clean_accuracy"], "robust_accuracy": row["robust_accuracy"]})
-            parent.log_metrics({"clean_accuracy": row["clean_accuracy"], "robust_accuracy": row["robust_accuracy"]},
-                               step=int(round(alpha * 100)))
-            part.with_suffix(".logged").touch()
-
         for alpha in cfg.interpolation.alphas:
             part = done_dir / f"alpha-{alpha:.4f}.json"
             if part.is_file():
                 row = json.loads(part.read_text())
                 rows.append(row)
                 if ctx.is_main and not part.with_suffix(".logged").is_file():
-                    log_alpha(alpha, row, part)
+                    log_alpha(ctx, parent, alpha, row, part)
                 continue
             row = evaluate_alpha(ctx, theta_at, theta_ft, alpha, selection)
             rows.append(row)
             if ctx.is_main:
                 write_json(part, row)
-                log_alpha(alpha, row, part)
+                log_alpha(ctx, parent, alpha, row, part)
             ctx.log(f"[interpolate] alpha {alpha:.2f}: clean {100 * row['clean_accuracy']:.2f}% "
                     f"robust {100 * row['robust_accuracy']:.2f}%")
             interrupts.check(ctx.runtime, where=f"interpolation alpha {alpha:g} (its result is saved)")

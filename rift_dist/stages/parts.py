@@ -333,13 +333,12 @@ def interpolate_alphas(ctx: StageContext, alphas: list[float], candidate: str | 
         if ctx.is_main:
             write_json(path, row)
             if stage_run is not None:
+                from rift_dist.stages.interpolation import log_alpha
+
                 key = f"alpha={alpha:g}" if candidate is None or alpha == 0.0 else f"alpha={alpha:g}@candidate-{candidate_index}"
-                with ctx.tracker.stage(key, key=key, params={"alpha": alpha}, parent=stage_run) as r:
-                    r.set_tags({**(run_tags or {}), **({"rift.candidate": candidate} if candidate else {})})
-                    r.log_metrics({"clean_accuracy": row["clean_accuracy"], "robust_accuracy": row["robust_accuracy"]})
-                if candidate is None:
-                    stage_run.log_metrics({"clean_accuracy": row["clean_accuracy"],
-                                           "robust_accuracy": row["robust_accuracy"]}, step=int(round(alpha * 100)))
+                log_alpha(ctx, stage_run, alpha, row, Path(path), key=key,
+                          tags={**(run_tags or {}), **({"rift.candidate": candidate} if candidate else {})},
+                          curve=candidate is None)
         ctx.log(f"[interpolate] {'candidate ' + candidate + ' ' if candidate else ''}alpha {alpha:.2f}: "
                 f"clean {100 * row['clean_accuracy']:.2f}% robust {100 * row['robust_accuracy']:.2f}%")
     ctx.runtime.barrier()

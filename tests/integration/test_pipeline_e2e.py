@@ -59,6 +59,15 @@ def test_end_to_end_and_rerun_skips(tmp_path):
     artifacts = {a.path for a in client.list_artifacts(next(r for r in children if r.info.run_name == "mrc").info.run_id)}
     assert {"mrc.csv", "mrc.png"} <= artifacts
 
+    # results first: the parent run carries the module, alpha*, the table as its description, headline %
+    assert parent.data.tags["rift.modules"] == ",".join(summary["modules"])
+    assert parent.data.tags["rift.alpha_star"] == f"{summary['alpha']:g}"
+    assert parent.data.tags["rift.dataset"] == "cifar10" and parent.data.tags["rift.arch"] == "resnet18"
+    assert "| clean accuracy |" in parent.data.tags["mlflow.note.content"]
+    assert abs(parent.data.metrics["at_clean_accuracy_pct"] - 100 * summary["at"]["clean_accuracy"]) < 1e-9
+    curve = client.get_metric_history(interp_run.info.run_id, "alpha")
+    assert sorted((m.step, m.value) for m in curve) == [(0, 0.0), (1, 0.5), (2, 1.0)]  # x axis: alpha, not alpha x 100
+
     second = rift("run", str(cfg), "--run-dir", str(run_dir))
     for stage in ("train", "mrc", "finetune", "interpolate", "evaluate"):
         assert f"[{stage}] already done" in second.stdout
