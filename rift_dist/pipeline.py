@@ -119,6 +119,35 @@ def check_module_names(cfg: RunConfig) -> None:
                               f"valid modules: {', '.join(names)}")
 
 
+def close_stale_runs(tracker) -> int:
+    """Mark KILLED the child runs of this pipeline's parent run that a dead process left RUNNING.
+
+    Called by the next pipeline on the run directory, after it took the directory's lock (so no live
+    local writer can own them): a SIGKILLed or OOM-killed run otherwise stays "Running" in MLflow forever.
+    Children and grandchildren (per-alpha runs) are searched; each stale run gets tag
+    ``rift.stale = "left RUNNING by a dead process; closed at the next start"``.  Returns how many were
+    closed; does nothing (0) when tracking is off or the store does not answer.
+    """
+    client, parent = getattr(tracker, "client", None), getattr(tracker.parent, "run_id", None)
+    if client is None or not parent:
+        return 0
+    try:
+        exp = [tracker.experiment_id]
+        children = client.search_runs(exp, f"tags.`mlflow.parentRunId` = '{parent}'", max_results=5000)
+        owners = {parent} | {r.info.run_id for r in children}
+        running = client.search_runs(exp, "attributes.status = 'RUNNING'", max_results=5000)
+        stale = [r for r in running if r.data.tags.get("mlflow.parentRunId") in owners]
+    except Exception:  # noqa: BLE001 - tracking never stops a run
+        return 0
+    from rift_dist.tracking import RunHandle
+
+    for r in stale:
+        handle = RunHandle(tracker, r.info.run_id)
+        handle.set_tags({"rift.stale": "left RUNNING by a dead process; closed at the next start"})
+        tracker.end(handle, "KILLED")
+    return len(stale)
+
+
 def cap_num_workers(cfg: RunConfig) -> str:
     """Cap ``data.num_workers`` at the CPUs each local process may use; returns a note when it was capped.
 
@@ -198,6 +227,8 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path | None = None, stages=STAGE
             dump_yaml(cfg, run_dir / "config.yaml")
         runtime.barrier()
         ctx = make_context(cfg, run_dir, runtime, progress, parent_run_id)
+        if runtime.is_main and parent_run_id is None:
+            close_stale_runs(ctx.tracker)  # we hold the run directory's lock: a RUNNING child's process is dead
         if runtime.is_main:
             ctx.tracker.parent.log_params(flatten(cfg))
             ctx.tracker.parent.set_tags({"rift.run_dir": str(run_dir.resolve())})
