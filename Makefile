@@ -23,10 +23,12 @@ run: install
 
 test: install
 	bash scripts/slurm/install.sh
+	bash scripts/install_chromium.sh
 	$(VENV)/bin/pytest -q -m "not slow" --durations=15
 
 test-all: install
 	bash scripts/slurm/install.sh
+	bash scripts/install_chromium.sh
 	$(VENV)/bin/pytest -q --durations=15
 
 # bench_mrc at T = 2 ascent passes (the README's figures; ~25 min on 2 cores); BENCH_MRC_ARGS= for the paper's T = 10

@@ -119,6 +119,25 @@ def check_module_names(cfg: RunConfig) -> None:
                               f"valid modules: {', '.join(names)}")
 
 
+def mlflow_link(tracker) -> str:
+    """Where to see the run in the MLflow UI: the parent run page in the training-runs view.
+
+    MLflow 3.17's UI starts in its GenAI mode; ``?workflowType=machine_learning`` opens the model
+    training view.  For the embedded SQLite store the line also says how to start the UI.
+    """
+    run_id = getattr(tracker.parent, "run_id", None)
+    if not getattr(tracker, "active", False) or not run_id or tracker.client is None:
+        return ""
+    try:
+        exp = tracker.experiment_id
+    except Exception:  # noqa: BLE001 - the store went away; the run itself is fine
+        return ""
+    page = f"#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning"
+    if tracker.uri.startswith(("http://", "https://")):
+        return f"MLflow: {tracker.uri.rstrip('/')}/{page}"
+    return f"MLflow: mlflow ui --backend-store-uri {tracker.uri}   then open http://127.0.0.1:5000/{page}"
+
+
 def close_stale_runs(tracker) -> int:
     """Mark KILLED the child runs of this pipeline's parent run that a dead process left RUNNING.
 
@@ -240,6 +259,8 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path | None = None, stages=STAGE
             from rift_dist.stages.evaluation import print_summary
 
             print_summary(json.loads((run_dir / "summary.json").read_text()))
+        if runtime.is_main and (link := mlflow_link(ctx.tracker)):
+            print(link, flush=True)
         status = "FINISHED"
         return results
     except interrupts.Interrupted:

@@ -58,6 +58,11 @@ _PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOU
                     "BAD_REQUEST", "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED"}
 
 
+EXPERIMENT_KIND = "mlflow.experimentKind"
+"""Experiment tag MLflow 3's UI reads to pick the experiment's landing page."""
+ML_KIND = "custom_model_development"
+"""Its value for a machine-learning (training runs) experiment, as opposed to "genai_development"."""
+
 def default_tracking_uri(run_dir: str | Path) -> str:
     """The embedded store for a run directory: ``sqlite:///<parent>/mlflow.db``."""
     parent = Path(run_dir).resolve().parent
@@ -313,19 +318,29 @@ class Tracker:
             self._warned = True
 
     def _experiment_id(self, name: str) -> str:
+        """The experiment's id (created when missing), tagged as a machine-learning experiment.
+
+        MLflow 3 opens an experiment without ``mlflow.experimentKind`` on its GenAI "Overview" of
+        traces; ``custom_model_development`` makes it open on the training runs table.
+        """
         exp = self._retry(self.client.get_experiment_by_name, name)
-        if exp is not None:
-            return exp.experiment_id
-        location = None
-        if self.uri.startswith("sqlite:///"):
-            location = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-        try:
-            return self._retry(self.client.create_experiment, name, location)
-        except Exception:
-            exp = self.client.get_experiment_by_name(name)  # created concurrently
-            if exp is None:
-                raise
-            return exp.experiment_id
+        if exp is None:
+            location = None
+            if self.uri.startswith("sqlite:///"):
+                location = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+            try:
+                exp_id = self._retry(self.client.create_experiment, name, location, {EXPERIMENT_KIND: ML_KIND})
+                return exp_id
+            except Exception:
+                exp = self.client.get_experiment_by_name(name)  # created concurrently
+                if exp is None:
+                    raise
+        if EXPERIMENT_KIND not in (exp.tags or {}):
+            try:
+                self._retry(self.client.set_experiment_tag, exp.experiment_id, EXPERIMENT_KIND, ML_KIND)
+            except Exception:  # noqa: BLE001 - cosmetic: never stop a run for it
+                pass
+        return exp.experiment_id
 
     def _parent_run_id(self) -> str:
         marker = self.run_dir / PARENT_FILE

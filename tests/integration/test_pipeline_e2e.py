@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -68,6 +69,8 @@ def test_end_to_end_and_rerun_skips(tmp_path):
     curve = client.get_metric_history(interp_run.info.run_id, "alpha")
     assert sorted((m.step, m.value) for m in curve) == [(0, 0.0), (1, 0.5), (2, 1.0)]  # x axis: alpha, not alpha x 100
 
+    _check_mlflow_ui(run_dir.parent, exp.experiment_id, parent.info.run_id, summary)
+
     second = rift("run", str(cfg), "--run-dir", str(run_dir))
     for stage in ("train", "mrc", "finetune", "interpolate", "evaluate"):
         assert f"[{stage}] already done" in second.stdout
@@ -84,3 +87,27 @@ def test_end_to_end_and_rerun_skips(tmp_path):
     assert "finetune.lr" in refused.stderr
     assert tree_digest(run_dir.parent) == before
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def _check_mlflow_ui(store: Path, experiment_id: str, parent_id: str, summary: dict) -> None:
+    """The real MLflow UI in headless Chromium: the experiment opens on the training runs table (with the
+    link rift prints) and the parent run page shows the module, alpha* and the AT-vs-RiFT table."""
+    from tests.integration.mlflow_ui import CHROMIUM, OUTPUT, render
+    from tests.integration.test_mlflow_tracking import MlflowServer
+
+    if CHROMIUM is None:
+        pytest.skip("chromium not installed (scripts/install_chromium.sh installs Debian's package)")
+    server = MlflowServer(store).start()
+    try:
+        experiment = render(f"{server.uri}/#/experiments/{experiment_id}?workflowType=machine_learning",
+                            OUTPUT / "experiment.png")
+        assert "Run Name" in experiment and ">tiny<" in experiment  # the training runs table, our parent run
+        assert "Detect Issues" not in experiment  # not the GenAI traces overview
+        page = render(f"{server.uri}/#/experiments/{experiment_id}/runs/{parent_id}?workflowType=machine_learning",
+                      OUTPUT / "parent-run.png")
+        assert "rift.modules" in page and summary["modules"][0] in page
+        assert "rift.alpha_star" in page and f"alpha* = {summary['alpha']:g}" in page
+        assert "clean accuracy" in page and "delta (pp)" in page  # the description is the table
+        assert (OUTPUT / "parent-run.png").stat().st_size > 20_000
+    finally:
+        server.stop()
