@@ -18,6 +18,10 @@
   DeepSpeed's bf16 / fp16 mode (low-precision weights, fp32 master weights
   partitioned over ranks, dynamic loss scaling for fp16).  With ZeRO 0 and on
   the CPU the weights stay fp32 and the forward runs under the stage's autocast.
+* Layout: the weights are kept in the contiguous (NCHW) format under DeepSpeed, whatever
+  ``precision.channels_last`` says (DeepSpeed views parameters as flat byte buffers, which a
+  channels_last weight cannot be); with ``channels_last`` auto / on the inputs and activations stay
+  channels_last, and the convolutions still run their NHWC kernels (see :func:`contiguous_parameters`).
 * One engine forward and one ``engine.backward`` + ``engine.step`` per step.
 * :meth:`DeepSpeedEngine.state_dict` is the consolidated float32 state dict
   (master weights gathered from the ZeRO partitions; same keys as the plain
@@ -150,9 +154,47 @@ def deepspeed_config(runtime: Runtime, optimizer: torch.optim.Optimizer | None) 
     return ds
 
 
+@torch.no_grad()
+def contiguous_parameters(model: nn.Module) -> int:
+    """Put every parameter and buffer of ``model`` in the contiguous (NCHW) memory format, in place.
+
+    DeepSpeed views parameters as flat byte buffers (``_broadcast_model``, the ZeRO flat partitions), which
+    needs ``stride(-1) == 1``; a channels_last [O, I, kH, kW] weight has ``stride(-1) == I``.  So under
+    DeepSpeed the weights stay NCHW whatever ``precision.channels_last`` says, while inputs and activations
+    stay channels_last: a convolution with a channels_last input and an NCHW weight still picks the NHWC
+    kernels (oneDNN on the CPU, cuDNN on CUDA: the output is channels_last and equals the all-NHWC result;
+    checked by ``tests/integration/test_engine_matrix.py``).  Values are unchanged (a layout copy), the
+    parameter objects stay the same (``.data`` is replaced), so optimizer references and ``requires_grad``
+    (frozen modules in fine-tuning) are kept.
+
+    Returns:
+        how many tensors were converted (0 when the model was already contiguous).
+    """
+    n = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        # compare strides, not is_contiguous(): a channels_last [O, I, 1, 1] weight counts as contiguous
+        # (size-1 dims are ignored) but has stride(-1) == I, which DeepSpeed's byte view refuses
+        if t.dim() and t.stride() != _contiguous_strides(t.shape):
+            t.data = t.data.clone(memory_format=torch.contiguous_format)
+            n += 1
+    return n
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(int(size), 1)
+    return tuple(reversed(strides))
+
+
 def build_engine(runtime: Runtime, model: nn.Module,
                  make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]) -> "DeepSpeedEngine":
     """Wrap ``model`` (already on ``runtime.device``, BatchNorm already converted) in a DeepSpeed engine.
+
+    The model's parameters are first made contiguous (NCHW) in place (:func:`contiguous_parameters`):
+    DeepSpeed cannot take channels_last weights; inputs stay channels_last under ``precision.channels_last``
+    auto / on.
 
     Args:
         runtime: the run's :class:`Runtime` (its config's ``distributed`` section configures DeepSpeed).
@@ -169,6 +211,7 @@ def build_engine(runtime: Runtime, model: nn.Module,
     import deepspeed
 
     runtime.ensure_process_group()
+    contiguous_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise DistributedError("the model has no trainable parameter to give DeepSpeed")

@@ -240,7 +240,10 @@ class Precision:
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Convert the model to channels_last when asked and compile it in place when asked.
 
-        Weights stay float32.  ``nn.Module.compile`` keeps the module object and its
+        Weights stay float32.  Under ``distributed.engine: deepspeed`` the engine turns the weights back
+        to the contiguous (NCHW) format when it wraps the model (DeepSpeed views parameters as flat byte
+        buffers; :func:`rift_dist.deepspeed_engine.contiguous_parameters`); the inputs stay channels_last
+        (:meth:`prepare_input`) and the convolutions still run their NHWC kernels.  ``nn.Module.compile`` keeps the module object and its
         state-dict keys, so checkpoints, DDP and the attacks see the same model.
         """
         if self.channels_last:
@@ -284,6 +287,12 @@ def resolve_precision(cfg_precision, device: torch.device | str) -> Precision:
     of ResNet-18 at batch 128: 64 channels 66 -> 92 GFLOP/s, 128 channels 86 -> 120; equal
     from 256 channels on; ``benchmarks/README.md``).
 
+    ``channels_last`` is ``"auto"``, ``"on"`` or ``"off"`` (the config loader has already turned YAML's
+    booleans ``on``/``off``/``true``/``false`` into those words).  Under DeepSpeed, auto and on mean
+    channels_last inputs and activations with NCHW weights (DeepSpeed cannot hold channels_last weights;
+    :func:`rift_dist.deepspeed_engine.contiguous_parameters`); every combination of engine, autocast and
+    layout runs (``tests/integration/test_engine_matrix.py``).
+
     An explicit ``bf16`` on a CPU without native bf16 is honoured (it runs, slowly, in
     emulation; :meth:`Precision.describe` then says ``bf16 unit none``).
 
@@ -303,6 +312,8 @@ def resolve_precision(cfg_precision, device: torch.device | str) -> Precision:
         raise ValueError("precision.autocast=fp16 needs CUDA; use bf16 or none on a CPU")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[mode]
     cl = cfg_precision.channels_last
+    if isinstance(cl, bool):  # a PrecisionConfig built in code with True / False
+        cl = "on" if cl else "off"
     if cl not in ("auto", "on", "off"):
         raise ValueError(f"precision.channels_last must be auto, on or off, got {cl!r}")
     channels_last = True if cl == "auto" else cl == "on"
