@@ -20,6 +20,9 @@ def dist_config(tmp: Path, **sections) -> Path:
     """tiny_config made deterministic for parity checks: fp32 NCHW, torch loader, SyncBN, no MLflow, 1 thread.
 
     Two AT steps per epoch (global batch 64), PGD-2, a 50-image selection split with PGD-1.
+    The parity tests built on it need float32 NCHW determinism (tolerances of 1e-6); the default precision
+    (bf16 autocast where the CPU has it, channels_last auto) under DDP and DeepSpeed on 1 and 2 ranks is
+    covered by ``tests/integration/test_engine_matrix.py`` (every stage, default run).
     """
     base = {
         "data": {"loader": "torch", "val_size": 50},
