@@ -599,14 +599,18 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> 
     """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested mapping.
 
     Raises:
-        ConfigError: when an override has no '='.
+        ConfigError: when an override has no '=' or its value is not valid YAML.
     """
     data = dict(data or {})
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"{source}: override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: the value of override {item!r} is not valid YAML "
+                              f"({str(exc).splitlines()[0]}); quote it, e.g. --set '{key.strip()}=\"{raw}\"'") from exc
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:

@@ -211,3 +211,8 @@ def test_rift_run_with_a_bad_value_fails_before_any_run_directory_or_mlflow_work
     assert "'data.train_subset' is -5" in proc.stderr and "default.yaml" in proc.stderr
     assert not run_dir.exists() and not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_override_that_is_not_valid_yaml_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"override 'train.milestones=\[1, 2' is not valid YAML.*quote it"):
+        load_config(None, ["train.milestones=[1, 2"])
