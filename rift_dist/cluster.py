@@ -159,6 +159,9 @@ class Resources:
     """How many times a job that hits its time limit is requeued (preemptions do not count)."""
     array_parallelism: int = 64
     """Most tasks of one array running at once."""
+    master_port: int = 0
+    """TCP port of the rendezvous of a multi-rank job (0 = derived from the job id and checked free, see
+    :func:`rendezvous_port`); set it only when the cluster reserves a port range for you."""
 
     def ranks_per_node(self) -> int:
         """``tasks_per_node``, or one per GPU (at least one)."""
@@ -166,6 +169,27 @@ class Resources:
 
 
 RESOURCE_FIELDS = {f.name: f for f in dataclasses.fields(Resources)}
+PLANNER_SBATCH_OPTIONS: dict[str, str] = {
+    "array": "rift submit makes the arrays (one task per module group / alpha / candidate; split to fit the "
+             "cluster's MaxArraySize); set stages.<stage>.array_size, and array_parallelism for the '%N' limit",
+    "dependency": "rift submit chains the jobs with afterok dependencies; use --stages / --only to choose jobs",
+    "kill-on-invalid-dep": "rift submit sets it so a failed job cancels the jobs after it",
+    "job-name": "rift submit names the jobs rift-<job> (rift status and rift cancel find them by id)",
+    "output": "submitit writes the logs to <run_dir>/jobs/<job>/ (rift status points to them)",
+    "error": "submitit writes the logs to <run_dir>/jobs/<job>/ (rift status points to them)",
+    "wrap": "submitit writes the job script",
+    "requeue": "submitit requeues checkpointable jobs itself (see max_requeues)",
+    "signal": "use signal_delay_s",
+    "nodes": "use the profile key nodes", "ntasks-per-node": "use tasks_per_node", "ntasks": "use tasks_per_node",
+    "cpus-per-task": "use cpus_per_task", "time": "use time_min", "gpus-per-node": "use gpus_per_node",
+    "gres": "use gpus_per_node", "mem": "use mem_gb", "partition": "use the profile key partition",
+    "account": "use the profile key account", "qos": "use the profile key qos",
+    "constraint": "use the profile key constraint", "exclude": "use the profile key exclude",
+}
+"""sbatch options a profile's ``sbatch:`` mapping may not set (the planner owns them), with the fix."""
+SBATCH_SHORT = {"a": "array", "d": "dependency", "J": "job-name", "o": "output", "e": "error", "N": "nodes",
+                "n": "ntasks", "c": "cpus-per-task", "t": "time", "p": "partition", "A": "account", "q": "qos",
+                "C": "constraint", "x": "exclude"}
 PROFILE_STAGES = ("train", "mrc_prepare", "mrc", "gather", "finetune", "interpolate", "evaluate")
 """Keys of a profile's ``stages:`` section (``gather`` = both small gather jobs)."""
 STAGE_OPTIONS: dict[str, dict[str, tuple[type, Any]]] = {
@@ -279,6 +303,9 @@ def profile_from_dict(data: dict, source: str = "<dict>") -> Profile:
                 valid = sorted(set(RESOURCE_FIELDS) | set(options))
                 raise ClusterError(f"{source}: unknown key stages.{stage}.{k}; valid: {', '.join(valid)}")
         stages[stage] = checked
+    _check_sbatch_keys(defaults.get("sbatch", {}), "sbatch", source)
+    for stage, over in stages.items():
+        _check_sbatch_keys(over.get("sbatch", {}), f"stages.{stage}.sbatch", source)
     for stage in ("mrc", "interpolate"):
         mode = stages.get(stage, {}).get("mode", "array")
         if mode not in ("array", "job"):
@@ -293,6 +320,25 @@ def profile_from_dict(data: dict, source: str = "<dict>") -> Profile:
                                f"cpus_per_task={res.cpus_per_task}, gpus_per_node={res.gpus_per_node}; "
                                f"nodes, time_min and cpus_per_task must be >= 1, gpus_per_node >= 0")
     return profile
+
+
+def _check_sbatch_keys(extra: dict, where: str, source: str) -> None:
+    """Refuse sbatch options the planner owns (``array``, ``dependency``, ...; see PLANNER_SBATCH_OPTIONS).
+
+    Keys are compared as sbatch spells them: leading dashes dropped, ``_`` read as ``-``, one-letter
+    forms (``a``, ``d``, ``J``, ...) mapped to the long ones.
+
+    Raises:
+        ClusterError: naming the key, the profile file and the fix.
+    """
+    for key in extra or {}:
+        raw = str(key)
+        norm = raw.lstrip("-")
+        norm = SBATCH_SHORT.get(norm, norm.replace("_", "-").lower())
+        if norm in PLANNER_SBATCH_OPTIONS:
+            raise ClusterError(f"{source}: {where}.{raw} sets the sbatch option --{norm}, which rift submit sets "
+                               f"itself for every job ({PLANNER_SBATCH_OPTIONS[norm]}); remove {where}.{raw} from "
+                               f"{source}")
 
 
 def load_profile(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Profile:
@@ -365,6 +411,8 @@ class JobPlan:
     array: bool = False
     tasks: list = field(default_factory=list)
     depends_on: list = field(default_factory=list)
+    family: str = ""
+    """The job this one is a part of when an array was split to fit MaxArraySize (else its own name)."""
 
 
 def stage_done(cfg, run_dir: str | Path, stage: str) -> bool:
@@ -462,6 +510,21 @@ def plan_jobs(cfg, profile: Profile, run_dir: str | Path, stages: list[str] | tu
     if k > 1 and cfg.mrc.top_k > 1:
         raise ClusterError(f"stages.finetune.candidates = {k} and mrc.top_k = {cfg.mrc.top_k}: candidates are "
                            f"fine-tuned one module each; set one of them to 1")
+    if "finetune" in selected and k > 1:
+        from rift_dist.models import build_model, module_names
+
+        names = parts.mrc_module_names(cfg)
+        n_modules = len(names)
+        every = module_names(build_model(cfg))
+        gone = {e for e in cfg.mrc.exclude if e not in ("first", "last")}
+        gone |= {every[0]} if "first" in cfg.mrc.exclude else set()
+        gone |= {every[-1]} if "last" in cfg.mrc.exclude else set()
+        n_eligible = len([n for n in names if n not in gone])
+        if k > max(n_eligible, 1):
+            raise ClusterError(f"stages.finetune.candidates = {k}, but the model has {n_modules} MRC module(s)"
+                               f"{f' ({n_eligible} after mrc.exclude)' if cfg.mrc.exclude else ''}: set "
+                               f"stages.finetune.candidates between 1 and {max(n_eligible, 1)} in the profile "
+                               f"{profile.name} (or --profile-set stages.finetune.candidates=N)")
     done = {s: stage_done(cfg, run_dir, s) for s in STAGES}
     needs = {"mrc": ["train"], "finetune": ["train"] + ([] if cfg.finetune.modules and k == 1 else ["mrc"]),
              "interpolate": ["train", "finetune"], "evaluate": ["train", "finetune", "interpolate"]}
@@ -583,6 +646,173 @@ def plan_jobs(cfg, profile: Profile, run_dir: str | Path, stages: list[str] | tu
     return jobs
 
 
+# ============================================================================== cluster limits
+
+
+@dataclass
+class ClusterLimits:
+    """What the cluster allows, read before the first sbatch (see :func:`query_cluster_limits`).
+
+    Attributes:
+        max_array_size: SLURM ``MaxArraySize``: array task indices run 0 .. MaxArraySize-1, so one
+            array has at most this many tasks (None = unknown, no splitting).
+        max_job_count: SLURM ``MaxJobCount``: jobs the controller keeps at once; every array task counts.
+        partitions: {name: {"state": UP/DOWN/..., "max_nodes": int or None}} (None = not read).
+        default_partition: the partition a job without ``--partition`` goes to.
+        qos: QOS names the cluster knows (None = not read).
+        notes: what could not be read and why (printed by ``rift submit``).
+    """
+
+    max_array_size: int | None = None
+    max_job_count: int | None = None
+    partitions: dict | None = None
+    default_partition: str = ""
+    qos: list | None = None
+    notes: list = field(default_factory=list)
+
+
+def parse_scontrol_config(text: str) -> dict[str, str]:
+    """``scontrol show config`` output -> {key: value} (``MaxArraySize = 1001`` lines; others ignored)."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() and " " not in key.strip():
+            out[key.strip()] = value.strip()
+    return out
+
+
+def parse_scontrol_partitions(text: str) -> tuple[dict[str, dict], str]:
+    """``scontrol show partition -o`` output (one ``PartitionName=... State=UP ...`` line each) ->
+    ({name: {"state", "max_nodes"}}, default partition name or "")."""
+    parts_: dict[str, dict] = {}
+    default = ""
+    for line in text.splitlines():
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        name = fields.get("PartitionName")
+        if not name:
+            continue
+        max_nodes = fields.get("MaxNodes", "UNLIMITED")
+        parts_[name] = {"state": fields.get("State", "UP"),
+                        "max_nodes": int(max_nodes) if max_nodes.isdigit() else None}
+        if fields.get("Default") == "YES":
+            default = name
+    return parts_, default
+
+
+def _int_or_none(value: str | None) -> int | None:
+    try:
+        return int(str(value).split()[0])
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def query_cluster_limits(runner: Callable | None = None) -> ClusterLimits:
+    """Read MaxArraySize / MaxJobCount (``scontrol show config``), the partitions (``scontrol show
+    partition -o``) and the QOS names (``sacctmgr -n -P show qos format=name``).
+
+    Anything that cannot be read (no ``scontrol`` on this machine, the controller down, no accounting)
+    is skipped with a note in ``notes``: the submit then relies on sbatch's own refusal (and cancels
+    what was queued).  ``runner(argv) -> (returncode, stdout, stderr)`` replaces subprocess for tests.
+    """
+    def default_runner(argv):
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        return proc.returncode, proc.stdout, proc.stderr
+
+    run = runner or default_runner
+    limits = ClusterLimits()
+
+    def call(argv) -> str | None:
+        try:
+            rc, out, err = run(argv)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            limits.notes.append(f"`{' '.join(argv)}` could not run ({type(exc).__name__}: {exc}); not checked")
+            return None
+        if rc != 0:
+            limits.notes.append(f"`{' '.join(argv)}` failed ({(err or out).strip()[:200]}); not checked")
+            return None
+        return out
+
+    text = call(["scontrol", "show", "config"])
+    if text is not None:
+        conf = parse_scontrol_config(text)
+        limits.max_array_size = _int_or_none(conf.get("MaxArraySize"))
+        limits.max_job_count = _int_or_none(conf.get("MaxJobCount"))
+        text = call(["scontrol", "show", "partition", "-o"])
+        if text is not None:
+            limits.partitions, limits.default_partition = parse_scontrol_partitions(text)
+        text = call(["sacctmgr", "-n", "-P", "show", "qos", "format=name"])
+        if text is not None:
+            limits.qos = sorted({x.strip() for x in text.splitlines() if x.strip()}) or None
+    return limits
+
+
+def split_arrays(jobs: list[JobPlan], max_array_size: int | None) -> list[JobPlan]:
+    """Cut every array of more than ``max_array_size`` tasks into several arrays, keeping the graph.
+
+    Part p of job ``mrc`` is named ``mrc-part<p>`` (``family`` stays ``mrc``, so ``--only mrc:...``
+    and ``rift status`` still speak of ``mrc``).  Dependencies are rebuilt over levels: every part of
+    a split job waits for every job of the level before, and the job after waits for ALL parts (the
+    gather runs only when every task of every part succeeded).  ``max_array_size`` None or 0 changes
+    nothing but the dependency lists.
+    """
+    levels: list[list[JobPlan]] = []
+    for job in jobs:
+        job.family = job.family or job.name
+        if job.array and max_array_size and len(job.tasks) > max_array_size:
+            chunks = [job.tasks[i:i + max_array_size] for i in range(0, len(job.tasks), max_array_size)]
+            levels.append([dataclasses.replace(job, name=f"{job.name}-part{p}", tasks=chunk, family=job.name)
+                           for p, chunk in enumerate(chunks, 1)])
+        else:
+            levels.append([job])
+    out: list[JobPlan] = []
+    for i, level in enumerate(levels):
+        for job in level:
+            job.depends_on = [j.name for j in levels[i - 1]] if i else []
+            out.append(job)
+    return out
+
+
+def check_plan(jobs: list[JobPlan], limits: ClusterLimits, profile: Profile) -> list[str]:
+    """Everything about ``jobs`` the cluster would refuse, as one sentence each (empty = fine).
+
+    Checks: each array within ``max_array_size`` (call :func:`split_arrays` first), the total number of
+    jobs (every array task counts) within ``max_job_count``, partitions exist and are UP and have enough
+    nodes, QOS names exist.  Unknown limits are not checked.
+    """
+    problems = []
+    src = profile.name
+    for job in jobs:
+        if job.array and limits.max_array_size and len(job.tasks) > limits.max_array_size:
+            problems.append(f"job {job.name}: an array of {len(job.tasks)} tasks, but the cluster's MaxArraySize "
+                            f"is {limits.max_array_size}")
+    total = sum(len(j.tasks) for j in jobs)
+    if limits.max_job_count and total > limits.max_job_count:
+        problems.append(f"{total} jobs (array tasks count one each), but the cluster's MaxJobCount is "
+                        f"{limits.max_job_count}: submit fewer stages at once (--stages) or set smaller "
+                        f"stages.<stage>.array_size in {src}")
+    if limits.partitions is not None:
+        for job in jobs:
+            name = job.resources.partition or limits.default_partition
+            if not name:
+                continue
+            for part in name.split(","):
+                info = limits.partitions.get(part)
+                if info is None:
+                    problems.append(f"job {job.name}: partition {part!r} does not exist (partitions: "
+                                    f"{', '.join(sorted(limits.partitions))}); fix 'partition' in {src}")
+                elif not str(info["state"]).startswith("UP"):
+                    problems.append(f"job {job.name}: partition {part!r} is {info['state']}, not UP")
+                elif info["max_nodes"] is not None and job.resources.nodes > info["max_nodes"]:
+                    problems.append(f"job {job.name}: asks for {job.resources.nodes} nodes, partition {part!r} "
+                                    f"allows {info['max_nodes']}; fix 'nodes' in {src}")
+    if limits.qos is not None:
+        for job in jobs:
+            if job.resources.qos and job.resources.qos not in limits.qos:
+                problems.append(f"job {job.name}: QOS {job.resources.qos!r} does not exist (QOS: "
+                                f"{', '.join(limits.qos)}); fix 'qos' in {src}")
+    return problems
+
+
 # ============================================================================== job side
 
 
@@ -634,23 +864,96 @@ def progress_on_disk(spec: dict) -> dict:
     return {}
 
 
+PORT_BASE, PORT_SPAN = 20000, 40000
+"""Derived rendezvous ports lie in PORT_BASE .. PORT_BASE + PORT_SPAN - 1 (20000-59999)."""
+RENDEZVOUS_DIR = Path("jobs") / "rendezvous"
+"""Where rank 0 of a multi-rank job writes the port it chose (``<run_dir>/jobs/rendezvous/<key>.port``)."""
+
+
+def derived_port(job_id: int) -> int:
+    """The port a job's ranks agree on without talking: ``PORT_BASE + job_id mod PORT_SPAN``.
+
+    ``job_id`` is the FULL SLURM job id of this allocation (``SLURM_JOB_ID``; every array task has its
+    own, so the array job id and task id are both in it).  Two jobs get the same port only when their
+    ids differ by a multiple of 40,000 (4123 and 24123 no longer collide); that case, and any other
+    program holding the port, is caught by :func:`rendezvous_port`'s check on rank 0's node.
+    """
+    return PORT_BASE + int(job_id) % PORT_SPAN
+
+
+def port_is_free(port: int, host: str = "") -> bool:
+    """Whether a TCP socket can bind ``port`` on this machine now (all interfaces when ``host`` is "")."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, int(port)))
+        except OSError:
+            return False
+    return True
+
+
+def rendezvous_port(run_dir: str | Path, key: str, rank: int, job_id: int, timeout_s: float = 600.0,
+                    poll_s: float = 0.2) -> int:
+    """The MASTER_PORT every rank of one job uses, the same on all ranks and free on rank 0's node.
+
+    Rank 0 (which hosts the rendezvous store) takes :func:`derived_port` when it is free there, else a
+    port the OS says is free, and writes it to ``<run_dir>/jobs/rendezvous/<key>.port`` (atomically); the
+    other ranks, on any node of the (shared) run directory, wait for that file.  ``key`` names one run
+    of one job (SLURM: ``<job id>-r<restart count>``, so a requeued job never reads its earlier
+    run's port).  A profile's ``master_port`` (exported as MASTER_PORT) skips all of this.
+
+    Raises:
+        ClusterError: a non-zero rank waited ``timeout_s`` seconds without rank 0 writing the file.
+    """
+    from rift_dist.distributed import free_port
+
+    path = Path(run_dir) / RENDEZVOUS_DIR / f"{key}.port"
+    if rank == 0:
+        port = derived_port(job_id)
+        if not port_is_free(port):
+            port = free_port("")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(str(port))
+        os.replace(tmp, path)
+        return port
+    deadline = time.monotonic() + timeout_s
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise ClusterError(f"rank {rank}: rank 0 of job {key} did not write its rendezvous port to {path} within "
+                               f"{timeout_s:.0f}s (is {path.parent} on a filesystem every node shares?); set "
+                               f"master_port in the profile to skip this")
+        time.sleep(poll_s)
+    return int(path.read_text().strip())
+
+
 def _prepare_environment(spec: dict) -> None:
-    """Launcher variables for this process: drop the ones inherited from the submitting shell, and turn
-    submitit's local-executor variables into torchrun's (SLURM's are read by ``distributed.read_launch_env``)."""
+    """Launcher variables for this process: drop the ones inherited from the submitting shell, turn
+    submitit's local-executor variables into torchrun's (SLURM's are read by ``distributed.read_launch_env``),
+    and set MASTER_PORT for multi-rank jobs: the profile's ``master_port`` when set, else
+    :func:`rendezvous_port` (derived from the job id, checked free on rank 0's node, shared through the run
+    directory) so two jobs sharing a node never meet on one port."""
     for key, value in spec.get("submit_env", {}).items():
         if os.environ.get(key) == value:
             del os.environ[key]
-    if "SUBMITIT_LOCAL_NTASKS" in os.environ and "RANK" not in os.environ:
-        ntasks = int(os.environ["SUBMITIT_LOCAL_NTASKS"])
+    env = os.environ
+    fixed = int(spec.get("master_port") or 0)
+    if "SUBMITIT_LOCAL_NTASKS" in env and "RANK" not in env:
+        ntasks = int(env["SUBMITIT_LOCAL_NTASKS"])
         if ntasks > 1:
-            job_id = int(os.environ.get("SUBMITIT_LOCAL_JOB_ID", "0") or 0)
-            os.environ.update({
-                "RANK": os.environ.get("SUBMITIT_LOCAL_GLOBALID", "0"),
-                "LOCAL_RANK": os.environ.get("SUBMITIT_LOCAL_LOCALID", "0"),
-                "WORLD_SIZE": str(ntasks),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(20000 + job_id % 20000),
-            })
+            job_id = int(env.get("SUBMITIT_LOCAL_JOB_ID", "0") or 0)
+            rank = int(env.get("SUBMITIT_LOCAL_GLOBALID", "0"))
+            port = env.get("MASTER_PORT") or fixed or rendezvous_port(spec["run_dir"], f"local-{job_id}", rank,
+                                                                       job_id)
+            env.update({"RANK": str(rank), "LOCAL_RANK": env.get("SUBMITIT_LOCAL_LOCALID", "0"),
+                        "WORLD_SIZE": str(ntasks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    elif "SLURM_PROCID" in env and "RANK" not in env and "MASTER_PORT" not in env and int(
+            env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))) > 1:
+        job_id = int(env.get("SLURM_JOB_ID", "0") or 0)
+        key = f"{job_id}-r{int(env.get('SLURM_RESTART_COUNT', '0') or 0)}"
+        port = fixed or rendezvous_port(spec["run_dir"], key, int(env["SLURM_PROCID"]), job_id)
+        env["MASTER_PORT"] = str(port)
 
 
 def _part_stage(ctx, spec: dict, run) -> dict:
@@ -999,6 +1302,17 @@ def submit(cfg, profile: Profile, run_dir: str | Path, *, executor: str | None =
     if not jobs:
         log(f"rift: nothing to submit: stages {', '.join(s for s in STAGES if s in stages)} are done in {run_dir}")
         return read_submission(run_dir) if (run_dir / SUBMISSION_FILE).is_file() else {}
+    limits = query_cluster_limits() if kind == "slurm" else ClusterLimits()
+    for note in limits.notes:
+        log(f"rift: note: {note}")
+    jobs = split_arrays(jobs, limits.max_array_size)
+    if any(j.family != j.name for j in jobs):
+        log(f"rift: arrays over the cluster's MaxArraySize ({limits.max_array_size}) are split: "
+            + ", ".join(f"{j.name} ({len(j.tasks)} tasks)" for j in jobs if j.family != j.name))
+    problems = check_plan(jobs, limits, profile)
+    if problems:
+        raise ClusterError("the cluster would refuse this submission; nothing was submitted or written:\n  "
+                           + "\n  ".join(problems))
     if dry_run:
         _print_plan(jobs, run_dir, kind, python, log, dry_run=True)
         return {"jobs": [dataclasses.asdict(j) for j in jobs]}
@@ -1009,6 +1323,7 @@ def submit(cfg, profile: Profile, run_dir: str | Path, *, executor: str | None =
             raise ClusterError(f"jobs of {run_dir} are still queued or running: {', '.join(active[:8])}"
                                f"{' ...' if len(active) > 8 else ''}; wait for them (rift status {run_dir}) or "
                                f"cancel them (rift cancel {run_dir}) before submitting again")
+    undo = _Undo(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     params = flatten(cfg)  # as the user wrote it (rift run logs the same)
     dump_yaml(cfg, run_dir / "config.yaml")
@@ -1029,42 +1344,141 @@ def submit(cfg, profile: Profile, run_dir: str | Path, *, executor: str | None =
     submission = {"time": _now(), "argv": sys.argv[1:], "stages": [s for s in STAGES if s in stages],
                   "only": only or [], "jobs": []}
     record["submissions"].append(submission)
-    write_submission(run_dir, record)
+    if kind != "slurm":
+        write_submission(run_dir, record)  # local / debug: the record follows the jobs as this process runs them
     _print_plan(jobs, run_dir, kind, python, log)
     config = to_dict(cfg)
     submit_env = {k: os.environ[k] for k in LAUNCHER_VARS if k in os.environ}
     ids: dict[str, str] = {}
     for n, job in enumerate(jobs):
-        folder = run_dir / "jobs" / job.name
+        folder = run_dir / "jobs" / job.family
         deps = [ids[d] for d in job.depends_on if d in ids] if kind == "slurm" else []
-        ex = _executor(kind, folder, job.resources, job.name, python, deps)
         specs = [{"run_dir": str(run_dir), "config": config, "job": job.name, "stage": job.stage, "part": job.part,
                   "index": t.index, "label": t.label, "args": t.args, "run_key": t.run_key, "run_name": t.run_name,
                   "parent_run_id": parent_run_id, "submit_env": submit_env, "last": n == len(jobs) - 1,
-                  "executor": kind}
+                  "executor": kind, "master_port": int(job.resources.master_port)}
                  for t in job.tasks]
-        if job.array:
-            submitted = ex.map_array(StageJob(), specs)
-        else:
-            submitted = [ex.submit(StageJob(), specs[0])]
+        try:
+            ex = _executor(kind, folder, job.resources, job.name, python, deps)
+            if job.array:
+                submitted = ex.map_array(StageJob(), specs)
+            else:
+                submitted = [ex.submit(StageJob(), specs[0])]
+        except Exception as exc:  # noqa: BLE001 - sbatch refused (submitit's FailedJobError, ...): undo, one message
+            if kind != "slurm":
+                raise
+            raise _roll_back(undo, run_dir, job, exc, submission, cfg, parent_run_id, config_path, profile,
+                             log) from None
         base = submitted[0].job_id.split("_")[0]
         ids[job.name] = base
-        entry = {"name": job.name, "stage": job.stage, "part": job.part, "array": job.array, "job_id": base,
-                 "folder": str(folder), "depends_on": job.depends_on,
+        entry = {"name": job.name, "family": job.family, "stage": job.stage, "part": job.part, "array": job.array,
+                 "job_id": base, "folder": str(folder), "depends_on": job.depends_on,
                  "dependency": ("afterok:" + ":".join(deps)) if deps else "",
                  "resources": dataclasses.asdict(job.resources),
                  "tasks": [{"index": t.index, "label": t.label, "names": t.names, "args": t.args, "job_id": s.job_id,
                             "run_key": t.run_key, "state": "SUBMITTED" if kind == "slurm" else "RUNNING"}
                            for t, s in zip(job.tasks, submitted)]}
         submission["jobs"].append(entry)
-        write_submission(run_dir, record)
+        if kind != "slurm":
+            write_submission(run_dir, record)
         log(f"rift: {job.name}: {'array of ' + str(len(submitted)) + ' task(s)' if job.array else 'job'} "
             f"{base}{' after ' + entry['dependency'] if deps else ''}")
         if kind != "slurm":
             _wait_here(submitted, entry, job, run_dir, record, kind, log)
     if kind == "slurm":
+        write_submission(run_dir, record)  # only once every sbatch succeeded
         log(f"rift: submitted {len(jobs)} job(s); follow them with `rift status {run_dir}`")
     return record
+
+
+class _Undo:
+    """What ``submit`` must restore when an sbatch fails: the files of the run directory as they were.
+
+    Taken before the first write: the set of files that exist and the bytes of ``config.yaml`` (the one
+    file submit overwrites).  :meth:`restore` removes every file and folder created since (the MLflow
+    store excepted when it lives there) and puts ``config.yaml`` back.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.existed = run_dir.exists()
+        self.files = {p for p in run_dir.rglob("*")} if self.existed else set()
+        cfg_file = run_dir / "config.yaml"
+        self.config = cfg_file.read_bytes() if cfg_file.is_file() else None
+
+    def restore(self, keep: tuple[Path, ...] = ()) -> list[str]:
+        """Undo the run directory's changes; returns the paths removed (relative)."""
+        import shutil
+
+        if not self.run_dir.exists():
+            return []
+        removed = []
+        keep = tuple(k.resolve() for k in keep)
+        for path in sorted(self.run_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if path in self.files or any(path.resolve() == k or k in path.resolve().parents for k in keep):
+                continue
+            if any(path.resolve() in k.parents for k in keep):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(str(path.relative_to(self.run_dir)))
+        if self.config is not None:
+            (self.run_dir / "config.yaml").write_bytes(self.config)
+        if not self.existed and not any(self.run_dir.iterdir()):
+            self.run_dir.rmdir()
+        return removed
+
+
+def _scancel(ids: list[str]) -> tuple[list[str], str]:
+    """scancel ``ids``; returns (ids cancelled, error text or "")."""
+    if not ids:
+        return [], ""
+    try:
+        proc = subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return [], f"{type(exc).__name__}: {exc}"
+    if proc.returncode != 0:
+        return [], (proc.stderr or proc.stdout).strip()
+    return list(ids), ""
+
+
+def _roll_back(undo: _Undo, run_dir: Path, job: JobPlan, exc: BaseException, submission: dict, cfg,
+               parent_run_id: str | None, config_path: str | None, profile: Profile, log) -> ClusterError:
+    """An sbatch failed mid-submit: cancel what this submit queued, mark the MLflow parent run FAILED,
+    restore the run directory, and return the one error that says all of it and how to retry."""
+    queued = [(e["name"], e["job_id"]) for e in submission["jobs"]]
+    cancelled, cancel_error = _scancel([jid for _, jid in queued])
+    reason = _last_line(str(exc)) or type(exc).__name__
+    marked = ""
+    if cfg.tracking.enabled and parent_run_id:
+        try:
+            from rift_dist.tracking import Tracker
+
+            tracker = Tracker(cfg, run_dir, parent_run_id=parent_run_id)
+            tracker.parent.set_tags({"rift.submit_failed": f"sbatch of {job.name}: {reason}"[:500]})
+            tracker.end(tracker.parent, "FAILED")
+            tracker.close()
+            marked = f" The MLflow parent run {parent_run_id} is marked FAILED (tag rift.submit_failed)."
+        except Exception as mexc:  # noqa: BLE001 - the cancel matters more
+            marked = f" (Could not mark the MLflow parent run {parent_run_id} FAILED: {_last_line(str(mexc))}.)"
+    store = cfg.tracking.uri[len("sqlite:///"):] if str(cfg.tracking.uri or "").startswith("sqlite:///") else ""
+    removed = undo.restore(keep=(Path(store),) if store else ())
+    what = ", ".join(f"{n} {jid}" for n, jid in queued) or "nothing"
+    if cancel_error:
+        gone = (f"cancelling them FAILED ({cancel_error}): cancel them yourself with "
+                f"`scancel {' '.join(jid for _, jid in queued)}`")
+    else:
+        gone = f"cancelled: {', '.join(cancelled)} (scancel)" if cancelled else "nothing to cancel"
+    retry = "rift " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["submit"] else (
+        f"rift submit {config_path or run_dir} --profile {profile.name}")
+    log(f"rift: sbatch of {job.name} failed; removed {len(removed)} new file(s) from {run_dir}")
+    return ClusterError(
+        f"sbatch refused job {job.name} ({len(job.tasks)} task(s)): {reason}. Queued by this submit before it: "
+        f"{what}; {gone}. Nothing of this submission is left in {run_dir} (no submission.json; config.yaml "
+        f"{'restored' if undo.config is not None else 'removed'}).{marked} Fix the cause (the profile "
+        f"{profile.name}, or the cluster's limits) and run the same command again: {retry}")
 
 
 def _wait_here(submitted, entry: dict, job: JobPlan, run_dir: Path, record: dict, kind: str, log) -> None:
@@ -1306,7 +1720,8 @@ def status(run_dir: str | Path, log: Callable[[str], None] = print) -> dict:
         what = f"{job['name']} task {t['index']} ({t['label']})" if job["array"] else f"{job['name']} ({t['label']})"
         log(f"FAILED: {what}: {state}{' — ' + err if err else ''}; log: {job['folder']}/{t['job_id']}_0_log.err")
         name = t["names"][0] if t.get("names") else str(t["index"])
-        log(f"  re-submit it alone: rift submit {run_dir} --only {job['name']}{':' + name if job['array'] else ''}"
+        log(f"  re-submit it alone: rift submit {run_dir} --only {job.get('family') or job['name']}"
+            f"{':' + name if job['array'] else ''}"
             f"{executor_flag}")
     if still_failed:
         log(f"  or re-submit everything that is not done (failed tasks and the jobs after them): "

@@ -190,10 +190,10 @@ def test_submitit_slurm_multitask_variables_give_the_rank_layout():
            "SLURM_JOB_ID": "31337", "SLURM_JOB_NODELIST": "gpu[07-08]"}
     le = read_launch_env(env)
     assert (le.rank, le.local_rank, le.world_size, le.source) == (1, 1, 2, "slurm")
-    assert (le.master_addr, le.master_port) == ("gpu07", 20000 + 31337 % 20000)
+    assert (le.master_addr, le.master_port) == ("gpu07", cluster.derived_port(31337))
 
 
-def test_inherited_launcher_variables_are_dropped_and_local_tasks_mapped(monkeypatch):
+def test_inherited_launcher_variables_are_dropped_and_local_tasks_mapped(monkeypatch, tmp_path):
     monkeypatch.setenv("MASTER_PORT", "29500")
     monkeypatch.setenv("RANK", "3")
     for k in ("WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
@@ -202,11 +202,12 @@ def test_inherited_launcher_variables_are_dropped_and_local_tasks_mapped(monkeyp
     monkeypatch.setenv("SUBMITIT_LOCAL_GLOBALID", "1")
     monkeypatch.setenv("SUBMITIT_LOCAL_LOCALID", "1")
     monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", "4242")
-    cluster._prepare_environment({"submit_env": {"MASTER_PORT": "29500", "RANK": "3"}})
+    chosen = cluster.rendezvous_port(tmp_path, "local-4242", 0, 4242)  # what rank 0 of the job writes
+    cluster._prepare_environment({"submit_env": {"MASTER_PORT": "29500", "RANK": "3"}, "run_dir": str(tmp_path)})
     import os
 
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("1", "2", "1")
-    assert os.environ["MASTER_PORT"] == str(20000 + 4242) and os.environ["MASTER_ADDR"] == "127.0.0.1"
+    assert os.environ["MASTER_PORT"] == str(chosen) and os.environ["MASTER_ADDR"] == "127.0.0.1"
 
 
 # ------------------------------------------------------------------------------------------ status
