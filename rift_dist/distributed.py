@@ -100,7 +100,10 @@ def read_launch_env(environ: dict | None = None) -> LaunchEnv:
 
     SLURM: ``SLURM_PROCID`` / ``SLURM_LOCALID`` / ``SLURM_NTASKS`` (``SLURM_STEP_NUM_TASKS`` when
     set, i.e. inside an srun step), master = ``MASTER_ADDR`` or the first host of
-    ``SLURM_JOB_NODELIST``, port = ``MASTER_PORT`` or 20000 + job id mod 20000.
+    ``SLURM_JOB_NODELIST``, port = ``MASTER_PORT`` or 20000 + (full ``SLURM_JOB_ID``) mod 40000.  Jobs
+    started by ``rift submit`` always have MASTER_PORT set: the profile's ``master_port``, or a port
+    derived from the job id, checked free on rank 0's node and shared through the run directory
+    (``rift_dist.cluster.rendezvous_port``); the fallback here is for other sbatch scripts.
 
     Raises:
         DistributedError: when the variables are inconsistent (e.g. RANK >= WORLD_SIZE) or not integers.
@@ -114,7 +117,7 @@ def read_launch_env(environ: dict | None = None) -> LaunchEnv:
             )
         elif "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))) > 1:
             ntasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
-            port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+            port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 40000)
             le = LaunchEnv(
                 int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0")), ntasks,
                 env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")), port, "slurm",
