@@ -3,6 +3,7 @@
     rift run CONFIG [--run-dir DIR] [--set key=value ...] [--nproc N] [--from-checkpoint PATH]
     rift train|mrc|finetune|interpolate|evaluate CONFIG [same options]
     rift evaluate CONFIG --checkpoint PATH        evaluate one checkpoint
+    rift plan CONFIG [--set key=value ...]       parameters, modules, FLOPs, predicted GPU time per stage
     rift data corrupt|convert|verify ...
     rift submit|status|cancel|report ...          (SLURM through submitit; MLflow report)
 """
@@ -42,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--checkpoint", help="evaluate this checkpoint instead of the run's models")
             p.add_argument("--n-examples", type=int, default=None, help="evaluate the first N test images only")
             p.add_argument("--autoattack", action="store_true", help="also run AutoAttack (standard)")
+    from rift_dist import plan
+
+    plan.add_arguments(sub.add_parser("plan", help="print what a config costs (parameters, modules, checkpoint "
+                                                   "size, FLOPs, predicted H200 time per stage); reads no data"))
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     try:
         from rift_dist.data import corruptions
@@ -132,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             from rift_dist.data import ffcv_loader
 
             return {"convert": ffcv_loader.convert_command, "verify": ffcv_loader.verify_command}[args.data_command](args)
+        if args.command == "plan":
+            from rift_dist.plan import plan_command
+
+            return plan_command(args)
         if args.command in ("submit", "status", "cancel", "report"):
             from rift_dist import cluster
 
