@@ -30,8 +30,46 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``rift``."""
+CLUSTER_COMMANDS = {
+    "submit": "run the stage graph as SLURM jobs and arrays (submitit)",
+    "status": "stages and jobs of a run directory, and send its pending MLflow writes",
+    "cancel": "cancel the queued and running jobs of a submitted run",
+    "report": "Table 1 of the paper from the runs in MLflow",
+}
+INSTALL_HINT = {
+    "submitit": "pip install submitit (or make install)",
+    "ffcv": "bash scripts/install_ffcv.sh .venv/bin/python",
+    "deepspeed": "bash scripts/install_deepspeed.sh .venv/bin/python",
+}
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (its first word that is not an option), or None."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _missing_part(exc: ImportError, command: str) -> SystemExit:
+    """A loud exit for a subcommand whose optional part cannot be imported, with the install hint."""
+    name = (getattr(exc, "name", "") or "").split(".")[0]
+    hint = INSTALL_HINT.get(name, "make install")
+    print(f"rift: '{command}' needs {name or 'a package'} which cannot be imported ({exc}); install it: {hint}",
+          file=sys.stderr)
+    return SystemExit(2)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser of ``rift``.
+
+    Only the subcommand named in ``argv`` gets its full arguments; the others are listed with their
+    help line only, so ``rift --help`` and ``rift run ...`` import neither torch's data tools nor
+    submitit (``rift --help`` takes well under a second).  A subcommand whose optional part (submitit,
+    FFCV) is missing exits with status 2 and the install command, instead of silently disappearing.
+
+    Args:
+        argv: the command line without the program name (None = every subcommand in full, for docs/tests).
+    """
+    command = _command_of(argv) if argv is not None else None
+    full = argv is None
     parser = argparse.ArgumentParser(prog="rift", description="Robust Critical Fine-Tuning (RiFT), distributed.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run the whole stage graph")
@@ -47,23 +85,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan.add_arguments(sub.add_parser("plan", help="print what a config costs (parameters, modules, checkpoint "
                                                    "size, FLOPs, predicted H200 time per stage); reads no data"))
-    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
-    try:
-        from rift_dist.data import corruptions
+    data_help = "data tools: corrupt (CIFAR-10-C style set), convert / verify (FFCV .beton files)"
+    if full or command == "data":
+        data = sub.add_parser("data", help=data_help).add_subparsers(dest="data_command", required=True)
+        try:
+            from rift_dist.data import corruptions
 
-        corruptions.add_corrupt_arguments(data.add_parser("corrupt", help="build a CIFAR-10-C style set (.npy layout)"))
-        from rift_dist.data import ffcv_loader
+            corruptions.add_corrupt_arguments(data.add_parser("corrupt", help="build a CIFAR-10-C style set (.npy layout)"))
+            from rift_dist.data import ffcv_loader
 
-        ffcv_loader.add_convert_arguments(data.add_parser("convert", help="write FFCV .beton files"))
-        ffcv_loader.add_verify_arguments(data.add_parser("verify", help="check a .beton file"))
-    except ImportError:
-        pass
-    try:
-        from rift_dist import cluster
-
+            ffcv_loader.add_convert_arguments(data.add_parser("convert", help="write FFCV .beton files"))
+            ffcv_loader.add_verify_arguments(data.add_parser("verify", help="check a .beton file"))
+        except ImportError as exc:
+            raise _missing_part(exc, "data") from exc
+    else:
+        sub.add_parser("data", help=data_help)
+    if full or command in CLUSTER_COMMANDS:
+        try:
+            from rift_dist import cluster
+        except ImportError as exc:
+            raise _missing_part(exc, command or "submit") from exc
         cluster.add_arguments(sub)
-    except ImportError:
-        pass
+    else:
+        for name, text in CLUSTER_COMMANDS.items():
+            sub.add_parser(name, help=text)
     return parser
 
 
@@ -126,7 +171,7 @@ def _config(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``rift``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         if args.command == "data":

@@ -255,7 +255,8 @@ def report(experiment: str, tracking_uri: str | None = None, out_dir: str | Path
 
 def add_arguments(p) -> None:
     """Arguments of ``rift report``."""
-    p.add_argument("experiment", help="MLflow experiment name (tracking.experiment; default 'rift')")
+    p.add_argument("experiment", nargs="?", default="rift",
+                   help="MLflow experiment name (tracking.experiment; default 'rift')")
     p.add_argument("--tracking-uri", help="MLflow store (default: env MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db)")
     p.add_argument("--out", default="reports", help="folder for <experiment>-table1.csv and .md (default: reports)")
     p.add_argument("--no-paper", action="store_true", help="leave the paper's numbers out of the Markdown")
