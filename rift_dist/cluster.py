@@ -1844,10 +1844,10 @@ def add_arguments(subparsers) -> None:
     p.add_argument("--wait", action="store_true", help="after submitting to SLURM, wait for the jobs to end")
     p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
     s = subparsers.add_parser("status", help="jobs of a submitted run and their states")
-    s.add_argument("run_dir")
+    s.add_argument("run_dir", help="the run directory (as given to rift run / rift submit --run-dir)")
     s.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
     c = subparsers.add_parser("cancel", help="cancel the queued and running jobs of a submitted run")
-    c.add_argument("run_dir")
+    c.add_argument("run_dir", help="the run directory of a submitted run (holds submission.json)")
     c.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
     from rift_dist import report
 
