@@ -17,10 +17,13 @@ and prints the table.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
 from pathlib import Path
+
+import torch
 
 from rift_dist.atomic import atomic_write_text
 from rift_dist.stages.common import (
@@ -175,7 +178,12 @@ def run(ctx: StageContext) -> dict:
     sets, cinfo = corruption_sets(ctx)
     with ctx.tracker.stage("evaluation") as run_log:
         at = evaluate_one(ctx, theta_at, test, sets, "AT")
-        rift = evaluate_one(ctx, theta_rift, test, sets, "RiFT")
+        if same_weights(theta_at, theta_rift):  # alpha* = 0: the RiFT model is the AT model, bit for bit
+            ctx.log("[evaluate] alpha* = 0: the RiFT model is the AT model (identical weights); its figures are the "
+                    "AT model's, not evaluated twice")
+            rift = {**copy.deepcopy(at), "seconds": 0.0, "same_as_at": True}
+        else:
+            rift = evaluate_one(ctx, theta_rift, test, sets, "RiFT")
         failed = [f"{m}.{c}" for m, r in (("at", at), ("rift", rift)) for c in r.get("sanity", {}).get("failed", [])]
         summary = {
             "at": at, "rift": rift, "modules": ft_done["modules"], "alpha": alpha_info["alpha"],
@@ -288,6 +296,11 @@ def _pair_table(title: str, left: dict, right: dict) -> list[str]:
     return lines + [""]
 
 
+def same_weights(a: dict, b: dict) -> bool:
+    """True when two state dicts hold the same keys and bitwise equal tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def plot_at_vs_rift(path: Path, summary: dict) -> dict:
     """Grouped bars of clean / robust / corruption accuracy, AT vs RiFT, on the test split (RiFT Table 1).
 
@@ -346,6 +359,10 @@ def summary_markdown(summary: dict) -> str:
                  f"(chosen on the {summary['selection_split']} split); {summary['test_examples']} test images"
                  + (f" (quick look: eval.n_examples = {summary['n_examples']})" if summary.get("n_examples") else "")
                  + ".")
+    if rift.get("same_as_at"):
+        lines.append("")
+        lines.append("alpha* = 0: **the RiFT model is the AT model** (identical weights); its figures are the AT "
+                     "model's, evaluated once.")
     lines.append("")
     lines.append("Figures: ![AT vs RiFT](evaluate/at_vs_rift.png) ![MRC per module](mrc/mrc.png) "
                  "![interpolation sweep](interpolate/interpolation.png) (paths in the run directory; in MLflow "

@@ -36,6 +36,11 @@ def test_end_to_end_and_rerun_skips(tmp_path):
         assert summary[model]["robust_accuracy"] <= summary[model]["clean_accuracy"]
     assert summary["alpha"] in (0.0, 0.5, 1.0) and len(summary["modules"]) == 1
     assert summary["corruption_set"]["regenerated"] is True
+    if summary["alpha"] == 0.0:  # RiFT = AT: evaluated once, and said so
+        assert summary["rift"]["same_as_at"] is True and summary["rift"]["seconds"] == 0.0
+        assert "the RiFT model is the AT model" in (run_dir / "summary.md").read_text()
+    else:
+        assert "same_as_at" not in summary["rift"]
     assert (run_dir / "mrc" / "mrc.png").stat().st_size > 1000
     assert (run_dir / "interpolate" / "interpolation.png").stat().st_size > 1000
 

@@ -61,3 +61,12 @@ def test_alpha_rule_on_hand_made_table():
     assert choose_alpha(rows, at_robust, 0.1)["alpha"] == 1.0
     with pytest.raises(ValueError):
         choose_alpha(rows[3:], at_robust, 0.001)
+
+
+def test_alpha_zero_model_is_recognised_as_the_at_model():
+    """Evaluation skips re-evaluating theta(0): it is the AT state bit for bit (integer buffers included)."""
+    from rift_dist.stages.evaluation import same_weights
+
+    sa, sb = _pair()
+    assert same_weights(sa, interpolate_state_dicts(sa, sb, 0.0))
+    assert not same_weights(sa, interpolate_state_dicts(sa, sb, 0.1))
