@@ -333,6 +333,69 @@ class LocalSlurmCluster:
             )
         return proc
 
+    def reconfigure(self, **settings: str | int) -> dict[str, str]:
+        """Change ``slurm.conf`` settings (e.g. ``MaxArraySize=3``) and restart slurmctld to apply them.
+
+        Each ``Key=value`` line of the generated config is replaced (or appended).  ``scontrol
+        reconfigure`` is not enough: slurmctld 22.05 reports a new MaxArraySize at once but went on
+        enforcing the old one in some runs (measured: 4-task arrays accepted at MaxArraySize=2, and
+        refused after raising it back), so the controller is restarted, keeping its job state (no
+        ``-c``), and this waits until ``scontrol show config`` reports every new value.
+
+        Returns:
+            The previous values ({key: old value as written}), to pass back to restore them.
+
+        Raises:
+            SlurmClusterError: ``scontrol`` fails, or the controller does not report the values within 30 s.
+        """
+        lines = self.slurm_conf.read_text().splitlines()
+        old: dict[str, str] = {}
+        for key, value in settings.items():
+            for i, line in enumerate(lines):
+                if line.split("=", 1)[0] == key:
+                    old[key] = line.split("=", 1)[1]
+                    lines[i] = f"{key}={value}"
+                    break
+            else:
+                lines.append(f"{key}={value}")
+        self.slurm_conf.write_text("\n".join(lines) + "\n")
+        for daemon in [d for d in self._daemons if d.name == "slurmctld"]:
+            daemon.popen.send_signal(signal.SIGTERM)
+            try:
+                daemon.popen.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                daemon.popen.kill()
+                daemon.popen.wait(timeout=10)
+            if daemon.stream is not None:
+                daemon.stream.close()
+            self._daemons.remove(daemon)
+        ctld = self._spawn(
+            "slurmctld",
+            [_which("slurmctld") or "slurmctld", "-D", "-i", "-f", str(self.slurm_conf)],
+            logs=(self._log_dir / "slurmctld.log",),
+        )
+        self._wait_until(ctld, "answer `scontrol ping` after a restart", self._controller_up)
+        # the restarted controller marks the node DOWN until slurmd re-registers (up to SlurmdTimeout/3)
+        deadline = time.monotonic() + 30
+        while not self.node_state().rstrip("*~#").startswith(("idle", "mix", "alloc", "compl")):
+            if time.monotonic() > deadline:
+                raise SlurmClusterError(f"node {self.node} is {self.node_state()} 30 s after restarting slurmctld")
+            self.run(["scontrol", "update", f"NodeName={self.node}", "State=RESUME"], check=False)
+            time.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while True:
+            shown = {}
+            for line in self.run(["scontrol", "show", "config"]).stdout.splitlines():
+                k, sep, v = line.partition("=")
+                if sep:
+                    shown[k.strip()] = v.strip()
+            if all(shown.get(k) == str(v) for k, v in settings.items()):
+                return old
+            if time.monotonic() > deadline:
+                raise SlurmClusterError(f"scontrol reconfigure: {settings} not applied after 30 s "
+                                        f"(controller shows {({k: shown.get(k) for k in settings})})")
+            time.sleep(0.5)
+
     def node_state(self) -> str:
         """Return the state of node ``localhost`` as ``sinfo`` prints it (e.g. ``idle``).
 
