@@ -143,7 +143,8 @@ def conv_bn_pairs(model: nn.Module) -> tuple[tuple[str, str], ...]:
         class _Tracer(fx.Tracer):
             # BatchNorm subclasses defined outside torch.nn (the all-reduce BatchNorm) stay leaves too
             def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-                return isinstance(m, _BatchNorm) or super().is_leaf_module(m, qualname)
+                # so do Conv2d subclasses (the conv guard's GuardedConv2d), whose forward branches on the device
+                return isinstance(m, (_BatchNorm, nn.Conv2d)) or super().is_leaf_module(m, qualname)
 
         graph = _Tracer().trace(model)
         mods = dict(model.named_modules())

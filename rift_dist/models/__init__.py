@@ -15,15 +15,21 @@ from rift_dist.models.resnet import ResNet, resnet18, resnet34
 from rift_dist.models.wide_resnet import WideResNet, wrn34_10
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "tiny-imagenet": 200}
+INPUT_SIZE = {"cifar10": 32, "cifar100": 32, "tiny-imagenet": 64}  # pixels (H = W)
 
 __all__ = [
     "Normalize", "ResNet", "WideResNet", "build_model", "build_model_from", "list_modules",
-    "module_names", "unwrap", "get_module", "NUM_CLASSES",
+    "module_names", "unwrap", "get_module", "NUM_CLASSES", "INPUT_SIZE",
 ]
 
 
-def build_model_from(arch: str, num_classes: int, width: int = 64, widen_factor: int = 10, mean=None, std=None) -> nn.Module:
+def build_model_from(arch: str, num_classes: int, width: int = 64, widen_factor: int = 10, mean=None, std=None,
+                     input_size: int = 32) -> nn.Module:
     """Build an architecture by name.
+
+    Every Conv2d whose CPU kernel crashes on this machine (torch 2.14.1 on AVX2-only CPUs, issue 11)
+    is routed around it by :func:`rift_dist.models.conv_guard.guard_model` (env ``RIFT_CONV_GUARD``
+    = auto | off | force; the probe is cached per machine).
 
     Args:
         arch: resnet18, resnet34 or wrn34_10.
@@ -31,17 +37,23 @@ def build_model_from(arch: str, num_classes: int, width: int = 64, widen_factor:
         width: ResNet first-stage width (64 in the paper).
         widen_factor: WRN widen factor (10).
         mean, std: normalisation of the first layer (None = identity).
+        input_size: input H = W in pixels (32 CIFAR, 64 Tiny-ImageNet): the shapes the conv guard probes.
 
     Raises:
-        ValueError: for an unknown ``arch``.
+        ValueError: for an unknown ``arch`` or a bad ``RIFT_CONV_GUARD``.
     """
     if arch == "resnet18":
-        return resnet18(num_classes, width, mean, std)
-    if arch == "resnet34":
-        return resnet34(num_classes, width, mean, std)
-    if arch == "wrn34_10":
-        return wrn34_10(num_classes, widen_factor, mean, std)
-    raise ValueError(f"unknown architecture {arch!r}; choose resnet18, resnet34 or wrn34_10")
+        model = resnet18(num_classes, width, mean, std)
+    elif arch == "resnet34":
+        model = resnet34(num_classes, width, mean, std)
+    elif arch == "wrn34_10":
+        model = wrn34_10(num_classes, widen_factor, mean, std)
+    else:
+        raise ValueError(f"unknown architecture {arch!r}; choose resnet18, resnet34 or wrn34_10")
+    from rift_dist.models.conv_guard import guard_model
+
+    guard_model(model, input_size)
+    return model
 
 
 def build_model(cfg) -> nn.Module:
@@ -54,7 +66,8 @@ def build_model(cfg) -> nn.Module:
     if not cfg.model.normalize:
         mean = std = None
     return build_model_from(
-        cfg.model.arch, NUM_CLASSES[cfg.data.dataset], cfg.model.width, cfg.model.widen_factor, mean, std
+        cfg.model.arch, NUM_CLASSES[cfg.data.dataset], cfg.model.width, cfg.model.widen_factor, mean, std,
+        input_size=INPUT_SIZE[cfg.data.dataset],
     )
 
 
