@@ -722,13 +722,18 @@ def query_cluster_limits(runner: Callable | None = None) -> ClusterLimits:
     limits = ClusterLimits()
 
     def call(argv) -> str | None:
+        after = ("not checked before sbatch (sbatch still refuses what the cluster does not allow, and a "
+                 "refused submit is undone)")
         try:
             rc, out, err = run(argv)
+        except FileNotFoundError:
+            limits.notes.append(f"no {argv[0]} on this machine: the cluster's limits are {after}")
+            return None
         except (OSError, subprocess.TimeoutExpired) as exc:
-            limits.notes.append(f"`{' '.join(argv)}` could not run ({type(exc).__name__}: {exc}); not checked")
+            limits.notes.append(f"`{' '.join(argv)}` could not run ({type(exc).__name__}: {exc}); {after}")
             return None
         if rc != 0:
-            limits.notes.append(f"`{' '.join(argv)}` failed ({(err or out).strip()[:200]}); not checked")
+            limits.notes.append(f"`{' '.join(argv)}` failed ({_last_line(err or out)[:160]}); {after}")
             return None
         return out
 

@@ -140,6 +140,7 @@ def _write_cache(path: Path, new: dict) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         with os.fdopen(fd, "w") as fh:
             json.dump({"key": machine_key(), "cases": dict(sorted(cases.items()))}, fh, indent=1)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except OSError as exc:
         logger.warning("conv guard: could not write the probe cache %s (%s); set RIFT_CONV_PROBE_CACHE "

@@ -209,8 +209,10 @@ def test_paper_config_every_stage(dataset, arch, tmp_path):
     from rift_dist.plan import plan_config
 
     plan = plan_config(load_config(cfg))
+    saved = (run_dir / "train" / "model.pt").stat().st_size
+    assert abs(saved - plan.checkpoint_bytes) < 0.01 * saved  # rift plan's size is what the run writes
     record = {"config": cfg.name, "parameters": plan.parameters, "modules": plan.modules,
-              "checkpoint_bytes": plan.checkpoint_bytes, "stages": stages,
+              "checkpoint_bytes": plan.checkpoint_bytes, "model_pt_bytes": saved, "stages": stages,
               "predicted_gpu_s": {s.name: round(s.seconds, 1) for s in plan.stages}}
     print(json.dumps(record))
     target = os.environ.get("RIFT_PAPER_MEASURE")
