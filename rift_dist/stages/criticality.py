@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rift_dist.plotting import save_figure
 from rift_dist import checkpoint, interrupts
 from rift_dist.attacks import eval_mode, pgd
 from rift_dist.distributed import seed_for
@@ -607,12 +608,7 @@ def plot_table(path: Path, rows: list[dict], names_in_order: list[str], chosen: 
     if caption:
         fig.text(0.01, 0.01, caption, fontsize=9, ha="left", va="bottom")
     fig.tight_layout(rect=(0, 0.035 if caption else 0, 1, 1))
-    fig.savefig(path, dpi=130)
-    texts = {"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
-             "legend": [t.get_text() for t in ax.get_legend().get_texts()],
-             "caption": " ".join(t.get_text() for t in fig.texts)}
-    plt.close(fig)
-    return texts
+    return save_figure(fig, ax, path)
 
 
 def mrc_caption(cfg, num_images: int) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from rift_dist.plotting import save_figure
 from rift_dist.atomic import atomic_write_text
 from rift_dist.stages.common import (
     StageContext, at_state, evaluate_model, fmt_pct, load_state, new_model, write_done, write_json,
@@ -339,12 +340,7 @@ def plot_at_vs_rift(path: Path, summary: dict) -> dict:
     ax.legend(fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    texts = {"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
-             "legend": [t.get_text() for t in ax.get_legend().get_texts()],
-             "caption": " ".join(t.get_text() for t in fig.texts)}
-    plt.close(fig)
-    return texts
+    return save_figure(fig, ax, path)
 
 
 def summary_markdown(summary: dict) -> str:

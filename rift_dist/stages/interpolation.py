@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from rift_dist.plotting import save_figure
 from rift_dist import checkpoint, interrupts
 from rift_dist.atomic import atomic_write_text
 from rift_dist.config import AttackConfig
@@ -137,12 +138,7 @@ def plot_curve(path: Path, rows: list[dict], chosen: float, at_robust: float | N
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    texts = {"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
-             "legend": [t.get_text() for t in ax.get_legend().get_texts()],
-             "caption": " ".join(t.get_text() for t in fig.texts)}
-    plt.close(fig)
-    return texts
+    return save_figure(fig, ax, path)
 
 
 def selection_attack(cfg) -> AttackConfig:
