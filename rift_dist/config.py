@@ -276,7 +276,7 @@ class PrecisionConfig:
     """Numerics and layout switches."""
 
     autocast: str = "auto"
-    """auto (bf16 where the hardware has it), bf16, fp16 (CUDA only) or none."""
+    """auto (bf16 where the hardware has it), bf16, fp16 (CUDA only) or none (off / false also mean none)."""
     channels_last: str = "auto"
     """auto, on or off."""
     compile: bool = False
@@ -431,6 +431,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is str:
         if key in SWITCH_KEYS:
             return _coerce_switch(value, key, source)
+        if key in CHOICES and "none" in CHOICES[key] and (
+                value is False or (isinstance(value, str) and value.strip().lower() in ("off", "false", "no"))):
+            return "none"  # precision.autocast: off  (YAML's boolean) means no autocast
+        if isinstance(value, bool) and key in CHOICES:
+            raise ConfigError(f"{source}: '{key}' is {value!r} (YAML reads unquoted on/off/yes/no/true/false as a "
+                              f"boolean); write one of {', '.join(CHOICES[key])}, e.g. --set {key}={CHOICES[key][0]}")
         if isinstance(value, str) and key.split(".")[-1] in PATH_KEYS:
             value = os.path.expandvars(value)
         if not isinstance(value, str):

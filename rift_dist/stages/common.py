@@ -34,12 +34,19 @@ from rift_dist.tracking import Tracker
 STAGES = ("train", "mrc", "finetune", "interpolate", "evaluate")
 
 # Config sections each stage's result depends on (for the done marker).
+# A stage's signature is its own keys plus those of every stage before it.  Keys that change only speed or
+# bookkeeping (workers, loader, layout, caches, threads, tracking, the engine) are left out on purpose: a run may
+# resume on another machine or engine.  Keys that change numbers are in: training picks its best epoch with
+# ``eval.attack`` (and the selection split), the sweep attacks with ``eval.attack``, autocast and sync BN change
+# the trained weights, gradient accumulation changes the optimiser's steps.
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "train": ("seed", "selection_split", "from_checkpoint", "data.dataset", "data.train_subset", "data.val_size",
-              "data.split_seed", "data.batch_size", "model.", "train."),
+              "data.split_seed", "data.batch_size", "data.order", "model.", "train.", "eval.attack.",
+              "precision.autocast", "distributed.sync_bn", "distributed.gradient_accumulation_steps"),
     "mrc": ("mrc.",),
     "finetune": ("finetune.", "mrc.top_k", "mrc.exclude"),
-    "interpolate": ("interpolation.", "eval.selection_attack_steps", "eval.selection_restarts", "data.test_subset"),
+    "interpolate": ("interpolation.", "eval.attack.", "eval.selection_attack_steps", "eval.selection_restarts",
+                    "data.test_subset"),
     "evaluate": ("eval.", "data.test_subset", "data.corruption", "data.severities"),
 }
 

@@ -216,3 +216,18 @@ def test_rift_run_with_a_bad_value_fails_before_any_run_directory_or_mlflow_work
 def test_an_override_that_is_not_valid_yaml_is_a_config_error():
     with pytest.raises(ConfigError, match=r"override 'train.milestones=\[1, 2' is not valid YAML.*quote it"):
         load_config(None, ["train.milestones=[1, 2"])
+
+
+def test_autocast_off_as_yaml_writes_it_means_none(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("precision:\n  autocast: off\n")
+    assert load_config(path).precision.autocast == "none"
+    assert load_config(None, ["precision.autocast=off"]).precision.autocast == "none"
+    assert load_config(None, ["precision.autocast=False"]).precision.autocast == "none"
+
+
+def test_a_boolean_where_a_word_is_expected_names_the_words(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("precision:\n  autocast: on\n")
+    with pytest.raises(ConfigError, match=r"'precision.autocast' is True \(YAML reads .*auto, bf16, fp16, none"):
+        load_config(path)
