@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         interrupts.install()  # SIGTERM / SIGINT: checkpoint at the next step, close MLflow runs, exit 143 / 130
 
         if args.command == "evaluate" and args.checkpoint:
-            from rift_dist.robustness import evaluate_checkpoint
+            from rift_dist.evaluate_checkpoint import evaluate_checkpoint
 
             return evaluate_checkpoint(cfg, args.checkpoint, progress=not args.no_progress)
         stages = None if args.command == "run" else [args.command]

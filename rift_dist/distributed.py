@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import datetime
 import inspect
+import importlib
 import os
 import re
 import socket
@@ -54,6 +55,12 @@ _COMM_FAILURE_MARKERS = (
 
 class DistributedError(RuntimeError):
     """The process group could not be set up, or a collective failed (e.g. a rank died or hangs)."""
+
+
+# Engines other than DDP live in modules built on this one (they subclass :class:`Engine` and use
+# :class:`Runtime`); they are named here and imported when chosen, so this module never imports them.
+# Each provides ``build_engine(runtime, model, make_optimizer) -> Engine``.
+ENGINE_PLUGINS: dict[str, str] = {"deepspeed": "rift_dist.deepspeed_engine"}
 
 
 def is_comm_failure(exc: BaseException) -> bool:
@@ -570,10 +577,8 @@ class Runtime:
             raise DistributedError(f"distributed.engine is {cfg.engine!r}; use ddp or deepspeed")
         if self.sync_bn:
             model = convert_sync_batchnorm(model, self.device)
-        if cfg is not None and cfg.engine == "deepspeed":
-            from rift_dist import deepspeed_engine
-
-            return deepspeed_engine.build_engine(self, model, make_optimizer)
+        if cfg is not None and cfg.engine in ENGINE_PLUGINS:
+            return importlib.import_module(ENGINE_PLUGINS[cfg.engine]).build_engine(self, model, make_optimizer)
         params = [p for p in model.parameters() if p.requires_grad]
         return self.parallelize(model, make_optimizer(params))
 

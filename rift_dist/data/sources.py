@@ -617,17 +617,20 @@ def detect_layout(dataset: str, root: str | Path, layout: str = "auto") -> tuple
 # --------------------------------------------------------------------------- public loading
 
 _LOAD_CACHE: dict[tuple, ArrayDataset] = {}
+_DERIVED_CACHES: list[dict] = []  # memos built from loaded splits (``splits.make_splits`` registers its own)
+
+
+def register_derived_cache(cache: dict) -> dict:
+    """Have :func:`clear_cache` also empty ``cache`` (a memo of something built from loaded data); returns it."""
+    _DERIVED_CACHES.append(cache)
+    return cache
 
 
 def clear_cache() -> None:
-    """Forget the per-process memo of :func:`load_split` (and of ``splits.make_splits``)."""
+    """Forget the per-process memo of :func:`load_split` and every registered derived memo (the splits')."""
     _LOAD_CACHE.clear()
-    try:
-        from rift_dist.data import splits
-
-        splits._SPLITS_CACHE.clear()
-    except ImportError:  # pragma: no cover
-        pass
+    for cache in _DERIVED_CACHES:
+        cache.clear()
 
 
 def load_split(

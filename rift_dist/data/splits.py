@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rift_dist.data.sources import ArrayDataset, DataError, load_split, resolve_root
+from rift_dist.data.sources import ArrayDataset, DataError, load_split, register_derived_cache, resolve_root
 
 if TYPE_CHECKING:  # pragma: no cover
     from rift_dist.config import DataConfig
@@ -99,7 +99,7 @@ def balanced_indices(labels: np.ndarray, n: int, rng: np.random.Generator, *, wh
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
-_SPLITS_CACHE: dict[tuple, Splits] = {}
+_SPLITS_CACHE: dict[tuple, Splits] = register_derived_cache({})  # emptied by sources.clear_cache
 
 
 def make_splits(cfg: "DataConfig") -> Splits:

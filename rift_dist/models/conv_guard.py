@@ -196,7 +196,7 @@ def _sig_of(conv: nn.Conv2d, h: int, w: int) -> ConvSig | None:
 
 
 def _dtypes() -> tuple[str, ...]:
-    from rift_dist.precision import cpu_has_bf16
+    from rift_dist.hardware import cpu_has_bf16
 
     return ("fp32", "bf16") if cpu_has_bf16() else ("fp32",)
 
@@ -479,12 +479,12 @@ def guard_model(model: nn.Module, input_size: int | tuple[int, int] = 32) -> lis
 
 def _report(probe_first: bool) -> int:
     if probe_first:
-        from rift_dist.models import build_model_from
+        from rift_dist.models.resnet import resnet18, resnet34  # the bare architectures: no guard hooked
+        from rift_dist.models.wide_resnet import wrn34_10
 
-        os.environ.setdefault("RIFT_CONV_GUARD", "off")  # build plain models; probe them explicitly below
-        for arch, width, size in (("resnet18", 4, 32), ("resnet18", 8, 32), ("resnet18", 4, 64),
-                                  ("resnet18", 64, 32), ("resnet34", 64, 32), ("wrn34_10", 64, 32)):
-            m = build_model_from(arch, 10, width=width, widen_factor=10)
+        for make, width, size in ((resnet18, 4, 32), (resnet18, 8, 32), (resnet18, 4, 64),
+                                  (resnet18, 64, 32), (resnet34, 64, 32), (wrn34_10, 10, 32)):
+            m = make(10, width)
             probe(set(conv_signatures(m, size).values()))
     path = cache_file()
     cases = _read_cache(path)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from rift_dist import hardware
 from rift_dist import precision as P
 from rift_dist.attacks import pgd
 from rift_dist.config import MRCConfig, PrecisionConfig
@@ -54,7 +55,7 @@ def test_auto_follows_the_hardware(monkeypatch):
 
 def test_cpu_features_are_read_and_reported():
     flags = P.cpu_features()
-    assert flags <= P._REPORTED_FLAGS
+    assert flags <= hardware._REPORTED_FLAGS
     assert P.cpu_bf16_engine() in ("amx", "avx512_bf16", "none")
     assert P.cpu_has_bf16() == (P.cpu_bf16_engine() != "none")
     assert "threads" in P.hardware_summary("cpu")

@@ -1,0 +1,95 @@
+"""``rift evaluate CONFIG --checkpoint PATH``: the full robustness evaluation of a checkpoint made elsewhere.
+
+An entry point beside :mod:`rift_dist.pipeline` (it sets up a run the same way) that uses the evaluation
+stage's data helpers and :mod:`rift_dist.robustness`'s suite; kept out of ``robustness`` so that the
+evaluation library does not import the pipeline that uses it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rift_dist.config import dump_yaml, flatten
+from rift_dist.distributed import Runtime
+from rift_dist.models.convert import load_external_checkpoint
+from rift_dist.pipeline import configure_torch, make_context
+from rift_dist.robustness import (
+    report_markdown,
+    print_report,
+    result_csv_rows,
+    result_metrics,
+    robustness_suite,
+    validate_eval_config,
+    write_csv,
+)
+from rift_dist.stages.common import new_model, write_json
+from rift_dist.stages.evaluation import corruption_sets, evaluate_corruptions, test_dataset
+
+
+def evaluate_checkpoint(cfg, path: str | Path, progress: bool = True) -> int:
+    """``rift evaluate CONFIG --checkpoint PATH``: load an external checkpoint and evaluate it fully.
+
+    Builds the runtime and context as the pipeline does, loads ``path`` through
+    :func:`rift_dist.models.convert.load_external_checkpoint` (``weights_only``; the layouts
+    people have), runs :func:`robustness_suite` on the test split (first ``eval.n_examples``
+    images when set) and the corruption sets when configured, prints the table and writes
+    ``<run_dir>/checkpoint_eval/report.{json,md,csv}`` (plus ``import_report.json``), and logs
+    metrics, a ``rift.sanity`` tag and the artefacts to MLflow.  Progress is kept in
+    ``<run_dir>/checkpoint_eval/progress`` so a killed evaluation resumes.
+
+    Returns:
+        0 (failed sanity checks are printed, written and tagged, not turned into an exit status).
+
+    Raises:
+        CheckpointError: unreadable checkpoint or one that does not fit the configured model.
+        ConfigError: bad ``eval`` settings.
+        DataError: missing data or corruption files (the message lists what is missing).
+    """
+    validate_eval_config(cfg)
+    run_dir = Path(cfg.run_dir)
+    configure_torch(cfg)
+    runtime = Runtime(cfg)
+    ctx = None
+    status = "FAILED"
+    try:
+        out_dir = run_dir / "checkpoint_eval"
+        if runtime.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            dump_yaml(cfg, out_dir / "config.yaml")
+        runtime.barrier()
+        ctx = make_context(cfg, run_dir, runtime, progress)
+        if runtime.is_main:
+            ctx.tracker.parent.log_params(flatten(cfg))
+        model = new_model(ctx)
+        _, imported = load_external_checkpoint(path, model)
+        ctx.log(f"[evaluate] {path}: {imported.get('summary', '')}")
+        test = test_dataset(ctx)
+        sets, cinfo = corruption_sets(ctx)
+        with ctx.tracker.stage("evaluate_checkpoint", key=f"evaluate_checkpoint:{Path(path).resolve()}") as run_log:
+            result = robustness_suite(ctx, model, test, "checkpoint", out_dir / "progress")
+            if sets:
+                c = evaluate_corruptions(ctx, model, sets, "checkpoint", out_dir / "progress")
+                result["corruption_accuracy"] = c["corruption_accuracy"]
+                result["corruption"] = {k: v for k, v in c.items() if k != "corruption_accuracy"}
+                result["corruption_label"] = cinfo["label"] if cinfo else ""
+            report = {"checkpoint": str(path), "n_examples": cfg.eval.n_examples, "result": result,
+                      "import": imported, "corruption_set": cinfo, "precision": ctx.precision.describe()}
+            if ctx.is_main:
+                write_json(out_dir / "import_report.json", imported)
+                write_json(out_dir / "report.json", report)
+                (out_dir / "report.md").write_text(report_markdown(report))
+                write_csv(out_dir / "report.csv", result_csv_rows("checkpoint", result))
+                run_log.log_params({"checkpoint": str(path), "eval.n_examples": cfg.eval.n_examples})
+                run_log.log_metrics(result_metrics("checkpoint", result))
+                sanity = result.get("sanity")
+                run_log.set_tags({"rift.sanity": "not run" if not sanity else
+                                  ("passed" if sanity["passed"] else "FAILED: " + ", ".join(sanity["failed"]))})
+                for name in ("report.json", "report.md", "report.csv", "import_report.json"):
+                    run_log.log_artifact(out_dir / name)
+                print_report(report)
+        status = "FINISHED"
+        return 0
+    finally:
+        if ctx is not None:
+            ctx.tracker.finish(status)
+        runtime.close()
