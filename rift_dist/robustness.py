@@ -51,7 +51,7 @@ from torch import nn
 
 from rift_dist.attacks import eval_mode, pgd
 from rift_dist.config import ConfigError
-from rift_dist.distributed import seed_for
+from rift_dist.distributed import seed_for, stream_seed
 from rift_dist.stages.common import StageContext, fmt_pct, index_noise, shard_bounds
 
 # Per-sample outcome codes in progress files; an outcome k >= 0 means "broken by attack k".
@@ -636,10 +636,10 @@ def _num_classes(model: nn.Module, dataset) -> int:
 
 
 def main_pgd(cfg) -> PGDAttack:
-    """The paper's PGD (RiFT §5.1): ``eval.attack`` with ``eval.restarts`` restarts, noise seed cfg.seed + 41
+    """The paper's PGD (RiFT §5.1): ``eval.attack`` with ``eval.restarts`` restarts, noise seed ``stream_seed(cfg.seed, "eval-pgd")``
     (the same random starts as the evaluation stage's ``evaluate_model``)."""
     a = cfg.eval.attack
-    return PGDAttack(a.epsilon, a.step_size, a.num_steps, cfg.eval.restarts, "ce", cfg.seed + 41, a.random_start,
+    return PGDAttack(a.epsilon, a.step_size, a.num_steps, cfg.eval.restarts, "ce", stream_seed(cfg.seed, "eval-pgd"), a.random_start,
                      name=f"pgd-{a.num_steps}")
 
 
@@ -688,14 +688,14 @@ def robustness_suite(ctx: StageContext, model: nn.Module, dataset, label: str,
         return evaluate_sequence(ctx, model, data, attacks, f"{label}-{key}", seed, progress_dir,
                                  desc=f"{label} {key}")
 
-    main = run([main_pgd(cfg)], "pgd-main", cfg.seed + 41)
+    main = run([main_pgd(cfg)], "pgd-main", stream_seed(cfg.seed, "eval-pgd"))
     out: dict[str, Any] = {"clean_accuracy": main["clean_accuracy"], "robust_accuracy": main["robust_accuracy"],
                            "num_examples": main["num_examples"], "pgd": {main_pgd(cfg).name: main}}
-    extra = [PGDAttack(a.epsilon, a.step_size, s, e.extra_restarts, "ce", cfg.seed + 43 + s)
+    extra = [PGDAttack(a.epsilon, a.step_size, s, e.extra_restarts, "ce", stream_seed(cfg.seed, "eval-pgd-extra", s))
              for s in dict.fromkeys(e.extra_pgd_steps) if s != a.num_steps]  # the paper's PGD is already there
     if e.margin_pgd_steps:
         extra.append(PGDAttack(a.epsilon, a.step_size, e.margin_pgd_steps, e.extra_restarts, "margin",
-                               cfg.seed + 47))
+                               stream_seed(cfg.seed, "eval-margin")))
     for atk in extra:
         out["pgd"][atk.name] = run([atk], atk.name, atk.noise_seed)
     aa = None
@@ -707,10 +707,11 @@ def robustness_suite(ctx: StageContext, model: nn.Module, dataset, label: str,
         return out
     sweep = [(a.epsilon, main["robust_accuracy"])]
     for eps in e.sanity_epsilons:
-        atk = PGDAttack(eps, eps / 4, a.num_steps, e.extra_restarts, "ce", cfg.seed + 53,
+        atk = PGDAttack(eps, eps / 4, a.num_steps, e.extra_restarts, "ce", stream_seed(cfg.seed, "sanity-epsilon-sweep"),
                         name=f"pgd-{a.num_steps}-eps{255 * eps:g}")
-        sweep.append((eps, run([atk], f"sweep-{255 * eps:g}", cfg.seed + 53)["robust_accuracy"]))
-    zero = run([PGDAttack(0.0, 0.0, 1, 1, "ce", cfg.seed + 59, name="pgd-eps0")], "eps0", cfg.seed + 59)
+        sweep.append((eps, run([atk], f"sweep-{255 * eps:g}", stream_seed(cfg.seed, "sanity-epsilon-sweep"))["robust_accuracy"]))
+    zero = run([PGDAttack(0.0, 0.0, 1, 1, "ce", stream_seed(cfg.seed, "sanity-eps0"), name="pgd-eps0")], "eps0",
+               stream_seed(cfg.seed, "sanity-eps0"))
     out["epsilon_sweep"] = [{"epsilon": eps, "robust_accuracy": acc} for eps, acc in sorted(sweep)]
     square_gain, source = None, ""
     if aa is not None and aa["attacks"] and aa["attacks"][-1]["name"] == "square" and len(aa["attacks"]) > 1:
@@ -720,8 +721,8 @@ def robustness_suite(ctx: StageContext, model: nn.Module, dataset, label: str,
         n = min(e.sanity_examples, len(dataset))
         sub = dataset if n == len(dataset) else dataset.subset(np.arange(n))
         sq, _ = autoattack_steps(a.epsilon, _num_classes(model, dataset), ["square"], queries=e.sanity_square_queries)
-        res = run([PGDAttack(a.epsilon, a.step_size, a.num_steps, 1, "ce", cfg.seed + 61), *sq], "square-check",
-                  cfg.seed + 61, data=sub)
+        res = run([PGDAttack(a.epsilon, a.step_size, a.num_steps, 1, "ce", stream_seed(cfg.seed, "sanity-square")), *sq], "square-check",
+                  stream_seed(cfg.seed, "sanity-square"), data=sub)
         out["square_check"] = res
         square_gain = res["attacks"][-1]["broken"]
         source = f"Square ({e.sanity_square_queries} queries) after PGD-{a.num_steps}, first {n} images"

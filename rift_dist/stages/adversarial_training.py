@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from rift_dist import checkpoint
 from rift_dist.attacks import pgd
-from rift_dist.distributed import seed_for
+from rift_dist.distributed import seed_for, stream_seed
 from rift_dist.stages.common import (
     StageContext, evaluate_model, multistep_lr, new_model, set_lr, write_done, write_json,
 )
@@ -192,7 +192,7 @@ def run(ctx: StageContext) -> dict:
             rt.all_reduce_sum(sums)
             step_in_epoch = 0
             engine.sync_buffers()  # equal BN statistics on every rank before the sharded evaluation
-            ev = evaluate_model(ctx, engine.module, selection, _eval_attack(cfg), 1, seed=cfg.seed + 17,
+            ev = evaluate_model(ctx, engine.module, selection, _eval_attack(cfg), 1, seed=stream_seed(cfg.seed, "train-selection"),
                                 desc="selection eval")
             n = max(sums[2].item(), 1)
             row = {"epoch": epoch + 1, "lr": lr, "train_loss": sums[0].item() / n,

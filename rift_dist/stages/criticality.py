@@ -59,7 +59,7 @@ from torch import nn
 from rift_dist.plotting import save_figure
 from rift_dist import checkpoint, interrupts
 from rift_dist.attacks import eval_mode, pgd
-from rift_dist.distributed import seed_for
+from rift_dist.distributed import seed_for, stream_seed
 from rift_dist.models import list_modules, module_names, unwrap
 from rift_dist.stages.common import (
     StageContext, StageError, at_state, index_noise, new_model, shard_bounds, write_done, write_json,
@@ -503,7 +503,7 @@ def build_adversarial_set(ctx: StageContext, model: nn.Module) -> tuple[torch.Te
         return data["images"].to(ctx.device), data["labels"].to(ctx.device)
     train = get_dataset(cfg, "train")
     n = min(cfg.mrc.num_examples, len(train))
-    g = torch.Generator().manual_seed(seed_for(cfg.seed, 2))
+    g = torch.Generator().manual_seed(stream_seed(cfg.seed, "mrc-examples"))
     chosen = torch.randperm(len(train), generator=g)[:n].sort().values.numpy()
     subset = train.subset(chosen)
     start, stop = shard_bounds(n, ctx.runtime.rank, ctx.runtime.world_size)
@@ -514,7 +514,7 @@ def build_adversarial_set(ctx: StageContext, model: nn.Module) -> tuple[torch.Te
         j = min(stop, i + cfg.data.eval_batch_size)
         x = torch.from_numpy(subset.images[i:j]).permute(0, 3, 1, 2).float().div(255).to(ctx.device)
         y = torch.from_numpy(subset.labels[i:j]).long().to(ctx.device)
-        noise = index_noise(torch.arange(i, j), tuple(x.shape[1:]), seed_for(cfg.seed, 3)).to(ctx.device)
+        noise = index_noise(torch.arange(i, j), tuple(x.shape[1:]), stream_seed(cfg.seed, "mrc-noise")).to(ctx.device)
         x_adv = pgd(attack_model, ctx.precision.prepare_input(x), y, a.epsilon, a.step_size, a.num_steps,
                     a.random_start, noise=noise, autocast=ctx.precision.autocast)
         chunks.append((x_adv.cpu(), y.cpu()))

@@ -24,6 +24,7 @@ import torch
 from rift_dist.plotting import save_figure
 from rift_dist import checkpoint, interrupts
 from rift_dist.atomic import atomic_write_text
+from rift_dist.distributed import stream_seed
 from rift_dist.config import AttackConfig
 from rift_dist.stages.common import (
     StageContext, at_state, evaluate_model, load_state, new_model, write_done, write_json,
@@ -151,7 +152,7 @@ def evaluate_alpha(ctx: StageContext, theta_at: dict, theta_ft: dict, alpha: flo
     """Clean and robust accuracy of theta(alpha) on the selection split: {"alpha", "clean_accuracy", "robust_accuracy"}."""
     model = new_model(ctx, interpolate_state_dicts(theta_at, theta_ft, alpha))
     ev = evaluate_model(ctx, model, selection, selection_attack(ctx.cfg), ctx.cfg.eval.selection_restarts,
-                        seed=ctx.cfg.seed + 29, desc=f"alpha {alpha:g}")
+                        seed=stream_seed(ctx.cfg.seed, "interpolation-sweep"), desc=f"alpha {alpha:g}")
     return {"alpha": alpha, "clean_accuracy": ev["clean_accuracy"], "robust_accuracy": ev["robust_accuracy"]}
 
 
