@@ -56,7 +56,15 @@ fine-tuning epoch, each MRC module, each alpha).  It returns a
 restart every rank resumes from the newest checkpoint on disk — never from state
 in the pickle — so all ranks restart at the same step and the result equals an
 uninterrupted run's.  Each start and checkpoint is appended to
-``<run_dir>/jobs/events.jsonl`` with the step on disk.
+``<run_dir>/jobs/events.jsonl`` with the step on disk (a start also with rank 0's device, the GPUs
+SLURM made visible and the NCCL_* variables the job runs with).
+
+GPU jobs: ``gpus_per_node: N`` asks for N GPUs per node (``--gpus-per-node=N``, or ``--gres=gpu:N``
+with ``gpu_request: gres``) and runs N ranks per node (``--ntasks-per-node=N``); each rank uses
+``cuda:LOCAL_RANK`` (LOCAL_RANK = SLURM_LOCALID).  A profile's ``env:`` (NCCL_SOCKET_IFNAME, ...) is
+exported at the top of every script.  Jobs without GPUs (the gathers) go to the profile's
+``cpu_partition`` and inherit no GPU-only option.  Every script starts with a comment header saying
+what it runs (:func:`script_header`); the job names are ``rift-<job>``.
 
 MLflow: ``rift submit`` creates the pipeline's parent run (params = the config)
 and, ahead of time (status SCHEDULED), one child run per stage and per array
@@ -88,6 +96,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 import shlex
 import signal
 import subprocess
@@ -136,9 +145,16 @@ class Resources:
     nodes: int = 1
     """Nodes per job."""
     gpus_per_node: int = 0
-    """GPUs per node (0 = a CPU job)."""
+    """GPUs per node (0 = a CPU job).  Each rank uses one: global rank r on a node runs on
+    ``cuda:LOCAL_RANK`` (``rift_dist.distributed.Runtime``: LOCAL_RANK mod the GPUs it sees)."""
+    gpu_type: str = ""
+    """GPU model to ask for (``a100`` -> ``--gpus-per-node=a100:4``); empty = any GPU of the partition."""
+    gpu_request: str = "gpus-per-node"
+    """How GPUs are asked for: ``gpus-per-node`` (``--gpus-per-node=N``, SLURM >= 19.05 with select/cons_tres)
+    or ``gres`` (``--gres=gpu:N``, for clusters on select/cons_res or sites that ask for it)."""
     tasks_per_node: int = 0
-    """Processes (ranks) per node; 0 = one per GPU (one in a CPU job)."""
+    """Processes (ranks) per node; 0 = one per GPU (one in a CPU job).  In a GPU job it must be 0 or
+    ``gpus_per_node``: two ranks on one GPU make NCCL fail, fewer ranks leave GPUs idle."""
     cpus_per_task: int = 1
     """CPU cores per rank (also torch's thread count when ``precision.threads`` is 0)."""
     mem_gb: float = 0.0
@@ -149,8 +165,13 @@ class Resources:
     """SLURM --constraint (node features, e.g. a100)."""
     exclude: str = ""
     """Nodes to avoid (SLURM --exclude)."""
+    env: dict = field(default_factory=dict)
+    """Environment variables exported at the start of the job script, before ``setup``, e.g.
+    ``{NCCL_SOCKET_IFNAME: ib0, NCCL_IB_DISABLE: 0}``.  A stage's ``env`` is merged over the top-level one.
+    The launcher's variables (RANK, MASTER_ADDR, ...) and CUDA_VISIBLE_DEVICES are refused: rift and
+    SLURM set them."""
     setup: list = field(default_factory=list)
-    """Shell lines run before the job (e.g. 'module load cuda/12.4', 'source /path/venv/bin/activate')."""
+    """Shell lines run before the job (e.g. 'module load cuda/13.0', 'source /path/venv/bin/activate')."""
     sbatch: dict = field(default_factory=dict)
     """Extra sbatch options, e.g. {mail-type: FAIL, reservation: rift}."""
     signal_delay_s: int = 120
@@ -167,6 +188,16 @@ class Resources:
         """``tasks_per_node``, or one per GPU (at least one)."""
         return self.tasks_per_node or max(self.gpus_per_node, 1)
 
+    def gpu_option(self) -> tuple[str, str] | None:
+        """The sbatch option asking for this job's GPUs, as (name, value), or None for a CPU job:
+        ``("gpus-per-node", "4")``, ``("gpus-per-node", "a100:4")`` or ``("gres", "gpu:a100:4")``."""
+        if not self.gpus_per_node:
+            return None
+        count = f"{self.gpu_type}:{int(self.gpus_per_node)}" if self.gpu_type else str(int(self.gpus_per_node))
+        if self.gpu_request == "gres":
+            return "gres", f"gpu:{count}"
+        return "gpus-per-node", count
+
 
 RESOURCE_FIELDS = {f.name: f for f in dataclasses.fields(Resources)}
 PLANNER_SBATCH_OPTIONS: dict[str, str] = {
@@ -182,14 +213,26 @@ PLANNER_SBATCH_OPTIONS: dict[str, str] = {
     "signal": "use signal_delay_s",
     "nodes": "use the profile key nodes", "ntasks-per-node": "use tasks_per_node", "ntasks": "use tasks_per_node",
     "cpus-per-task": "use cpus_per_task", "time": "use time_min", "gpus-per-node": "use gpus_per_node",
-    "gres": "use gpus_per_node", "mem": "use mem_gb", "partition": "use the profile key partition",
+    "gres": "use gpus_per_node (and gpu_request: gres)", "gpus": "use gpus_per_node",
+    "gpus-per-task": "use gpus_per_node: each rank gets one GPU (cuda:LOCAL_RANK)",
+    "ntasks-per-gpu": "use gpus_per_node (one rank per GPU)", "gpus-per-socket": "use gpus_per_node",
+    "cpus-per-gpu": "use cpus_per_task (sbatch refuses it together with --cpus-per-task)",
+    "mem-per-gpu": "use mem_gb (per node)", "mem-per-cpu": "use mem_gb (per node)",
+    "mem": "use mem_gb", "partition": "use the profile key partition (cpu_partition for jobs without GPUs)",
     "account": "use the profile key account", "qos": "use the profile key qos",
     "constraint": "use the profile key constraint", "exclude": "use the profile key exclude",
 }
 """sbatch options a profile's ``sbatch:`` mapping may not set (the planner owns them), with the fix."""
 SBATCH_SHORT = {"a": "array", "d": "dependency", "J": "job-name", "o": "output", "e": "error", "N": "nodes",
                 "n": "ntasks", "c": "cpus-per-task", "t": "time", "p": "partition", "A": "account", "q": "qos",
-                "C": "constraint", "x": "exclude"}
+                "C": "constraint", "x": "exclude", "G": "gpus"}
+GPU_SBATCH_OPTIONS = ("gpu-bind", "gpu-freq")
+"""GPU options a profile's ``sbatch:`` may set; a job without GPUs does not inherit them from the top level."""
+ENV_REFUSED = {**{k: "rift sets the launcher variables of every rank itself" for k in
+                  ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")},
+               "CUDA_VISIBLE_DEVICES": "SLURM sets it to the GPUs it allocated; each rank then takes cuda:LOCAL_RANK",
+               "SUBMITIT_EXECUTOR": "submitit sets it"}
+"""Environment variables a profile's ``env:`` may not set, with the reason."""
 PROFILE_STAGES = ("train", "mrc_prepare", "mrc", "gather", "finetune", "interpolate", "evaluate")
 """Keys of a profile's ``stages:`` section (``gather`` = both small gather jobs)."""
 STAGE_OPTIONS: dict[str, dict[str, tuple[type, Any]]] = {
@@ -200,6 +243,9 @@ STAGE_OPTIONS: dict[str, dict[str, tuple[type, Any]]] = {
 """Non-resource options per stage: (type, default).  array_size 0 = one task per module / alpha."""
 GATHER_DEFAULTS = {"gpus_per_node": 0, "tasks_per_node": 1, "nodes": 1, "time_min": 30}
 """What the gather jobs ask for unless ``stages.gather`` says otherwise (they only read files)."""
+GPU_ONLY_FIELDS = ("constraint", "gpu_type")
+"""Top-level Resources fields a job without GPUs does not inherit (a node feature such as ``a100`` would
+send a CPU-only gather to a GPU node, or be refused on a CPU partition); a stage may still set them."""
 
 
 @dataclass
@@ -212,6 +258,11 @@ class Profile:
         python: interpreter the jobs run (empty = the one running ``rift submit``).
         defaults: resources every job asks for unless its stage overrides them.
         stages: {stage key: {resource field or stage option: value}} (see PROFILE_STAGES, STAGE_OPTIONS).
+        cpu_partition: partition of the jobs that use no GPU (the gathers, and any stage with
+            ``gpus_per_node: 0``) unless their stage names a ``partition``; empty = the top-level one.
+        check_paths: refuse a submission whose input paths (data, corruption set, checkpoint) are
+            missing on this machine (:mod:`rift_dist.preflight`); false when the jobs see a filesystem
+            this machine does not (node-local data): the problems are then printed as warnings.
     """
 
     name: str = "<defaults>"
@@ -219,15 +270,41 @@ class Profile:
     python: str = ""
     defaults: Resources = field(default_factory=Resources)
     stages: dict = field(default_factory=dict)
+    cpu_partition: str = ""
+    check_paths: bool = True
+
+    def _stage_overrides(self, key: str) -> dict:
+        """The Resources fields stage key ``key`` sets itself (``mrc_prepare`` inherits ``mrc``'s)."""
+        over = {}
+        if key == "mrc_prepare":
+            over.update({k: v for k, v in self.stages.get("mrc", {}).items() if k in RESOURCE_FIELDS})
+        over.update({k: v for k, v in self.stages.get(key, {}).items() if k in RESOURCE_FIELDS})
+        return over
 
     def resources(self, key: str) -> Resources:
-        """Resources of the jobs of stage key ``key`` (defaults, then GATHER_DEFAULTS for gathers, then overrides)."""
+        """Resources of the jobs of stage key ``key``: the top-level defaults, then GATHER_DEFAULTS for the
+        gathers, then the stage's overrides (``env`` is merged key by key; other fields are replaced).
+
+        A job that ends up with no GPU goes to ``cpu_partition`` (when the profile names one and the stage
+        sets no ``partition``) and does not inherit the top-level GPU-only fields (``constraint``,
+        ``gpu_type``: GPU_ONLY_FIELDS) nor the top-level GPU sbatch options (GPU_SBATCH_OPTIONS).
+        """
+        over = self._stage_overrides(key)
         base = dataclasses.asdict(self.defaults)
         if key == "gather":
             base.update(GATHER_DEFAULTS)
-        if key == "mrc_prepare":
-            base.update({k: v for k, v in self.stages.get("mrc", {}).items() if k in RESOURCE_FIELDS})
-        base.update({k: v for k, v in self.stages.get(key, {}).items() if k in RESOURCE_FIELDS})
+        env = {**base.get("env", {}), **over.get("env", {})}
+        base.update(over)
+        base["env"] = env
+        if not base["gpus_per_node"]:
+            for name in GPU_ONLY_FIELDS:
+                if name not in over:
+                    base[name] = RESOURCE_FIELDS[name].default
+            if "sbatch" not in over:
+                base["sbatch"] = {k: v for k, v in base["sbatch"].items()
+                                  if _sbatch_name(k) not in GPU_SBATCH_OPTIONS}
+            if self.cpu_partition and "partition" not in over:
+                base["partition"] = self.cpu_partition
         return Resources(**base)
 
     def option(self, stage: str, name: str):
@@ -238,6 +315,7 @@ class Profile:
     def to_dict(self) -> dict:
         """The profile as plain data (for submission.json and ``--profile`` round trips)."""
         return {"name": self.name, "executor": self.executor, "python": self.python,
+                "cpu_partition": self.cpu_partition, "check_paths": self.check_paths,
                 **dataclasses.asdict(self.defaults), "stages": self.stages}
 
 
@@ -273,7 +351,7 @@ def profile_from_dict(data: dict, source: str = "<dict>") -> Profile:
             the valid keys).
     """
     data = dict(data or {})
-    top = {"executor", "python", "stages", "name"} | set(RESOURCE_FIELDS)
+    top = {"executor", "python", "stages", "name", "cpu_partition", "check_paths"} | set(RESOURCE_FIELDS)
     unknown = sorted(set(data) - top)
     if unknown:
         raise ClusterError(f"{source}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(top))}")
@@ -282,6 +360,8 @@ def profile_from_dict(data: dict, source: str = "<dict>") -> Profile:
         raise ClusterError(f"{source}: executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     python = str(data.pop("python", "") or "")
     name = str(data.pop("name", source))
+    cpu_partition = _check_type(data.pop("cpu_partition", "") or "", str, "cpu_partition", source)
+    check_paths = _check_type(data.pop("check_paths", True), bool, "check_paths", source)
     stages_raw = data.pop("stages", {}) or {}
     if not isinstance(stages_raw, dict):
         raise ClusterError(f"{source}: 'stages' must be a mapping of stage -> overrides")
@@ -304,22 +384,64 @@ def profile_from_dict(data: dict, source: str = "<dict>") -> Profile:
                 raise ClusterError(f"{source}: unknown key stages.{stage}.{k}; valid: {', '.join(valid)}")
         stages[stage] = checked
     _check_sbatch_keys(defaults.get("sbatch", {}), "sbatch", source)
+    _check_env(defaults.get("env", {}), "env", source)
     for stage, over in stages.items():
         _check_sbatch_keys(over.get("sbatch", {}), f"stages.{stage}.sbatch", source)
+        _check_env(over.get("env", {}), f"stages.{stage}.env", source)
     for stage in ("mrc", "interpolate"):
         mode = stages.get(stage, {}).get("mode", "array")
         if mode not in ("array", "job"):
             raise ClusterError(f"{source}: stages.{stage}.mode must be array or job, got {mode!r}")
     if stages.get("finetune", {}).get("candidates", 1) < 1:
         raise ClusterError(f"{source}: stages.finetune.candidates must be >= 1")
-    profile = Profile(name=name, executor=executor, python=python, defaults=Resources(**defaults), stages=stages)
+    profile = Profile(name=name, executor=executor, python=python, defaults=Resources(**defaults), stages=stages,
+                      cpu_partition=cpu_partition, check_paths=check_paths)
     for key in PROFILE_STAGES:
         res = profile.resources(key)
+        own = [k for k in ((key, "mrc") if key == "mrc_prepare" else (key,)) if k in stages]
+        where = f"stages.{own[0]} (or the top level)" if own else "the top level"
         if res.nodes < 1 or res.time_min < 1 or res.cpus_per_task < 1 or res.gpus_per_node < 0:
             raise ClusterError(f"{source}: stage {key} asks for nodes={res.nodes}, time_min={res.time_min}, "
                                f"cpus_per_task={res.cpus_per_task}, gpus_per_node={res.gpus_per_node}; "
                                f"nodes, time_min and cpus_per_task must be >= 1, gpus_per_node >= 0")
+        if res.gpu_request not in GPU_REQUESTS:
+            raise ClusterError(f"{source}: gpu_request of stage {key} is {res.gpu_request!r}; choose one of "
+                               f"{', '.join(GPU_REQUESTS)} (fix it in {where})")
+        if res.gpus_per_node and res.tasks_per_node not in (0, res.gpus_per_node):
+            raise ClusterError(f"{source}: stage {key} asks for {res.gpus_per_node} GPU(s) per node but "
+                               f"tasks_per_node={res.tasks_per_node}: every rank drives one GPU (cuda:LOCAL_RANK), "
+                               f"so a GPU job runs one rank per GPU; set tasks_per_node: 0 (= one per GPU) or "
+                               f"{res.gpus_per_node} in {where}")
     return profile
+
+
+GPU_REQUESTS = ("gpus-per-node", "gres")
+"""Values of the profile key ``gpu_request``."""
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _check_env(env: dict, where: str, source: str) -> None:
+    """Refuse ``env:`` entries that are not ``NAME: scalar`` or that rift / SLURM set themselves (ENV_REFUSED).
+
+    Raises:
+        ClusterError: naming the entry, the profile file and the fix.
+    """
+    for key, value in (env or {}).items():
+        if not _ENV_NAME.match(str(key)):
+            raise ClusterError(f"{source}: {where}.{key} is not an environment variable name (letters, digits "
+                               f"and _, not starting with a digit)")
+        if str(key) in ENV_REFUSED:
+            raise ClusterError(f"{source}: {where}.{key} may not be set in a profile: {ENV_REFUSED[str(key)]}; "
+                               f"remove it from {source}")
+        if isinstance(value, (dict, list)) or value is None:
+            raise ClusterError(f"{source}: {where}.{key} must be a string or a number, got {value!r}")
+
+
+def _sbatch_name(key) -> str:
+    """An sbatch option as sbatch spells it in full: leading dashes dropped, ``_`` read as ``-``, one-letter
+    forms (``a``, ``d``, ``J``, ...) mapped to the long ones (SBATCH_SHORT)."""
+    norm = str(key).lstrip("-")
+    return SBATCH_SHORT.get(norm, norm.replace("_", "-").lower())
 
 
 def _check_sbatch_keys(extra: dict, where: str, source: str) -> None:
@@ -333,8 +455,7 @@ def _check_sbatch_keys(extra: dict, where: str, source: str) -> None:
     """
     for key in extra or {}:
         raw = str(key)
-        norm = raw.lstrip("-")
-        norm = SBATCH_SHORT.get(norm, norm.replace("_", "-").lower())
+        norm = _sbatch_name(raw)
         if norm in PLANNER_SBATCH_OPTIONS:
             raise ClusterError(f"{source}: {where}.{raw} sets the sbatch option --{norm}, which rift submit sets "
                                f"itself for every job ({PLANNER_SBATCH_OPTIONS[norm]}); remove {where}.{raw} from "
@@ -1090,7 +1211,9 @@ def run_task(spec: dict) -> dict:
     try:
         ctx = make_context(cfg, run_dir, runtime, progress=False, parent_run_id=spec.get("parent_run_id"))
         if runtime.is_main:
-            record_event(spec, "start", progress=progress_on_disk(spec), world_size=runtime.world_size)
+            record_event(spec, "start", progress=progress_on_disk(spec), world_size=runtime.world_size,
+                         device=str(runtime.device), visible_gpus=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                         nccl_env={k: v for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")})
             print(f"[rift] job {spec['job']} task {spec['index']} ({spec['label']}) starts: {runtime.world_size} "
                   f"rank(s) on {runtime.device}; on disk: {progress_on_disk(spec)}", flush=True)
         tags = {k: v for k, v in {
@@ -1192,15 +1315,19 @@ def sbatch_parameters(res: Resources, job_name: str, dependency: list[str] = ())
     p: dict[str, Any] = {"job_name": f"rift-{job_name}", "time": int(res.time_min), "nodes": int(res.nodes),
                          "ntasks_per_node": res.ranks_per_node(), "cpus_per_task": int(res.cpus_per_task),
                          "signal_delay_s": int(res.signal_delay_s), "array_parallelism": int(res.array_parallelism)}
-    if res.gpus_per_node:
-        p["gpus_per_node"] = int(res.gpus_per_node)
+    gpu = res.gpu_option()
+    if gpu is not None:
+        p[gpu[0].replace("-", "_")] = gpu[1]
     if res.mem_gb:
         p["mem"] = f"{int(res.mem_gb)}GB" if float(res.mem_gb).is_integer() else f"{int(res.mem_gb * 1024)}MB"
     for key in ("partition", "account", "qos", "constraint", "exclude"):
         if getattr(res, key):
             p[key] = getattr(res, key)
+    setup = environment_lines(res)
     if res.setup:
-        p["setup"] = [str(x) for x in res.setup]
+        setup += ["# profile setup:", *(str(x) for x in res.setup)]
+    if setup:
+        p["setup"] = setup
     extra = {str(k): v for k, v in res.sbatch.items()}
     if dependency:
         p["dependency"] = "afterok:" + ":".join(dependency)
@@ -1210,25 +1337,123 @@ def sbatch_parameters(res: Resources, job_name: str, dependency: list[str] = ())
     return p
 
 
+def environment_lines(res: Resources) -> list[str]:
+    """Shell lines exporting the profile's ``env:`` (values shell-quoted), under a comment; [] when empty."""
+    if not res.env:
+        return []
+    return ["# profile env:"] + [f"export {k}={shlex.quote(_env_text(v))}" for k, v in res.env.items()]
+
+
+def _env_text(value) -> str:
+    """A profile ``env`` value as the shell should see it (YAML booleans as 1 / 0, as NCCL expects)."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+PART_WHAT = {"stage": "the whole stage", "mrc_prepare": "the fixed adversarial set of the MRC search",
+             "mrc_modules": "MRC of a group of modules per array task", "mrc_gather": "mrc.csv and the module "
+             "choice from the per-module results (reads files, no GPU work)",
+             "finetune_candidate": "fine-tuning of one candidate module per array task",
+             "interpolate_alphas": "the interpolation sweep, a run of alphas per array task",
+             "interpolate_gather": "alpha* (and the candidate) from the per-alpha results (reads files, no GPU "
+             "work)"}
+"""What each job part does, for the comment header of its script."""
+
+
+def script_header(job: JobPlan, run_dir: str | Path, config_path: str | None = None) -> list[str]:
+    """The comment lines at the top of a job's sbatch script: what it runs, for someone reading it.
+
+    Stage, job and part, the config file, the run directory, the resources with the GPU binding, the
+    job it waits for and, for an array, which array task (``SLURM_ARRAY_TASK_ID``) does which modules /
+    alphas / candidate.  Every line starts with ``#`` (sbatch reads ``#SBATCH`` lines after them).
+    """
+    r = job.resources
+    lines = [f"# rift {job.stage}: job {job.name}" + (f" (part of {job.family})" if job.family not in ("", job.name)
+                                                      else "") + f" - {PART_WHAT.get(job.part, job.part)}",
+             f"# config:  {config_path or '(given as a mapping; see config.yaml in the run directory)'}",
+             f"# run dir: {run_dir}"]
+    ranks = r.nodes * r.ranks_per_node()
+    shape = f"{r.nodes} node(s) x {r.ranks_per_node()} rank(s) = {ranks} rank(s), {r.cpus_per_task} CPU(s) per rank"
+    shape += (f", {r.gpus_per_node} {r.gpu_type + ' ' if r.gpu_type else ''}GPU(s) per node" if r.gpus_per_node
+              else ", no GPU")
+    lines.append(f"# shape:   {shape}")
+    if r.gpus_per_node:
+        lines.append(f"# GPUs:    one per rank: rank SLURM_LOCALID of a node (= LOCAL_RANK, 0..{r.ranks_per_node() - 1}) "
+                     f"runs on cuda:LOCAL_RANK of the {r.gpus_per_node} GPU(s) SLURM gives the node")
+    if ranks > 1:
+        lines.append(f"# ranks:   RANK = SLURM_PROCID, WORLD_SIZE = {ranks}, MASTER_ADDR = first node of the job, "
+                     f"MASTER_PORT = " + (str(r.master_port) if r.master_port else "derived from the job id, checked "
+                                          "free (<run dir>/jobs/rendezvous/)"))
+    if job.depends_on:
+        lines.append(f"# after:   {', '.join(job.depends_on)} succeeded (afterok; cancelled if one fails)")
+    if job.array and len(job.tasks) > 1:
+        lines.append(f"# array:   {len(job.tasks)} tasks; SLURM_ARRAY_TASK_ID -> work:")
+        for i, t in enumerate(job.tasks):
+            lines.append(f"#   {i:>3} -> {_task_what(job, t)}")
+    elif job.array:  # one task left: submitit submits it as a plain job
+        lines.append(f"# work:    {_task_what(job, job.tasks[0])}")
+    lines.append("# re-submit what is not done: rift submit " + str(run_dir) + "; state: rift status " + str(run_dir))
+    return lines
+
+
+def _task_what(job: JobPlan, task: TaskPlan) -> str:
+    if job.part == "mrc_modules":
+        return f"MRC group {task.index}: {', '.join(task.names)}"
+    if job.part == "interpolate_alphas":
+        return f"sweep part {task.index}: {task.label}"
+    if job.part == "finetune_candidate":
+        return f"fine-tune {task.label}"
+    return task.label
+
+
+def _with_header(text: str, header: list[str]) -> str:
+    """``text`` (a script starting with ``#!``) with ``header`` inserted after its first line."""
+    if not header:
+        return text
+    first, _, rest = text.partition("\n")
+    return "\n".join([first, *header, rest])
+
+
 def sbatch_script(res: Resources, job_name: str, folder: str | Path, python: str, dependency: list[str] = (),
-                  array_size: int | None = None) -> str:
-    """The sbatch script submitit would write for this job (``--dry-run``; no SLURM needed)."""
+                  array_size: int | None = None, header: list[str] = ()) -> str:
+    """The sbatch script submitit writes for this job (``--dry-run`` prints it; no SLURM needed).
+
+    ``header``: comment lines put after ``#!/bin/bash`` (see :func:`script_header`); the submitted
+    script carries the same ones (:class:`RiftSlurmExecutor`).
+    """
     from submitit.slurm.slurm import _make_sbatch_string
 
     params = sbatch_parameters(res, job_name, dependency)
     command = " ".join([shlex.quote(python), "-u -m submitit.core._submit", shlex.quote(str(folder))])
-    return _make_sbatch_string(command=command, folder=str(folder), map_count=array_size, **params)
+    return _with_header(_make_sbatch_string(command=command, folder=str(folder), map_count=array_size, **params),
+                        list(header))
 
 
-def _executor(kind: str, folder: Path, res: Resources, job_name: str, python: str, dependency: list[str]):
-    """A submitit executor of ``kind`` with this job's parameters."""
+class RiftSlurmExecutor(submitit.SlurmExecutor):
+    """submitit's SLURM executor whose scripts start with rift's comment header (:func:`script_header`).
+
+    Everything else (sbatch options, ``srun`` line, requeue) is submitit's.
+    """
+
+    header: list = []
+
+    def _make_submission_file_text(self, command: str, uid: str) -> str:
+        """The script text submitit would write, with :attr:`header` after its ``#!`` line."""
+        return _with_header(super()._make_submission_file_text(command, uid), list(self.header))
+
+
+def _executor(kind: str, folder: Path, res: Resources, job_name: str, python: str, dependency: list[str],
+              header: list[str] = ()):
+    """A submitit executor of ``kind`` with this job's parameters (SLURM: scripts headed by ``header``)."""
     folder.mkdir(parents=True, exist_ok=True)
     if kind == "slurm":
         try:
-            ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=res.max_requeues, python=python)
+            ex = RiftSlurmExecutor(folder=folder, max_num_timeout=res.max_requeues, python=python)
         except RuntimeError as exc:
             raise ClusterError(f"SLURM is not available here ({exc}); run `rift submit` on a login node, or use "
                                f"--local to run the jobs on this machine") from exc
+        ex.header = list(header)
         ex.update_parameters(**sbatch_parameters(res, job_name, dependency))
         return ex
     params: dict[str, Any] = {"timeout_min": int(res.time_min), "name": f"rift-{job_name}"}
@@ -1266,6 +1491,18 @@ def _precreate_runs(tracker, jobs: list[JobPlan], cfg, profile: Profile, kind: s
                                   tags={"rift.job": job.name, "rift.task": t.index})
 
 
+def max_ranks(profile: Profile, kind: str = "slurm") -> int:
+    """Ranks of the largest job the profile makes (``nodes x ranks_per_node``; one node under local, one rank
+    under debug)."""
+    if kind == "debug":
+        return 1
+    out = 1
+    for key in PROFILE_STAGES:
+        res = profile.resources(key)
+        out = max(out, res.ranks_per_node() * (res.nodes if kind == "slurm" else 1))
+    return out
+
+
 def _active_jobs(record: dict) -> list[str]:
     """Job/task ids of the run that are still queued or running."""
     states = job_states(record)
@@ -1290,11 +1527,19 @@ def submit(cfg, profile: Profile, run_dir: str | Path, *, executor: str | None =
     Returns:
         the submission record (also in ``<run_dir>/submission.json``).
 
+    Before anything is queued or written, the checks ``rift run`` makes (:func:`rift_dist.preflight.check_run`):
+    config errors (FFCV, the ``eval`` section, module names) are refused, dry run or not; input paths
+    the planned stages need (data, corruption set, checkpoint) that are missing on this machine are
+    refused, or printed as warnings under ``--dry-run`` or with the profile's ``check_paths: false``.
+
     Raises:
         ClusterError: jobs of the run still active, SLURM missing, a bad profile or plan, or (local /
             debug) a failed job (names the task and its error).
+        ConfigError: a config problem :func:`rift_dist.preflight.check_config` finds (nothing written).
+        PreflightError: missing input paths (nothing written; see above).
     """
     from rift_dist.config import dump_yaml, flatten, to_dict
+    from rift_dist.preflight import check_config, input_problems
     from rift_dist.tracking import Tracker, resolve_tracking_uri
 
     kind = executor or profile.executor
@@ -1303,10 +1548,20 @@ def submit(cfg, profile: Profile, run_dir: str | Path, *, executor: str | None =
     run_dir = Path(run_dir).resolve()
     cfg.run_dir = str(run_dir)
     python = profile.python or sys.executable
+    check_config(cfg, max_ranks(profile, kind))  # what `rift run` refuses, refused before the first sbatch
     jobs = plan_jobs(cfg, profile, run_dir, stages, only)
     if not jobs:
         log(f"rift: nothing to submit: stages {', '.join(s for s in STAGES if s in stages)} are done in {run_dir}")
         return read_submission(run_dir) if (run_dir / SUBMISSION_FILE).is_file() else {}
+    problems = input_problems(cfg, [s for s in STAGES if any(j.stage == s for j in jobs)])
+    if problems and not dry_run and profile.check_paths:
+        from rift_dist.preflight import PreflightError
+
+        raise PreflightError("inputs the jobs need are missing on this machine (nothing was submitted or written):"
+                             "\n  - " + "\n  - ".join(problems) + f"\n(if the compute nodes see paths this "
+                             f"machine does not, set check_paths: false in the profile {profile.name})")
+    for problem in problems:
+        log(f"rift: warning: a job will need this, and it is not there on this machine: {problem}")
     limits = query_cluster_limits() if kind == "slurm" else ClusterLimits()
     for note in limits.notes:
         log(f"rift: note: {note}")
@@ -1319,7 +1574,7 @@ def submit(cfg, profile: Profile, run_dir: str | Path, *, executor: str | None =
         raise ClusterError("the cluster would refuse this submission; nothing was submitted or written:\n  "
                            + "\n  ".join(problems))
     if dry_run:
-        _print_plan(jobs, run_dir, kind, python, log, dry_run=True)
+        _print_plan(jobs, run_dir, kind, python, log, dry_run=True, config_path=config_path)
         return {"jobs": [dataclasses.asdict(j) for j in jobs]}
     record = json.loads((run_dir / SUBMISSION_FILE).read_text()) if (run_dir / SUBMISSION_FILE).is_file() else None
     if record is not None and kind == "slurm" == record.get("executor"):
@@ -1364,7 +1619,8 @@ def submit(cfg, profile: Profile, run_dir: str | Path, *, executor: str | None =
                   "executor": kind, "master_port": int(job.resources.master_port)}
                  for t in job.tasks]
         try:
-            ex = _executor(kind, folder, job.resources, job.name, python, deps)
+            ex = _executor(kind, folder, job.resources, job.name, python, deps,
+                           script_header(job, run_dir, config_path))
             if job.array:
                 submitted = ex.map_array(StageJob(), specs)
             else:
@@ -1515,7 +1771,8 @@ def _last_line(text: str) -> str:
     return lines[-1].strip()[:300] if lines else ""
 
 
-def _print_plan(jobs: list[JobPlan], run_dir: Path, kind: str, python: str, log, dry_run: bool = False) -> None:
+def _print_plan(jobs: list[JobPlan], run_dir: Path, kind: str, python: str, log, dry_run: bool = False,
+                config_path: str | None = None) -> None:
     log(f"rift: {'plan for' if dry_run else 'submitting'} {run_dir} ({kind} executor):")
     for job in jobs:
         r = job.resources
@@ -1529,8 +1786,9 @@ def _print_plan(jobs: list[JobPlan], run_dir: Path, kind: str, python: str, log,
                 log(f"      task {t.index:>3}: {t.label}")
         if dry_run and kind == "slurm":
             deps = [f"<{d}>" for d in job.depends_on]
-            script = sbatch_script(r, job.name, run_dir / "jobs" / job.name, python, deps,
-                                   len(job.tasks) if job.array and len(job.tasks) > 1 else None)
+            script = sbatch_script(r, job.name, run_dir / "jobs" / (job.family or job.name), python, deps,
+                                   len(job.tasks) if job.array and len(job.tasks) > 1 else None,
+                                   script_header(job, run_dir, config_path))
             log("\n".join("      | " + line for line in script.splitlines()))
 
 

@@ -18,10 +18,10 @@ from types import SimpleNamespace
 import torch
 
 from rift_dist import interrupts
-from rift_dist.config import ConfigError, RunConfig, dump_yaml, flatten
+from rift_dist.config import RunConfig, dump_yaml, flatten
 from rift_dist.distributed import Runtime
 from rift_dist.precision import resolve_precision
-from rift_dist.preflight import check_inputs, usable_cpus
+from rift_dist.preflight import check_module_names, check_run, usable_cpus  # noqa: F401 - check_module_names re-exported
 from rift_dist.run_lock import RunDirLock, RunDirLockedError
 from rift_dist.stages.common import STAGES, StageContext, StageError, read_done
 from rift_dist.tracking import Tracker
@@ -95,28 +95,6 @@ def run_stages(ctx: StageContext, stages: list[str] | tuple[str, ...] = STAGES) 
         results[name] = stage_function(name, ctx.cfg)(ctx)
         ctx.log(f"[{name}] finished in {time.time() - t0:.1f}s")
     return results
-
-
-def check_module_names(cfg: RunConfig) -> None:
-    """Fail before any work when ``finetune.modules`` or ``mrc.modules`` names a module the model lacks.
-
-    Builds the configured model on the CPU (only when one of the lists is set) and compares the
-    names with :func:`rift_dist.models.module_names` (the Conv2d/Linear layers, RiFT §3.2).
-
-    Raises:
-        ConfigError: naming the key, the unknown name(s), the architecture and the valid names.
-    """
-    lists = {"finetune.modules": cfg.finetune.modules, "mrc.modules": cfg.mrc.modules}
-    if not any(lists.values()):
-        return
-    from rift_dist.models import build_model, module_names
-
-    names = module_names(build_model(cfg))
-    for key, wanted in lists.items():
-        unknown = [n for n in wanted if n not in names]
-        if unknown:
-            raise ConfigError(f"{key}: no module named {', '.join(map(repr, unknown))} in {cfg.model.arch}; "
-                              f"valid modules: {', '.join(names)}")
 
 
 def mlflow_link(tracker) -> str:
@@ -221,8 +199,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path | None = None, stages=STAGE
     """
     run_dir = Path(run_dir or cfg.run_dir)
     cfg.run_dir = str(run_dir)
-    check_module_names(cfg)
-    check_inputs(cfg, stages)  # every input path the stages need, before anything runs or is written
+    check_run(cfg, stages)  # config checks (FFCV, eval, modules) and every input path, before anything is written
     note = cap_num_workers(cfg)
     configure_torch(cfg)
     runtime = Runtime(cfg)

@@ -4,9 +4,14 @@ A Tiny-ImageNet paper config with ``RIFT_DATA_ROOT`` unset used to keep the lite
 ``${RIFT_DATA_ROOT}/Tiny-ImageNet-C``, train, search, fine-tune and sweep for hours, and only then fail
 in evaluation.  :func:`input_problems` looks at every input path the requested stages will read, without
 reading the data (nothing is unpacked, decoded or written), and returns one line per problem naming the
-key, the value and the fix; :func:`check_inputs` raises them all at once.  ``rift run`` and the stage
-commands call it before the run directory or MLflow is touched; ``rift submit --dry-run`` prints the same
-lines as warnings about what a job will need.
+key, the value and the fix; :func:`check_inputs` raises them all at once.
+
+:func:`check_run` is the one set of checks every entry point makes before any work: ``rift run`` / the
+stage commands (:func:`rift_dist.pipeline.run_pipeline`) and ``rift submit`` (:func:`rift_dist.cluster.submit`,
+before the first job is queued).  It refuses config errors the loader cannot see (:func:`check_config`:
+FFCV settings and availability, the ``eval`` section, module names) and the input paths above;
+``rift submit --dry-run`` (and a profile with ``check_paths: false``) prints the path problems as warnings
+about what a job will need instead of refusing.
 """
 
 from __future__ import annotations
@@ -71,6 +76,82 @@ def input_problems(cfg, stages) -> list[str]:
         if not Path(cfg.from_checkpoint).expanduser().is_file():
             problems.append(f"from_checkpoint = {cfg.from_checkpoint!r}: no such file")
     return problems
+
+
+def check_module_names(cfg) -> None:
+    """Fail before any work when ``finetune.modules`` or ``mrc.modules`` names a module the model lacks.
+
+    Builds the configured model on the CPU (only when one of the lists is set) and compares the
+    names with :func:`rift_dist.models.module_names` (the Conv2d/Linear layers, RiFT §3.2).
+
+    Raises:
+        ConfigError: naming the key, the unknown name(s), the architecture and the valid names.
+    """
+    lists = {"finetune.modules": cfg.finetune.modules, "mrc.modules": cfg.mrc.modules}
+    if not any(lists.values()):
+        return
+    from rift_dist.models import build_model, module_names
+
+    names = module_names(build_model(cfg))
+    for key, wanted in lists.items():
+        unknown = [n for n in wanted if n not in names]
+        if unknown:
+            raise ConfigError(f"{key}: no module named {', '.join(map(repr, unknown))} in {cfg.model.arch}; "
+                              f"valid modules: {', '.join(names)}")
+
+
+def check_config(cfg, world_size: int | None = None) -> None:
+    """The config checks that need more than the config file: run by ``rift run`` and ``rift submit`` alike.
+
+    * FFCV (:func:`rift_dist.data.ffcv_loader.check_ffcv_config`): ``data.loader: ffcv`` while FFCV cannot
+      be imported, ``data.order: quasi_random`` with more than one rank (``world_size``; None = from the
+      launcher's environment), storage and JPEG quality.  Skipped when the FFCV module itself cannot be
+      imported (then ``data.loader: ffcv`` fails in the loader with the install command).
+    * The ``eval`` section (:func:`rift_dist.robustness.validate_eval_config`): ``eval.corruption_protocol``,
+      the AutoAttack names, step counts - checked here, not first in the evaluation stage hours later.
+    * Module names (:func:`check_module_names`): ``finetune.modules`` / ``mrc.modules`` exist in the model.
+
+    Nothing is read from the data or written.
+
+    Raises:
+        ConfigError: the first problem, naming the key, the value and the fix.
+    """
+    try:
+        from rift_dist.data.ffcv_loader import check_ffcv_config
+    except ImportError:
+        check_ffcv_config = None
+    if check_ffcv_config is not None:
+        check_ffcv_config(cfg, world_size)
+    from rift_dist.robustness import validate_eval_config
+
+    validate_eval_config(cfg)
+    check_module_names(cfg)
+
+
+def check_run(cfg, stages, world_size: int | None = None, refuse_paths: bool = True) -> list[str]:
+    """Every check made before the first stage runs (``rift run``) or the first job is queued (``rift submit``).
+
+    :func:`check_config`, then :func:`input_problems` for ``stages``.
+
+    Args:
+        cfg: a RunConfig.
+        stages: the stages that will run (their inputs are checked).
+        world_size: ranks of the largest job (None = from the environment); for the FFCV order check.
+        refuse_paths: raise on a missing input path (default); False returns the problems instead
+            (``rift submit --dry-run`` prints them as warnings).
+
+    Returns:
+        the input-path problems (always empty when ``refuse_paths``).
+
+    Raises:
+        ConfigError: a config problem (see :func:`check_config`).
+        PreflightError: missing inputs, when ``refuse_paths`` (lists every one).
+    """
+    check_config(cfg, world_size)
+    if refuse_paths:
+        check_inputs(cfg, stages)
+        return []
+    return input_problems(cfg, stages)
 
 
 def check_inputs(cfg, stages) -> None:

@@ -82,9 +82,138 @@ def test_sbatch_script_carries_resources_dependency_and_array(tmp_path):
                  "--ntasks-per-node=1", "--cpus-per-task=8", "--mem=64GB", "--time=60", "--array=0-7%8",
                  "--dependency=afterok:123", "--kill-on-invalid-dep=yes", "--signal=USR2@180", "--mail-type=FAIL"):
         assert flag in text, flag
-    assert "module load cuda/12.4" in text and "/venv/bin/python -u -m submitit.core._submit" in text
+    assert "module load cuda/13.0" in text and "/venv/bin/python -u -m submitit.core._submit" in text
+    assert text.index("export NCCL_DEBUG=WARN") < text.index("module load")  # env: first, then setup:
     train = cluster.sbatch_script(p.resources("train"), "train", tmp_path, "python")
     assert "--nodes=2" in train and "--ntasks-per-node=4" in train and "dependency" not in train
+
+
+GPU_PROFILE = {"partition": "gpu", "cpu_partition": "cpu", "nodes": 1, "gpus_per_node": 4, "cpus_per_task": 6,
+               "constraint": "a100", "sbatch": {"gpu-bind": "closest", "mail-type": "FAIL"},
+               "env": {"NCCL_SOCKET_IFNAME": "ib0", "NCCL_IB_DISABLE": 1, "NCCL_DEBUG": "WARN"},
+               "stages": {"train": {"nodes": 2}, "mrc": {"gpus_per_node": 1},
+                          "evaluate": {"env": {"NCCL_DEBUG": "INFO"}}}}
+
+
+def _flags(text: str) -> dict[str, str]:
+    """{option: value} of the #SBATCH lines of a script."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("#SBATCH --"):
+            key, _, value = line[len("#SBATCH --"):].partition("=")
+            out[key] = value
+    return out
+
+
+def test_gpu_job_asks_for_one_rank_per_gpu_and_exports_the_profile_env(tmp_path):
+    p = cluster.profile_from_dict(GPU_PROFILE, "gpu.yaml")
+    train = cluster.sbatch_script(p.resources("train"), "train", tmp_path, "python")
+    flags = _flags(train)
+    assert (flags["nodes"], flags["gpus-per-node"], flags["ntasks-per-node"], flags["cpus-per-task"]) == (
+        "2", "4", "4", "6")
+    assert flags["partition"] == "gpu" and flags["constraint"] == "a100" and flags["gpu-bind"] == "closest"
+    assert "gres" not in flags
+    exports = [line for line in train.splitlines() if line.startswith("export NCCL")]
+    assert exports == ["export NCCL_SOCKET_IFNAME=ib0", "export NCCL_IB_DISABLE=1", "export NCCL_DEBUG=WARN"]
+    # a stage's env is merged over the top-level one (evaluate changes NCCL_DEBUG only)
+    assert p.resources("evaluate").env == {"NCCL_SOCKET_IFNAME": "ib0", "NCCL_IB_DISABLE": 1, "NCCL_DEBUG": "INFO"}
+    # --gres for clusters without cons_tres, with a GPU model
+    old = cluster.profile_from_dict({**GPU_PROFILE, "gpu_request": "gres", "gpu_type": "a100"}, "gpu.yaml")
+    flags = _flags(cluster.sbatch_script(old.resources("train"), "train", tmp_path, "python"))
+    assert flags["gres"] == "gpu:a100:4" and "gpus-per-node" not in flags and flags["ntasks-per-node"] == "4"
+    typed = cluster.profile_from_dict({**GPU_PROFILE, "gpu_type": "h100"}, "gpu.yaml")
+    assert _flags(cluster.sbatch_script(typed.resources("mrc"), "mrc", tmp_path, "python"))["gpus-per-node"] == "h100:1"
+
+
+def test_jobs_without_gpus_go_to_the_cpu_partition_and_inherit_no_gpu_option(tmp_path):
+    p = cluster.profile_from_dict(GPU_PROFILE, "gpu.yaml")
+    gather = p.resources("gather")
+    flags = _flags(cluster.sbatch_script(gather, "mrc-gather", tmp_path, "python"))
+    assert flags["partition"] == "cpu" and flags["ntasks-per-node"] == "1" and flags["mail-type"] == "FAIL"
+    for gpu_only in ("constraint", "gpus-per-node", "gres", "gpu-bind"):
+        assert gpu_only not in flags, gpu_only
+    # a stage that names its own partition / constraint keeps them; GPU stages keep the GPU partition
+    own = cluster.profile_from_dict({**GPU_PROFILE, "stages": {"gather": {"partition": "short", "constraint": "amd"}}},
+                                    "gpu.yaml")
+    assert (own.resources("gather").partition, own.resources("gather").constraint) == ("short", "amd")
+    assert own.resources("mrc").partition == "gpu" and own.resources("mrc").constraint == "a100"
+    # without cpu_partition a gather stays in the top-level partition, still without the GPU constraint
+    plain = cluster.profile_from_dict({k: v for k, v in GPU_PROFILE.items() if k != "cpu_partition"}, "gpu.yaml")
+    assert (plain.resources("gather").partition, plain.resources("gather").constraint) == ("gpu", "")
+    # a stage made CPU-only (gpus_per_node: 0) is treated the same way
+    cpu_prep = cluster.profile_from_dict({**GPU_PROFILE, "stages": {"mrc_prepare": {"gpus_per_node": 0}}}, "gpu.yaml")
+    assert (cpu_prep.resources("mrc_prepare").partition, cpu_prep.resources("mrc_prepare").constraint) == ("cpu", "")
+    # the example profile: gathers in its cpu partition, GPU jobs with the a100 constraint
+    ex = cluster.load_profile(ROOT / "launch" / "example_cluster.yaml")
+    assert (ex.resources("gather").partition, ex.resources("gather").constraint) == ("cpu", "")
+    assert (ex.resources("train").partition, ex.resources("train").constraint) == ("gpu", "a100")
+    # cpu_partition and check_paths survive the round trip through submission.json
+    back = cluster.profile_from_dict({k: v for k, v in ex.to_dict().items() if k != "name"}, "stored")
+    assert back.cpu_partition == "cpu" and back.check_paths is True and back.resources("gather").partition == "cpu"
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"gpus_per_node": 4, "tasks_per_node": 2}, "tasks_per_node=2: every rank drives one GPU"),
+    ({"gpus_per_node": 2, "tasks_per_node": 4}, "set tasks_per_node: 0 (= one per GPU) or 2"),
+    ({"stages": {"mrc": {"gpus_per_node": 1}}, "gpus_per_node": 4, "tasks_per_node": 4}, "stage mrc_prepare asks for 1 GPU(s) per node but tasks_per_node=4"),
+    ({"gpu_request": "gpus"}, "gpu_request of stage train is 'gpus'; choose one of gpus-per-node, gres"),
+    ({"env": {"MASTER_ADDR": "n1"}}, "env.MASTER_ADDR may not be set in a profile: rift sets the launcher"),
+    ({"env": {"CUDA_VISIBLE_DEVICES": "0"}}, "SLURM sets it to the GPUs it allocated"),
+    ({"stages": {"train": {"env": {"1BAD": "x"}}}}, "stages.train.env.1BAD is not an environment variable name"),
+    ({"env": {"NCCL_IB_HCA": ["mlx5"]}}, "env.NCCL_IB_HCA must be a string or a number"),
+    ({"env": "NCCL_DEBUG=INFO"}, "'env' must be dict"),
+    ({"sbatch": {"gpus-per-task": 1}}, "--gpus-per-task, which rift submit sets"),
+    ({"sbatch": {"G": 4}}, "--gpus, which rift submit sets"),
+    ({"sbatch": {"cpus_per_gpu": 4}}, "--cpus-per-gpu, which rift submit sets"),
+    ({"cpu_partition": 3}, "'cpu_partition' must be str"),
+])
+def test_bad_gpu_settings_are_refused_naming_the_key_and_the_fix(tmp_path, data, message):
+    with pytest.raises(cluster.ClusterError) as err:
+        cluster.profile_from_dict(data, "gpu.yaml")
+    assert message in str(err.value) and "gpu.yaml" in str(err.value)
+
+
+def test_script_header_says_stage_config_run_dir_and_array_task_mapping(tmp_path):
+    cfg = tiny()
+    p = cluster.profile_from_dict({**GPU_PROFILE, "stages": {**GPU_PROFILE["stages"], "mrc": {
+        "gpus_per_node": 1, "array_size": 4}}}, "gpu.yaml")
+    jobs = {j.name: j for j in cluster.plan_jobs(cfg, p, tmp_path / "run")}
+    script = cluster.sbatch_script(jobs["mrc"].resources, "mrc", tmp_path, "python", ["<mrc-prepare>"], 4,
+                                   cluster.script_header(jobs["mrc"], tmp_path / "run", "/cfg/tiny.yaml"))
+    lines = script.splitlines()
+    assert lines[0] == "#!/bin/bash" and lines[1].startswith("# rift mrc: job mrc - MRC of a group of modules")
+    assert f"# config:  /cfg/tiny.yaml" in lines and f"# run dir: {tmp_path / 'run'}" in lines
+    header = lines[:lines.index("# Parameters")]
+    assert all(line.startswith("#") or not line for line in header)  # sbatch still reads the #SBATCH lines
+    mapping = [line for line in header if "-> MRC group" in line]
+    assert len(mapping) == 4
+    for i, (line, task) in enumerate(zip(mapping, jobs["mrc"].tasks)):
+        assert line == f"#   {i:>3} -> MRC group {task.index}: {', '.join(task.names)}"
+    assert _flags(script)["job-name"] == "rift-mrc"
+    interp = "\n".join(cluster.script_header(jobs["interpolate"], tmp_path / "run"))
+    assert "#     1 -> sweep part 1: alpha=0.5" in interp and "3 tasks; SLURM_ARRAY_TASK_ID" in interp
+    train = "\n".join(cluster.script_header(jobs["train"], tmp_path / "run", "/cfg/tiny.yaml"))
+    assert "2 node(s) x 4 rank(s) = 8 rank(s)" in train and "cuda:LOCAL_RANK" in train and "WORLD_SIZE = 8" in train
+    gather = "\n".join(cluster.script_header(jobs["mrc-gather"], tmp_path / "run"))
+    assert "no GPU" in gather and "cuda" not in gather and "after:   mrc succeeded" in gather
+    # the script submitit submits carries the same header (RiftSlurmExecutor)
+    ex = cluster.RiftSlurmExecutor.__new__(cluster.RiftSlurmExecutor)
+    ex.folder, ex.parameters, ex.header = tmp_path, {"job_name": "rift-mrc"}, ["# rift mrc: a test header"]
+    text = ex._make_submission_file_text("python -m x", "uid")
+    assert text.splitlines()[:2] == ["#!/bin/bash", "# rift mrc: a test header"] and "#SBATCH --job-name=rift-mrc" in text
+
+
+def test_example_profile_cuda_module_matches_the_pinned_torch_build():
+    import re
+
+    import torch
+
+    text = (ROOT / "launch" / "example_cluster.yaml").read_text()
+    modules = re.findall(r"module load cuda/(\d+\.\d+)", text)
+    assert modules, "the example profile should show the CUDA module to load"
+    if torch.version.cuda is None:
+        pytest.skip("this torch build has no CUDA: nothing to match")
+    assert set(modules) == {torch.version.cuda}, (modules, torch.version.cuda)
 
 
 # ------------------------------------------------------------------------------------------ plans

@@ -14,6 +14,8 @@ from rift_dist import cluster
 from rift_dist.config import load_config
 from rift_dist.distributed import read_launch_env
 
+ROOT_DIR = Path(__file__).resolve().parents[2]
+
 SCONTROL_CONFIG = """Configuration data as of 2026-12-02T07:00:00
 AccountingStorageType   = accounting_storage/slurmdbd
 MaxArraySize            = 16
@@ -188,7 +190,8 @@ class FakeExecutor:
 
 
 def test_failed_sbatch_cancels_what_was_queued_and_writes_nothing(tmp_path, monkeypatch, capsys):
-    cfg = load_config(None, ["model.width=4", "interpolation.alphas=[0.0,0.5,1.0]", "tracking.enabled=false"])
+    cfg = load_config(None, ["model.width=4", "interpolation.alphas=[0.0,0.5,1.0]", "tracking.enabled=false",
+                             f"data.root={tmp_path}"])
     run_dir = tmp_path / "run"
     queued: list[str] = []
     cancelled: list[list[str]] = []
@@ -217,7 +220,8 @@ def test_failed_sbatch_cancels_what_was_queued_and_writes_nothing(tmp_path, monk
 
 
 def test_refused_plan_queues_and_writes_nothing(tmp_path, monkeypatch):
-    cfg = load_config(None, ["model.width=4", "interpolation.alphas=[0.0,0.5,1.0]", "tracking.enabled=false"])
+    cfg = load_config(None, ["model.width=4", "interpolation.alphas=[0.0,0.5,1.0]", "tracking.enabled=false",
+                             f"data.root={tmp_path}"])
     real = cluster.query_cluster_limits
     monkeypatch.setattr(cluster, "query_cluster_limits", lambda runner=None: real(fake_runner()))
     monkeypatch.setattr(cluster, "_executor", lambda *a: pytest.fail("sbatch must not run"))
@@ -234,6 +238,105 @@ def test_dry_run_splits_without_slurm(tmp_path, monkeypatch, wrn_cfg):
                          stages=["train", "mrc"], dry_run=True, log=lines.append)
     assert [j["name"] for j in out["jobs"]][2:5] == ["mrc-part1", "mrc-part2", "mrc-part3"]
     assert any("are split" in x for x in lines) and not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ rift submit checks what rift run checks
+
+
+def _tiny(tmp_path, *overrides):
+    return load_config(None, ["model.width=4", "interpolation.alphas=[0.0,0.5,1.0]", "tracking.enabled=false",
+                              f"data.root={tmp_path}", *overrides])
+
+
+def _no_sbatch(monkeypatch):
+    monkeypatch.setattr(cluster, "query_cluster_limits", lambda runner=None: cluster.ClusterLimits())
+    monkeypatch.setattr(cluster, "_executor", lambda *a, **k: pytest.fail("no job may be queued"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.corruption_protocol=bogus", "'eval.corruption_protocol' is 'bogus'; choose one of"),
+    ("eval.autoattack_attacks=[apgd-dlr]", "'eval.autoattack_attacks' has unknown attack(s) ['apgd-dlr']"),
+    ("finetune.modules=[layer9.conv1]", "finetune.modules: no module named 'layer9.conv1' in resnet18"),
+    ("mrc.modules=[nope]", "mrc.modules: no module named 'nope'"),
+])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_submit_refuses_what_rift_run_refuses_before_any_job(tmp_path, monkeypatch, override, message, dry_run):
+    from rift_dist.config import ConfigError
+
+    _no_sbatch(monkeypatch)
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError) as err:
+        cluster.submit(_tiny(tmp_path, override), cluster.load_profile(None), run_dir, executor="slurm",
+                       dry_run=dry_run, log=lambda _: None)
+    assert message in str(err.value)
+    assert not run_dir.exists()
+    # rift run refuses the same config with the same message, before anything is written (it used to train,
+    # search, fine-tune and sweep, and fail on eval.corruption_protocol in the evaluation stage)
+    from rift_dist.pipeline import run_pipeline
+
+    with pytest.raises(ConfigError) as run_err:
+        run_pipeline(_tiny(tmp_path, override), run_dir, progress=False)
+    assert str(run_err.value) == str(err.value) and not run_dir.exists()
+
+
+def test_cli_submit_dry_run_and_submit_refuse_a_bad_corruption_protocol(tmp_path, monkeypatch, capsys):
+    from rift_dist.cli import main
+
+    _no_sbatch(monkeypatch)
+    run_dir = tmp_path / "run"
+    base = ["submit", str(ROOT_DIR / "configs" / "default.yaml"), "--profile", str(ROOT_DIR / "launch" /
+            "example_cluster.yaml"), "--run-dir", str(run_dir), "--set", "eval.corruption_protocol=bogus",
+            "--set", "tracking.enabled=false"]
+    for extra in (["--dry-run"], []):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert "config error: 'eval.corruption_protocol' is 'bogus'" in err and "Traceback" not in err
+        assert not run_dir.exists()
+
+
+def test_submit_checks_ffcv_against_the_largest_job(tmp_path, monkeypatch):
+    from rift_dist.config import ConfigError
+    from rift_dist.data import ffcv_loader
+
+    _no_sbatch(monkeypatch)
+    cfg = _tiny(tmp_path, "data.order=quasi_random")
+    two_ranks = cluster.load_profile(None, ["stages.train.tasks_per_node=2"])
+    assert cluster.max_ranks(two_ranks) == 2 and cluster.max_ranks(two_ranks, "debug") == 1
+    with pytest.raises(ConfigError, match="quasi_random with 2 processes"):
+        cluster.submit(cfg, two_ranks, tmp_path / "run", executor="slurm", dry_run=True, log=lambda _: None)
+    monkeypatch.setattr(ffcv_loader, "ffcv_available", lambda: (False, "ffcv is not installed (test)"))
+    with pytest.raises(ConfigError, match="'data.loader' is ffcv but ffcv is not installed"):
+        cluster.submit(_tiny(tmp_path, "data.loader=ffcv"), cluster.load_profile(None), tmp_path / "run",
+                       executor="slurm", dry_run=True, log=lambda _: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_inputs_warn_in_a_dry_run_and_refuse_a_submit(tmp_path, monkeypatch):
+    from rift_dist.preflight import PreflightError
+
+    _no_sbatch(monkeypatch)
+    cfg = _tiny(tmp_path, f"data.corruption_root={tmp_path / 'no-CIFAR-10-C'}")
+    lines: list[str] = []
+    out = cluster.submit(cfg, cluster.load_profile(None), tmp_path / "run", executor="slurm", dry_run=True,
+                         log=lines.append)
+    warned = [x for x in lines if x.startswith("rift: warning:")]
+    assert len(warned) == 1 and "data.corruption_root" in warned[0] and "no-CIFAR-10-C" in warned[0]
+    assert out["jobs"] and not (tmp_path / "run").exists()
+    with pytest.raises(PreflightError) as err:
+        cluster.submit(cfg, cluster.load_profile(None), tmp_path / "run", executor="slurm", log=lines.append)
+    assert "data.corruption_root" in str(err.value) and "check_paths: false" in str(err.value)
+    assert not (tmp_path / "run").exists()
+    # the corruption set matters only to the evaluation job: a submit of train + mrc does not need it
+    monkeypatch.setattr(cluster, "_executor", lambda kind, folder, *a: (folder.mkdir(parents=True, exist_ok=True),
+                                                                         FakeExecutor([], 99))[1])
+    record = cluster.submit(cfg, cluster.load_profile(None), tmp_path / "run", executor="slurm",
+                            stages=["train", "mrc"], log=lambda _: None)
+    assert [j["name"] for j in record["submissions"][0]["jobs"]] == ["train", "mrc-prepare", "mrc", "mrc-gather"]
+    # check_paths: false (the nodes see paths this machine does not): the whole graph, with a warning
+    lines.clear()
+    cluster.submit(cfg, cluster.load_profile(None, ["check_paths=false"]), tmp_path / "run2", executor="slurm",
+                   log=lines.append)
+    assert any(x.startswith("rift: warning:") and "data.corruption_root" in x for x in lines)
 
 
 # ------------------------------------------------------------------------------------------- ports

@@ -37,7 +37,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSlurmCluster]:
-    """A running :class:`LocalSlurmCluster` shared by the whole session.
+    """A running :class:`LocalSlurmCluster` shared by the whole session (node ``localhost`` declares 4 GPUs).
 
     Exports ``SLURM_CONF`` into ``os.environ`` for the session (restored at
     the end) so that submitit and any SLURM client find the cluster, then stops
@@ -54,7 +54,8 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSlu
             pytest.fail(message + " (CI is set, so this is an error)", pytrace=False)
         pytest.skip(message)
 
-    cluster = LocalSlurmCluster(tmp_path_factory.mktemp("slurm", numbered=True))
+    # Gres=gpu:4 on the node (fake devices): GPU job scripts are checked as a GPU cluster would check them
+    cluster = LocalSlurmCluster(tmp_path_factory.mktemp("slurm", numbered=True), gpus=4)
     saved = {key: os.environ.get(key) for key in cluster.env}
     try:
         cluster.start()
