@@ -3,6 +3,7 @@
     rift run CONFIG [--run-dir DIR] [--set key=value ...] [--nproc N] [--from-checkpoint PATH]
     rift train|mrc|finetune|interpolate|evaluate CONFIG [same options]
     rift evaluate CONFIG --checkpoint PATH        evaluate one checkpoint
+    rift compare CONFIG [--run-dir DIR] [--nproc N] [--dry-run]   RiFT vs its alternatives (compare/)
     rift plan CONFIG [--set key=value ...]       parameters, modules, FLOPs, predicted GPU time per stage
     rift data corrupt|convert|verify ...
     rift submit|status|cancel|report ...          (SLURM through submitit; MLflow report)
@@ -81,6 +82,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             p.add_argument("--checkpoint", help="evaluate this checkpoint instead of the run's models")
             p.add_argument("--n-examples", type=int, default=None, help="evaluate the first N test images only")
             p.add_argument("--autoattack", action="store_true", help="also run AutoAttack (standard)")
+    p = sub.add_parser("compare", help="RiFT against its alternatives (most-critical, random, top-k, all-layers / "
+                                       "WiSE-FT, logit mixing) on one AT model; Pareto front and paired CIs")
+    _add_run_arguments(p)
+    p.add_argument("--dry-run", action="store_true", help="print the plan (seeds, methods, evaluations) and stop")
     from rift_dist import plan
 
     plan.add_arguments(sub.add_parser("plan", help="print what a config costs (parameters, modules, checkpoint "
@@ -198,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
 
         interrupts.install()  # SIGTERM / SIGINT: checkpoint at the next step, close MLflow runs, exit 143 / 130
 
+        if args.command == "compare":
+            from rift_dist.compare import compare_command
+
+            return compare_command(args, cfg)
         if args.command == "evaluate" and args.checkpoint:
             from rift_dist.evaluate_checkpoint import evaluate_checkpoint
 
@@ -225,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         from rift_dist.distributed import DistributedError
 
         known = (StageError, CheckpointError, DistributedError)
+        if args.command == "compare":
+            from rift_dist.compare import CompareError
+
+            known = known + (CompareError,)
         try:
             from rift_dist.data.sources import DataError
 

@@ -323,6 +323,30 @@ class TrackingConfig:
     """MLflow experiment name."""
 
 
+COMPARE_METHODS = ("rift", "most-critical", "random-module", "top-2", "top-3", "top-5", "all-layers", "logit-mix")
+"""The methods of ``rift compare`` (issue 16; RiFT §5 Tables 3-4, WiSE-FT, logit mixing); ``top-<k>`` takes any k >= 2."""
+
+
+def _is_compare_method(name: Any) -> bool:
+    if not isinstance(name, str):
+        return False
+    if name in COMPARE_METHODS:
+        return True
+    return name.startswith("top-") and name[4:].isdigit() and int(name[4:]) >= 2
+
+
+@dataclass
+class CompareConfig:
+    """``rift compare``: RiFT against its alternatives on one AT model (see rift_dist/compare.py)."""
+
+    methods: list[str] = field(default_factory=lambda: list(COMPARE_METHODS))
+    """Methods to run side by side: rift, most-critical, random-module, top-<k> (k >= 2), all-layers, logit-mix."""
+    seeds: list[int] = field(default_factory=list)
+    """Seeds of the whole comparison (AT training included), one run directory each; empty = [seed]."""
+    confidence: float = 0.95
+    """Level of the confidence intervals of the paired differences to rift and to the AT model."""
+
+
 @dataclass
 class RunConfig:
     """The whole experiment."""
@@ -349,6 +373,7 @@ class RunConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
 
 PATH_KEYS = {"root", "archive", "cache_dir", "corruption_root", "run_dir", "from_checkpoint", "uri"}
@@ -543,10 +568,12 @@ RANGES: dict[str, tuple[Any, str]] = {
     "distributed.timeout_s": _GE1,
     "distributed.zero_stage": (lambda v: v in (0, 1, 2), "0, 1 or 2"),
     "distributed.gradient_accumulation_steps": _GE1,
+    "compare.seeds": _GE0,
+    "compare.confidence": (lambda v: 0.0 < v < 1.0, "in (0, 1), e.g. 0.95"),
 }
 """The range rule of every numeric field: ``{key: (test, description)}``; list fields are checked per item."""
 
-NONEMPTY = ("interpolation.alphas", "data.severities")
+NONEMPTY = ("interpolation.alphas", "data.severities", "compare.methods")
 """List fields that need at least one entry."""
 
 
@@ -584,6 +611,10 @@ def _validate(cfg: RunConfig, source: str) -> None:
     if cfg.eval.autoattack and not cfg.eval.autoattack_attacks:
         raise ConfigError(f"{source}: 'eval.autoattack_attacks' is [] while eval.autoattack is true; list at least "
                           f"one attack or set eval.autoattack: false; {_fix('eval.autoattack_attacks', source)}")
+    bad = [m for m in cfg.compare.methods if not _is_compare_method(m)]
+    if bad:
+        raise ConfigError(f"{source}: 'compare.methods' has {bad[0]!r}; each method must be one of "
+                          f"{', '.join(COMPARE_METHODS)} (or top-<k>, k >= 2); {_fix('compare.methods', source)}")
     if cfg.model.mean and cfg.model.std and len(cfg.model.mean) != len(cfg.model.std):
         raise ConfigError(f"{source}: 'model.mean' has {len(cfg.model.mean)} entries and 'model.std' "
                           f"{len(cfg.model.std)}; give one per input channel; {_fix('model.std', source)}")

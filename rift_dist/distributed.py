@@ -653,7 +653,8 @@ def seed_for(*parts: int) -> int:
 # no two uses share a stream for any pair of run seeds (the old ``seed + 17`` / ``seed + 29`` offsets did: seed
 # 12's selection stream was seed 0's sweep stream).
 RANDOM_STREAMS = ("train-selection", "interpolation-sweep", "mrc-examples", "mrc-noise", "eval-pgd", "eval-pgd-extra",
-                  "eval-margin", "sanity-epsilon-sweep", "sanity-eps0", "sanity-square")
+                  "eval-margin", "sanity-epsilon-sweep", "sanity-eps0", "sanity-square",
+                  "compare-random-module", "compare-val-corruption", "compare-bootstrap")
 
 
 def stream_seed(seed: int, stream: str, *parts: int) -> int:

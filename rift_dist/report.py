@@ -1,6 +1,8 @@
 """``rift report EXPERIMENT``: the paper's Table 1 from the runs recorded in MLflow.
 
-One row per (data set, architecture; a non-paper width is its own row, e.g. "resnet18 (width 16)"); for the AT and the RiFT model the clean,
+One row per (data set, architecture, method; a non-paper width is its own row, e.g. "resnet18 (width 16)"; method
+``rift`` for a RiFT pipeline, or a ``rift compare`` method from its (method, seed) child runs, tagged
+``rift.compare``); for the AT and the method's model the clean,
 out-of-distribution (corruption) and PGD robust accuracy, the RiFT - AT deltas,
 each as mean +- standard deviation over seeds (sample std, ddof 1; '-' with one
 seed), and the seeds used.  Every pipeline's parent run carries the config as
@@ -92,10 +94,20 @@ def collect_runs(experiment: str, tracking_uri: str | None = None) -> tuple[list
             children.setdefault(parent, []).append(r)
     records, notes = [], []
     for r in runs:
-        if r.data.tags.get("mlflow.parentRunId"):
+        method = "rift"
+        if r.data.tags.get("rift.kind") == "compare":
+            continue  # a comparison's parent: its (method, seed) children carry the numbers
+        if r.data.tags.get("rift.compare") == "1":
+            method = r.data.tags.get("rift.method", "")
+            if method in ("", "at") or "method.clean_accuracy" not in r.data.metrics:
+                continue  # the AT + MRC child of a seed, or a method not evaluated yet
+            params = r.data.params
+            metrics = {("rift." + k[7:] if k.startswith("method.") else k): v for k, v in r.data.metrics.items()}
+        elif r.data.tags.get("mlflow.parentRunId"):
             continue
-        params = r.data.params
-        metrics = dict(r.data.metrics)
+        else:
+            params = r.data.params
+            metrics = dict(r.data.metrics)
         if "at.clean_accuracy" not in metrics:
             ev = [c for c in children.get(r.info.run_id, []) if c.info.run_name == "evaluation"
                   and "at.clean_accuracy" in c.data.metrics]
@@ -114,6 +126,7 @@ def collect_runs(experiment: str, tracking_uri: str | None = None) -> tuple[list
         elif arch.startswith("wrn") and params.get("model.widen_factor", "10") != "10":
             variant = f"widen factor {params['model.widen_factor']}"
         records.append({"dataset": params["data.dataset"], "arch": arch + (f" ({variant})" if variant else ""),
+                        "method": method,
                         "seed": int(params.get("seed", 0)), "run_id": r.info.run_id, "name": r.info.run_name,
                         "start": r.info.start_time or 0, "status": r.info.status, "metrics": metrics})
     return records, notes
@@ -134,25 +147,25 @@ def table_rows(records: list[dict]) -> tuple[list[dict], list[str]]:
     notes = []
     latest: dict[tuple, dict] = {}
     for rec in sorted(records, key=lambda r: r["start"]):
-        key = (rec["dataset"], rec["arch"], rec["seed"])
+        key = (rec["dataset"], rec["arch"], rec.get("method", "rift"), rec["seed"])
         if key in latest:
-            notes.append(f"{DATASET_NAMES.get(key[0], key[0])} {arch_name(key[1])} seed {key[2]}: "
+            notes.append(f"{DATASET_NAMES.get(key[0], key[0])} {arch_name(key[1])} {key[2]} seed {key[3]}: "
                          f"run {latest[key]['run_id']} replaced by the newer {rec['run_id']}")
         latest[key] = rec
     groups: dict[tuple, list[dict]] = {}
-    for (ds, arch, _), rec in latest.items():
-        groups.setdefault((ds, arch), []).append(rec)
+    for (ds, arch, method, _), rec in latest.items():
+        groups.setdefault((ds, arch, method), []).append(rec)
 
     def order(key):
-        ds, arch = key
+        ds, arch, method = key
         base = arch.split(" ")[0]
         return (DATASET_ORDER.index(ds) if ds in DATASET_ORDER else 99, ds,
-                ARCH_ORDER.index(base) if base in ARCH_ORDER else 99, arch)
+                ARCH_ORDER.index(base) if base in ARCH_ORDER else 99, arch, method != "rift", method)
 
     rows = []
     for key in sorted(groups, key=order):
         recs = sorted(groups[key], key=lambda r: r["seed"])
-        row = {"dataset": key[0], "arch": key[1], "seeds": [r["seed"] for r in recs],
+        row = {"dataset": key[0], "arch": key[1], "method": key[2], "seeds": [r["seed"] for r in recs],
                "runs": [r["run_id"] for r in recs]}
         for short, metric in METRICS:
             for model in MODELS:
@@ -180,24 +193,25 @@ def _fmt(ms: tuple, signed: bool = False) -> str:
 
 
 COLUMNS = [("AT clean", "at.clean"), ("AT OOD", "at.ood"), ("AT robust", "at.robust"),
-           ("RiFT clean", "rift.clean"), ("RiFT OOD", "rift.ood"), ("RiFT robust", "rift.robust"),
+           ("method clean", "rift.clean"), ("method OOD", "rift.ood"), ("method robust", "rift.robust"),
            ("Δ clean", "delta.clean"), ("Δ OOD", "delta.ood"), ("Δ robust", "delta.robust")]
 
 
 def to_markdown(rows: list[dict], experiment: str, notes: list[str], paper: bool = True) -> str:
     """The table as Markdown (accuracies in %, mean ± std over seeds), the paper's numbers below it."""
-    head = ["dataset", "architecture"] + [c for c, _ in COLUMNS] + ["seeds"]
+    head = ["dataset", "architecture", "method"] + [c for c, _ in COLUMNS] + ["seeds"]
     lines = [f"# RiFT vs AT — experiment `{experiment}` (Table 1 layout)", "",
              "Accuracies in %, mean ± std over seeds (test split): clean, OOD (corruption accuracy) and PGD robust "
-             "accuracy; Δ = RiFT − AT in percentage points.", "",
+             "accuracy; Δ = method − AT in percentage points. Method rift is the RiFT pipeline (or the rift row of "
+             "`rift compare`); the others are `rift compare`'s alternatives on the same AT models.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [DATASET_NAMES.get(r["dataset"], r["dataset"]), arch_name(r["arch"])]
+        cells = [DATASET_NAMES.get(r["dataset"], r["dataset"]), arch_name(r["arch"]), r.get("method", "rift")]
         cells += [_fmt(r[k], signed=k.startswith("delta")) for _, k in COLUMNS]
         cells.append(",".join(map(str, r["seeds"])))
         lines.append("| " + " | ".join(cells) + " |")
     if paper:
-        known = [r for r in rows if (r["dataset"], r["arch"]) in PAPER_TABLE1]
+        known = [r for r in rows if (r["dataset"], r["arch"]) in PAPER_TABLE1 and r.get("method", "rift") == "rift"]
         if known:
             lines += ["", "The paper's Table 1 for the same rows (mean of 3 seeds; clean / OOD / robust, %):", "",
                       "| dataset | architecture | AT | RiFT |", "|---|---|---|---|"]
@@ -212,14 +226,15 @@ def to_markdown(rows: list[dict], experiment: str, notes: list[str], paper: bool
 
 def write_csv(path: Path, rows: list[dict]) -> None:
     """One line per row: dataset, arch, n_seeds, seeds, and <column>_mean / <column>_std in percent."""
-    fields = ["dataset", "arch", "n_seeds", "seeds"]
+    fields = ["dataset", "arch", "method", "n_seeds", "seeds"]
     for _, k in COLUMNS:
         fields += [f"{k}_mean", f"{k}_std"]
     with path.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         for r in rows:
-            line = {"dataset": r["dataset"], "arch": r["arch"], "n_seeds": len(r["seeds"]),
+            line = {"dataset": r["dataset"], "arch": r["arch"], "method": r.get("method", "rift"),
+                    "n_seeds": len(r["seeds"]),
                     "seeds": " ".join(map(str, r["seeds"]))}
             for _, k in COLUMNS:
                 mean, std = r[k]

@@ -177,8 +177,13 @@ def load_state(path: Path, what: str) -> dict:
 
 
 def at_state(ctx: StageContext) -> dict:
-    """The adversarially trained model's state dict (from the train stage or ``from_checkpoint``)."""
-    return load_state(ctx.run_dir / "train" / "model.pt", "the adversarially trained model")
+    """The adversarially trained model's state dict (from the train stage or ``from_checkpoint``).
+
+    ``ctx.extra["at_model"]`` (a path) points elsewhere: ``rift compare`` runs each method's stages in
+    ``compare/<method>/`` on the one AT model of the seed's run directory.
+    """
+    path = ctx.extra.get("at_model") or ctx.run_dir / "train" / "model.pt"
+    return load_state(Path(path), "the adversarially trained model")
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -218,6 +223,7 @@ def evaluate_model(
     desc: str = "eval",
     loss: str = "ce",
     in_memory: bool = False,
+    per_sample: bool = False,
 ) -> dict[str, float]:
     """Clean (and PGD robust) accuracy of ``model`` on ``dataset`` (an ArrayDataset), sharded across ranks.
 
@@ -230,8 +236,12 @@ def evaluate_model(
     which would first write a .beton file: right for one-off sets such as the 75
     corruption sets.
 
+    ``per_sample=True`` also returns which samples were right, in dataset order, gathered from every
+    rank (for paired statistics: ``rift compare``'s per-image paired differences).
+
     Returns:
         {"clean_accuracy", "robust_accuracy" (when attack is given), "num_examples"}; fractions in [0, 1].
+        With ``per_sample``: also "clean_correct" (and "robust_correct"), bool numpy arrays [len(dataset)].
     """
     from rift_dist.data.loaders import build_loader, build_torch_loader
 
@@ -241,6 +251,7 @@ def evaluate_model(
     total = torch.zeros(3, dtype=torch.float64)
     start, _ = shard_bounds(len(dataset), ctx.runtime.rank, ctx.runtime.world_size)
     offset = start
+    correct = torch.zeros((2, len(dataset)), dtype=torch.float64) if per_sample else None
     prep = ctx.precision.prepare_input
     ac = ctx.precision.autocast
     model = ctx.precision.frozen_model(model)  # eval mode; BatchNorm folded when precision.fold_bn (a copy)
@@ -262,12 +273,21 @@ def evaluate_model(
                             attack.num_steps, attack.random_start, loss=loss, noise=noise, autocast=ac)
                 robust[idx] &= predict(model, prep(x_adv), ac) == labels[idx]
             total[1] += robust.sum().item()
+            if correct is not None:
+                correct[1, offset:offset + n] = robust.cpu().double()
+        if correct is not None:
+            correct[0, offset:offset + n] = clean.cpu().double()
         offset += n
     ctx.runtime.all_reduce_sum(total)
     n = max(total[2].item(), 1)
     out = {"clean_accuracy": total[0].item() / n, "num_examples": int(total[2].item())}
     if attack is not None:
         out["robust_accuracy"] = total[1].item() / n
+    if correct is not None:
+        ctx.runtime.all_reduce_sum(correct)  # each rank filled its own shard; the sum is the whole set
+        out["clean_correct"] = correct[0].numpy() > 0.5
+        if attack is not None:
+            out["robust_correct"] = correct[1].numpy() > 0.5
     return out
 
 

@@ -57,17 +57,44 @@ def freeze_all_but(model: torch.nn.Module, names: list[str]) -> list[torch.nn.Pa
     return params
 
 
-def run(ctx: StageContext) -> dict:
-    """Fine-tune the chosen module(s) of the AT model; returns the outputs (model path, modules, best epoch)."""
+ALL_PARAMETERS = "<all parameters>"
+"""The module list recorded for a fine-tuning of every parameter (``rift compare``'s all-layers method)."""
+
+
+def trainable_parameters(model: torch.nn.Module, names: list[str], all_parameters: bool = False
+                         ) -> list[torch.nn.Parameter]:
+    """Choose what fine-tuning trains: the weights of modules ``names`` (RiFT §3.3), or with
+    ``all_parameters`` every parameter (weights, biases, BatchNorm affine: the paper's "all layers"
+    ablation, Table 3, and WiSE-FT's fine-tuning).  Everything else gets ``requires_grad = False``.
+
+    Raises:
+        KeyError: naming a module that does not exist (with the valid names).
+    """
+    if all_parameters:
+        params = list(model.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        return params
+    return freeze_all_but(model, names)
+
+
+def run(ctx: StageContext, modules: list[str] | None = None, all_parameters: bool = False) -> dict:
+    """Fine-tune the chosen module(s) of the AT model; returns the outputs (model path, modules, best epoch).
+
+    Args:
+        modules: the modules whose weights are trained (default :func:`chosen_modules`: ``finetune.modules``
+            or the MRC stage's choice).
+        all_parameters: train every parameter instead (recorded as ``[ALL_PARAMETERS]``).
+    """
     from rift_dist.data.loaders import build_loader, get_dataset
 
     cfg = ctx.cfg
     f = cfg.finetune
     rt = ctx.runtime
-    names = chosen_modules(ctx)
+    names = [ALL_PARAMETERS] if all_parameters else (list(modules) if modules else chosen_modules(ctx))
     model = new_model(ctx, at_state(ctx))
     try:
-        freeze_all_but(model, names)
+        trainable_parameters(model, names, all_parameters)
     except KeyError as exc:
         raise StageError(str(exc.args[0])) from exc
     engine = rt.parallelize_with(

@@ -37,9 +37,9 @@ def test_rows_mean_std_deltas_and_newest_run_per_seed():
     assert rows[1]["at.clean"][1] is None  # one seed: no std
     assert rows[2]["at.ood"] == (None, None)  # no corruption set evaluated
     md = report.to_markdown(rows, "rift", notes)
-    assert "| CIFAR-10 | ResNet-18 | 81.00 ± 1.41 |" in md and "+3.00 ± 1.41" in md
+    assert "| CIFAR-10 | ResNet-18 | rift | 81.00 ± 1.41 |" in md and "+3.00 ± 1.41" in md
     assert "81.46 / 73.56 / 53.63" in md  # the paper's row beside ours
-    assert "| Tiny-ImageNet | WRN-34-10 | 50.00 | - |" in md
+    assert "| Tiny-ImageNet | WRN-34-10 | rift | 50.00 | - |" in md
 
 
 def test_report_reads_parent_runs_from_a_store(tmp_path):
