@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages needed by rift_dist.testing.slurm_cluster.LocalSlurmCluster:
-# MUNGE, SLURM (slurmctld, slurmd, slurmdbd, clients; Debian 12 ships 22.05) and MariaDB.
+# MUNGE, SLURM (slurmctld, slurmd, slurmdbd, clients; Debian 12 ships 22.05) and MariaDB; iproute2 and
+# util-linux (ip, nsenter, unshare) for the multi-node cluster of tests/integration/multinode/.
 #
 # Idempotent: exits quickly when every package is already installed.
 # System daemons are NOT started: a temporary /usr/sbin/policy-rc.d that exits 101
@@ -10,7 +11,7 @@
 # Usage: sudo scripts/slurm/install.sh     (must run as root)
 set -euo pipefail
 
-PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
+PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server iproute2 util-linux)
 
 log() { echo "[slurm-install] $*"; }
 
@@ -61,7 +62,7 @@ fi
 log "installing: ${missing[*]}"
 apt-get install -y --no-install-recommends "${PACKAGES[@]}"
 
-for bin in munged mungekey slurmctld slurmd slurmdbd sinfo sacctmgr mariadbd mariadb-install-db; do
+for bin in munged mungekey slurmctld slurmd slurmdbd sinfo sacctmgr mariadbd mariadb-install-db ip nsenter unshare; do
     if ! command -v "$bin" >/dev/null 2>&1 && [[ ! -x /usr/sbin/$bin ]]; then
         log "ERROR: $bin not found after install" >&2
         exit 1
