@@ -546,7 +546,7 @@ def _paper_width(cfg: RunConfig) -> bool:
 
 def plot_pareto(path: Path, results: dict[int, dict], methods: list[str]) -> None:
     """``pareto.png``: clean vs robust accuracy on the validation split (mean over seeds), one curve per method
-    over its alphas (alpha marked at the ends, alpha* starred), AT as a black point, the Pareto front dashed."""
+    over its alphas (alpha marked at the end, every seed's alpha* starred), AT as a black point, the Pareto front dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -567,9 +567,9 @@ def plot_pareto(path: Path, results: dict[int, dict], methods: list[str]) -> Non
         line, = ax.plot(xs, ys, "o-", ms=3, lw=1.2, label=method)
         ax.annotate(f"α={sweep[-1]['alpha']:g}", (xs[-1], ys[-1]), fontsize=7, color=line.get_color(),
                     xytext=(3, 3), textcoords="offset points")
-        star = results[seeds[0]]["methods"][method]["alpha"]
-        i = [r["alpha"] for r in sweep].index(star)
-        ax.plot([xs[i]], [ys[i]], "*", ms=12, color=line.get_color(), mec="k", mew=0.5)
+        for star in sorted({results[s]["methods"][method]["alpha"] for s in seeds}):  # each seed's alpha*
+            i = [r["alpha"] for r in sweep].index(star)
+            ax.plot([xs[i]], [ys[i]], "*", ms=12, color=line.get_color(), mec="k", mew=0.5)
         pts_all += list(zip(xs, ys))
     front = sorted(p for p, on in zip(pts_all, pareto_front(pts_all)) if on)
     if front:
@@ -578,7 +578,7 @@ def plot_pareto(path: Path, results: dict[int, dict], methods: list[str]) -> Non
     ax.set_xlabel("clean accuracy (%)", fontsize=10)
     ax.set_ylabel("robust accuracy (%, PGD)", fontsize=10)
     n = results[seeds[0]]["at"]["val"]["n"]
-    ax.set_title(f"Clean vs robust on the validation split (n = {n}, mean of {len(seeds)} seed(s)); ★ = alpha*",
+    ax.set_title(f"Clean vs robust on the validation split (n = {n}, mean of {len(seeds)} seed(s)); ★ = a seed's alpha*",
                  fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
