@@ -33,10 +33,12 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """``mlflow server`` on 127.0.0.1 with a SQLite backend in ``root``; :meth:`stop` / :meth:`start` keep port and store."""
+    """``mlflow server`` on ``host`` (default 127.0.0.1) with a SQLite backend in ``root``; :meth:`stop` /
+    :meth:`start` keep port and store."""
 
-    def __init__(self, root: Path, port: int | None = None):
+    def __init__(self, root: Path, port: int | None = None, host: str = "127.0.0.1"):
         self.root = Path(root)
+        self.host = host
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
@@ -44,8 +46,8 @@ class MlflowServer:
 
     @property
     def uri(self) -> str:
-        """The tracking URI (``http://127.0.0.1:<port>``)."""
-        return f"http://127.0.0.1:{self.port}"
+        """The tracking URI (``http://<host>:<port>``)."""
+        return f"http://{self.host}:{self.port}"
 
     def healthy(self) -> bool:
         """Whether the server answers ``/health``."""
@@ -67,7 +69,7 @@ class MlflowServer:
         env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
         self.proc = subprocess.Popen(
             [str(exe), "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
+             "--artifacts-destination", str(self.root / "artifacts"), "--host", self.host,
              "--port", str(self.port), "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.time() + timeout_s

@@ -10,6 +10,7 @@ tolerances (tests/integration/test_distributed_ddp.py: float summation order, am
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,10 @@ def _train(tmp: Path, mn, name: str, nodes: int, tasks: int, sections: dict = DD
     assert len(_expand(step0[1])) == nodes, steps
     start = next(e for e in cluster.read_events(run_dir) if e["event"] == "start")
     assert start["world_size"] == nodes * tasks
+    # every rank saw its node's own hostname (UTS namespace): submitit logs it per rank
+    seen = re.findall(r"hostname=(\S+), local_rank=\d+\(\d+\), node=\d+\(\d+\), global_rank=(\d+)",
+                      "".join(p.read_text() for p in (run_dir / "jobs" / "train").glob("*_log.out")))
+    assert sorted({(int(r), h) for h, r in seen}) == [(r, _expand(step0[1])[r // tasks]) for r in range(nodes * tasks)]
     return run_dir
 
 
