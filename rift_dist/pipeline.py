@@ -77,23 +77,53 @@ def make_context(cfg: RunConfig, run_dir: Path, runtime: Runtime, progress: bool
     return StageContext(cfg, run_dir, runtime, tracker, precision, progress)
 
 
+def stage_weights(cfg: RunConfig) -> dict[str, float]:
+    """Predicted work of each stage, {stage: FLOPs per unit forward} (:func:`rift_dist.plan.stage_costs` with
+    one FLOP per forward: only the ratios between stages matter for :class:`rift_dist.progress.PipelineETA`).
+
+    Training imported from a checkpoint (``from_checkpoint``) has weight 0.  Builds the model once (to list
+    the MRC modules); reads no data.
+    """
+    from rift_dist.plan import stage_costs
+    from rift_dist.stages.parts import mrc_module_names
+
+    costs = stage_costs(cfg, 1.0, len(mrc_module_names(cfg)))
+    weights = {name: c.flops for name, c in zip(STAGES, costs)}  # stage_costs lists the stages in STAGES order
+    if cfg.from_checkpoint:
+        weights["train"] = 0.0
+    return weights
+
+
 def run_stages(ctx: StageContext, stages: list[str] | tuple[str, ...] = STAGES) -> dict:
     """Run ``stages`` in order on an existing context, skipping the ones already done.
 
+    Logs one line per stage when it finishes: its time and, when several stages run, the pipeline's
+    elapsed time and ETA from the measured stage rates (:class:`rift_dist.progress.PipelineETA`).
+
     Returns {stage: outputs}.
     """
+    from rift_dist.progress import PipelineETA
+
     results = {}
+    eta = PipelineETA(stages, {})
     for name in stages:
         interrupts.check(ctx.runtime, where=f"the stages before '{name}'")
         done = read_done(ctx, name)
         if done is not None:
             ctx.log(f"[{name}] already done — reusing {ctx.run_dir / name} (delete it to redo)")
             results[name] = done["outputs"]
+            eta.skip(name)
             continue
+        if len(stages) > 1 and not eta.measured:  # the first stage that runs: predict the work of each
+            try:
+                eta.set_weights(stage_weights(ctx.cfg))
+            except Exception as exc:  # noqa: BLE001 - an ETA never stops a run
+                eta.set_weights({s: 1.0 for s in stages}, basis=f"equal work per stage (no FLOP model: {exc})")
         t0 = time.time()
         ctx.log(f"[{name}] started")
         results[name] = stage_function(name, ctx.cfg)(ctx)
-        ctx.log(f"[{name}] finished in {time.time() - t0:.1f}s")
+        eta.finish(name, time.time() - t0)
+        ctx.log(eta.line(name) if len(stages) > 1 else f"[{name}] finished in {time.time() - t0:.1f}s")
     return results
 
 
