@@ -970,7 +970,7 @@ def read_events(run_dir: str | Path) -> list[dict]:
 
 
 def progress_on_disk(spec: dict) -> dict:
-    """Where a requeued task would resume: the newest checkpoint (train: epoch and step; finetune: epoch)
+    """Where a requeued task would resume: the newest checkpoint (train, finetune: epoch and step)
     or the number of finished modules / alphas."""
     from rift_dist.stages import parts
 
@@ -980,10 +980,8 @@ def progress_on_disk(spec: dict) -> dict:
         ckpts = sorted((run_dir / args["stage"] / "checkpoints").glob("ckpt-*.pt"))
         if not ckpts:
             return {"epoch": 0, "step": 0}
-        n = int(ckpts[-1].stem.split("-")[1])
-        if args["stage"] == "train":
-            return {"epoch": n // 1_000_000, "step": n % 1_000_000}
-        return {"epoch": n, "step": 0}
+        n = int(ckpts[-1].stem.split("-")[1])  # both loops number checkpoints epoch * 1_000_000 + step
+        return {"epoch": n // 1_000_000, "step": n % 1_000_000}
     if part == "mrc_modules":
         mods = args["modules"]
         return {"modules_done": len(mods) - len(parts.missing_modules(run_dir, mods)), "modules": len(mods)}
@@ -1374,7 +1372,8 @@ def script_header(job: JobPlan, run_dir: str | Path, config_path: str | None = N
              f"# config:  {config_path or '(given as a mapping; see config.yaml in the run directory)'}",
              f"# run dir: {run_dir}"]
     ranks = r.nodes * r.ranks_per_node()
-    shape = f"{r.nodes} node(s) x {r.ranks_per_node()} rank(s) = {ranks} rank(s), {r.cpus_per_task} CPU(s) per rank"
+    shape = f"{r.nodes} node(s) x {r.ranks_per_node()} rank(s)" + (f" = {ranks} ranks" if ranks > 1 else "")
+    shape += f", {r.cpus_per_task} CPU(s) per rank"
     shape += (f", {r.gpus_per_node} {r.gpu_type + ' ' if r.gpu_type else ''}GPU(s) per node" if r.gpus_per_node
               else ", no GPU")
     lines.append(f"# shape:   {shape}")

@@ -193,9 +193,10 @@ def test_script_header_says_stage_config_run_dir_and_array_task_mapping(tmp_path
     interp = "\n".join(cluster.script_header(jobs["interpolate"], tmp_path / "run"))
     assert "#     1 -> sweep part 1: alpha=0.5" in interp and "3 tasks; SLURM_ARRAY_TASK_ID" in interp
     train = "\n".join(cluster.script_header(jobs["train"], tmp_path / "run", "/cfg/tiny.yaml"))
-    assert "2 node(s) x 4 rank(s) = 8 rank(s)" in train and "cuda:LOCAL_RANK" in train and "WORLD_SIZE = 8" in train
+    assert "2 node(s) x 4 rank(s) = 8 ranks" in train and "cuda:LOCAL_RANK" in train and "WORLD_SIZE = 8" in train
     gather = "\n".join(cluster.script_header(jobs["mrc-gather"], tmp_path / "run"))
     assert "no GPU" in gather and "cuda" not in gather and "after:   mrc succeeded" in gather
+    assert "# shape:   1 node(s) x 1 rank(s), 6 CPU(s) per rank, no GPU" in gather
     # the script submitit submits carries the same header (RiftSlurmExecutor)
     ex = cluster.RiftSlurmExecutor.__new__(cluster.RiftSlurmExecutor)
     ex.folder, ex.parameters, ex.header = tmp_path, {"job_name": "rift-mrc"}, ["# rift mrc: a test header"]
