@@ -309,6 +309,7 @@ class NetnsSlurmCluster(LocalSlurmCluster):
             "SlurmdPidFile": f"SlurmdPidFile={self._run_dir / 'slurmd-%n.pid'}",
             "SlurmdLogFile": f"SlurmdLogFile={self._log_dir / 'slurmd-%n.log'}",
             "SlurmdTimeout": f"SlurmdTimeout={self.slurmd_timeout_s}",
+            "KillWait": "KillWait=3",  # requeue / scancel: SIGKILL 3 s after SIGTERM (submitit ignores SIGTERM)
         }
         out = []
         for line in self.slurm_conf.read_text().splitlines():
