@@ -29,6 +29,7 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -204,6 +205,48 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
             f"{path}: not a readable PyTorch checkpoint (truncated or corrupt? size {path.stat().st_size} bytes): "
             f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
         ) from exc
+
+
+def partial_sums(state: dict, step: int) -> tuple[torch.Tensor, float] | None:
+    """The partial epoch sums a mid-epoch checkpoint carries, for resuming that epoch's metrics.
+
+    Args:
+        state: a checkpoint written by the AT or fine-tuning loop.
+        step: the step the epoch resumes at (0 = an epoch boundary: nothing to restore).
+
+    Returns:
+        ``(sums, seconds)``: float64 ``[3]`` (sum of loss x samples, correct count, sample count; summed
+        over all ranks when saved) and the epoch's seconds before the checkpoint; None at an epoch
+        boundary, or (with a warning) for a mid-epoch checkpoint without them (written by an older
+        version: the epoch's train metrics then cover the steps after the resume only).
+    """
+    if not step:
+        return None
+    sums = state.get("partial_sums")
+    if sums is None:
+        warnings.warn(f"the checkpoint of step {step} has no partial epoch sums (an older version wrote it): this "
+                      f"epoch's train metrics will cover the steps after the resume only", stacklevel=2)
+        return None
+    sums = torch.as_tensor(sums, dtype=torch.float64).reshape(-1).clone()
+    if sums.numel() != 3:
+        raise CheckpointError(f"checkpoint's partial_sums has {sums.numel()} values, expected 3 "
+                              f"(loss sum, correct count, sample count)")
+    return sums, float(state.get("partial_seconds", 0.0))
+
+
+def start_sums(partial: tuple[torch.Tensor, float] | None, is_main: bool) -> tuple[torch.Tensor, float]:
+    """The running sums and start time of an epoch: zeros and now, or a resumed epoch's.
+
+    The restored sums are global (summed over ranks); only the main rank starts from them, so the
+    epoch-end all-reduce counts them once.  Returns ``(sums float64 [3], t0)`` where ``t0`` is shifted
+    back by the epoch's seconds before the resume (``epoch_seconds`` covers the whole epoch).
+    """
+    sums = torch.zeros(3, dtype=torch.float64)
+    if partial is None:
+        return sums, time.time()
+    if is_main:
+        sums += partial[0]
+    return sums, time.time() - partial[1]
 
 
 class CheckpointManager:

@@ -517,13 +517,16 @@ class Tracker:
     @contextmanager
     def stage(self, name: str, key: str | None = None, params: dict | None = None, parent: _Null | None = None):
         """Context manager: a child run marked FINISHED, FAILED on an exception, or KILLED when the
-        process is interrupted (SystemExit / KeyboardInterrupt, e.g. a preempted job about to be requeued)."""
+        process is interrupted (:class:`rift_dist.interrupts.Interrupted` after SIGTERM / SIGINT, SystemExit,
+        KeyboardInterrupt, e.g. a preempted job about to be requeued)."""
+        from rift_dist.interrupts import Interrupted
+
         run = self.child(name, key, params, parent)
         status = "FAILED"
         try:
             yield run
             status = "FINISHED"
-        except (SystemExit, KeyboardInterrupt):
+        except (Interrupted, SystemExit, KeyboardInterrupt):
             status = "KILLED"
             raise
         finally:

@@ -13,8 +13,15 @@ data order and augmentation are likewise functions of (seed, epoch) (see
 ``rift_dist.data.loaders``).  So the run's result does not depend on its
 number of ranks (with SyncBatchNorm).
 
+Interruption: every step ends with :func:`rift_dist.interrupts.stop_requested` (all ranks agree);
+after SIGTERM / SIGINT the step in flight is finished, a checkpoint of that step boundary is written
+and :class:`rift_dist.interrupts.Interrupted` is raised (the CLI exits 143 / 130).  A mid-epoch
+checkpoint (periodic, ``train.checkpoint_every``, or on a signal) carries the epoch's partial sums
+(loss x samples, robust-correct count, sample count; summed over ranks, float64 [3]) and elapsed
+seconds, so a resumed epoch's ``train_loss`` / ``train_robust_accuracy`` cover all its steps.
+
 Artefacts: ``train/checkpoints/ckpt-*.pt`` (resumable: model, optimizer,
-epoch, step, best), ``train/model.pt`` (the selected epoch's state dict),
+epoch, step, best, history, partial sums), ``train/model.pt`` (the selected epoch's state dict),
 ``train/history.json``.
 """
 
@@ -25,7 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from rift_dist import checkpoint
+from rift_dist import checkpoint, interrupts
 from rift_dist.attacks import pgd
 from rift_dist.distributed import seed_for, stream_seed
 from rift_dist.stages.common import (
@@ -152,21 +159,28 @@ def run(ctx: StageContext) -> dict:
     manager = checkpoint.CheckpointManager(ctx.run_dir / STAGE / "checkpoints")
     state = manager.load_latest()
     epoch, step_in_epoch, best, history = 0, 0, {"robust_accuracy": -1.0, "epoch": -1}, []
+    partial = None  # the resumed epoch's sums over its first step_in_epoch steps (all ranks) and seconds
     if state is not None:
         engine.load_state_dict(state["model"])  # also DeepSpeed's fp32 master partitions
         engine.load_optimizer_state(state["optimizer"])
         epoch, step_in_epoch, best, history = state["epoch"], state["step"], state["best"], state["history"]
+        partial = checkpoint.partial_sums(state, step_in_epoch)
         ctx.log(f"[train] resuming at epoch {epoch + 1}, step {step_in_epoch} (from checkpoint)")
     best_path = ctx.run_dir / STAGE / "best.pt"
     global_batch = cfg.data.batch_size
     ctx.log(f"[train] {t.method} AT: {t.epochs} epochs x {steps_per_epoch} steps, global batch {global_batch}, "
             f"{rt.world_size} rank(s), {ctx.precision.describe()}")
 
-    def save(ep: int, st: int) -> None:
+    def save(ep: int, st: int, sums: torch.Tensor | None = None, seconds: float = 0.0) -> None:
+        """Checkpoint the position (epoch ``ep``, next step ``st``); mid-epoch with this rank's partial
+        ``sums`` (float64 [3], summed over ranks here: a collective) and the epoch's seconds so far."""
         model_state, optimizer_state = engine.state_dict(), engine.optimizer_state()  # collective under DeepSpeed
+        extra = {}
+        if sums is not None:
+            extra = {"partial_sums": rt.all_reduce_sum(sums.clone()), "partial_seconds": float(seconds)}
         if ctx.is_main:
             manager.save({"model": model_state, "optimizer": optimizer_state, "epoch": ep,
-                          "step": st, "best": best, "history": history}, ep * 1_000_000 + st)
+                          "step": st, "best": best, "history": history, **extra}, ep * 1_000_000 + st)
         rt.barrier()
 
     with ctx.tracker.stage("adversarial_training") as run_log:
@@ -176,8 +190,9 @@ def run(ctx: StageContext) -> dict:
             set_lr(engine.optimizer, lr)
             # after a resume, start at the saved step: the data order is a function of (seed, epoch)
             loader.set_epoch(epoch, start_batch=step_in_epoch)
-            sums = torch.zeros(3, dtype=torch.float64)
-            t0 = time.time()
+            # the epoch's sums so far: the resumed steps' global sums on rank 0 (added once by the all-reduce)
+            sums, t0 = checkpoint.start_sums(partial, rt.is_main)
+            partial = None
             batches = ctx.bar(loader, total=steps_per_epoch - step_in_epoch, desc=f"AT epoch {epoch + 1}")
             for step, (images, labels) in enumerate(batches, start=step_in_epoch):
                 if step >= steps_per_epoch:
@@ -187,8 +202,12 @@ def run(ctx: StageContext) -> dict:
                                      rt.world_size).to(ctx.device)
                 out = train_step(ctx, engine, images, labels, noise)
                 sums += torch.tensor([out["loss"] * out["n"], out["robust_correct"], out["n"]], dtype=torch.float64)
-                if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < steps_per_epoch:
-                    save(epoch, step + 1)
+                signum = interrupts.stop_requested(rt)  # every rank, every step (one tiny all-reduce)
+                periodic = bool(t.checkpoint_every) and (step + 1) % t.checkpoint_every == 0
+                if (periodic and step + 1 < steps_per_epoch) or signum is not None:
+                    save(epoch, step + 1, sums, time.time() - t0)
+                if signum is not None:
+                    raise interrupts.Interrupted(signum, f"train epoch {epoch + 1} step {step + 1} (checkpoint written)")
             rt.all_reduce_sum(sums)
             step_in_epoch = 0
             engine.sync_buffers()  # equal BN statistics on every rank before the sharded evaluation
@@ -210,6 +229,8 @@ def run(ctx: StageContext) -> dict:
                     checkpoint.save_atomic(best_state, best_path)
             epoch += 1
             save(epoch, 0)
+            # a signal during the epoch's evaluation: the epoch-end checkpoint above is the resumable state
+            interrupts.check(rt, where=f"train epoch {epoch} (checkpoint written)")
         final = checkpoint.load(best_path) if best_path.is_file() else engine.state_dict()
         if ctx.is_main:
             checkpoint.save_atomic(final, ctx.run_dir / STAGE / "model.pt")

@@ -7,6 +7,10 @@ BatchNorm layer's running statistics move to clean-data statistics (the
 authors' code); ``finetune.freeze_bn`` keeps BN in eval mode instead.
 The epoch with the best clean accuracy on the selection split is kept.
 
+Interruption: after SIGTERM / SIGINT the step in flight is finished, a checkpoint of that step
+boundary (with the epoch's partial sums, as in adversarial training) is written and
+:class:`rift_dist.interrupts.Interrupted` is raised; the re-run resumes at that step.
+
 Artefacts: ``finetune/model.pt``, ``finetune/history.json``, checkpoints.
 """
 
@@ -18,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from rift_dist import checkpoint
+from rift_dist import checkpoint, interrupts
 from rift_dist.models import get_module
 from rift_dist.stages.common import (
     StageContext, StageError, at_state, evaluate_model, multistep_lr, new_model, set_lr, write_done, write_json,
@@ -105,24 +109,41 @@ def run(ctx: StageContext, modules: list[str] | None = None, all_parameters: boo
     steps = len(loader) if not f.max_steps_per_epoch else min(len(loader), f.max_steps_per_epoch)
     manager = checkpoint.CheckpointManager(ctx.run_dir / STAGE / "checkpoints")
     state = manager.load_latest()
-    epoch, history, best = 0, [], {"clean_accuracy": -1.0, "epoch": -1}
+    epoch, step_in_epoch, history, best = 0, 0, [], {"clean_accuracy": -1.0, "epoch": -1}
+    partial = None
     if state is not None:
         engine.load_state_dict(state["model"])  # also DeepSpeed's fp32 master partitions
         engine.load_optimizer_state(state["optimizer"])
         epoch, history, best = state["epoch"], state["history"], state["best"]
-        ctx.log(f"[finetune] resuming at epoch {epoch + 1}")
+        step_in_epoch = int(state.get("step", 0))  # > 0: a checkpoint written on a signal, mid-epoch
+        partial = checkpoint.partial_sums(state, step_in_epoch)
+        ctx.log(f"[finetune] resuming at epoch {epoch + 1}" + (f", step {step_in_epoch}" if step_in_epoch else ""))
     best_path = ctx.run_dir / STAGE / "best.pt"
     ctx.log(f"[finetune] modules {', '.join(names)}: {f.epochs} epochs x {steps} steps, "
             f"BN {'frozen' if f.freeze_bn else 'in train mode'}")
+
+    def save(ep: int, st: int = 0, sums: torch.Tensor | None = None, seconds: float = 0.0) -> None:
+        """Checkpoint epoch ``ep`` at next step ``st`` (0 = its start); mid-epoch with the partial ``sums``
+        (float64 [3], summed over ranks here: a collective) and the epoch's seconds so far."""
+        model_state, optimizer_state = engine.state_dict(), engine.optimizer_state()  # collective under DeepSpeed
+        extra = {"step": st}
+        if sums is not None:
+            extra.update(partial_sums=rt.all_reduce_sum(sums.clone()), partial_seconds=float(seconds))
+        if ctx.is_main:
+            manager.save({"model": model_state, "optimizer": optimizer_state, "epoch": ep,
+                          "history": history, "best": best, **extra}, ep * 1_000_000 + st)
+        rt.barrier()
+
     with ctx.tracker.stage("finetune") as run_log:
         run_log.set_tags({"rift.modules": ",".join(names)})
         while epoch < f.epochs:
             lr = multistep_lr(f.lr, f.milestones, f.gamma, epoch)
             set_lr(engine.optimizer, lr)
-            loader.set_epoch(epoch)
-            sums = torch.zeros(3, dtype=torch.float64)
-            t0 = time.time()
-            for step, (images, labels) in enumerate(ctx.bar(loader, total=steps, desc=f"FT epoch {epoch + 1}")):
+            loader.set_epoch(epoch, start_batch=step_in_epoch)
+            sums, t0 = checkpoint.start_sums(partial, rt.is_main)
+            partial = None
+            batches = ctx.bar(loader, total=steps - step_in_epoch, desc=f"FT epoch {epoch + 1}")
+            for step, (images, labels) in enumerate(batches, start=step_in_epoch):
                 if step >= steps:
                     break
                 images = ctx.precision.prepare_input(images.to(ctx.device))
@@ -136,7 +157,13 @@ def run(ctx: StageContext, modules: list[str] | None = None, all_parameters: boo
                 engine.step(loss)
                 sums += torch.tensor([loss.item() * len(labels), (logits.argmax(1) == labels).sum().item(), len(labels)],
                                      dtype=torch.float64)
+                signum = interrupts.stop_requested(rt)  # every rank, every step (one tiny all-reduce)
+                if signum is not None:
+                    save(epoch, step + 1, sums, time.time() - t0)
+                    raise interrupts.Interrupted(signum, f"finetune epoch {epoch + 1} step {step + 1} "
+                                                         f"(checkpoint written)")
             rt.all_reduce_sum(sums)
+            step_in_epoch = 0
             engine.sync_buffers()  # equal BN statistics on every rank before the sharded evaluation
             ev = evaluate_model(ctx, engine.module, selection, None, desc="selection eval")
             n = max(sums[2].item(), 1)
@@ -153,11 +180,8 @@ def run(ctx: StageContext, modules: list[str] | None = None, all_parameters: boo
                 if ctx.is_main:
                     checkpoint.save_atomic(best_state, best_path)
             epoch += 1
-            model_state, optimizer_state = engine.state_dict(), engine.optimizer_state()  # collective under DeepSpeed
-            if ctx.is_main:
-                manager.save({"model": model_state, "optimizer": optimizer_state, "epoch": epoch,
-                              "history": history, "best": best}, epoch)
-            rt.barrier()
+            save(epoch)
+            interrupts.check(rt, where=f"finetune epoch {epoch} (checkpoint written)")
         if ctx.is_main:
             checkpoint.save_atomic(checkpoint.load(best_path), ctx.run_dir / STAGE / "model.pt")
             write_json(ctx.run_dir / STAGE / "history.json", history)

@@ -1,7 +1,9 @@
-"""Resume: the AT stage killed mid-way (SIGKILL) finishes from its checkpoint on re-run."""
+"""Resume: the AT stage killed mid-way (SIGKILL) finishes from its checkpoint on re-run; SIGTERM / SIGINT inside an
+AT or fine-tuning epoch checkpoint that step, close the MLflow runs KILLED, exit 143 / 130, and resume bitwise."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,3 +49,116 @@ def test_sigkill_mid_training_then_resume(tmp_path):
     history = json.loads((run_dir / "train" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert (run_dir / "train" / "done.json").is_file()
+
+
+# ----------------------------------------------------------------------------- SIGTERM / SIGINT mid-epoch
+
+def _signal_config(tmp_path):
+    """A tiny config whose only mid-epoch checkpoints are the ones a signal writes (checkpoint_every 0)."""
+    return tiny_config(tmp_path, train={"epochs": 2, "milestones": [1], "checkpoint_every": 0,
+                                        "attack": {"num_steps": 2}, "eval_attack_steps": 1},
+                       finetune={"epochs": 2, "milestones": [1], "modules": ["layer2.1.conv2"]})
+
+
+@pytest.fixture(scope="module")
+def signal_reference(tmp_path_factory):
+    """An uninterrupted train + finetune of :func:`_signal_config` (shared by the signal tests)."""
+    tmp = tmp_path_factory.mktemp("signal-reference")
+    cfg = _signal_config(tmp)
+    rift("train", str(cfg), "--run-dir", str(tmp / "run"))
+    rift("finetune", str(cfg), "--run-dir", str(tmp / "run"))
+    return tmp / "run"
+
+
+def _send_signal_mid_epoch(stage: str, cfg, run_dir, sig: int, marker: str, timeout: float = 300):
+    """Run ``rift <stage>`` (progress lines on) and send ``sig`` to its process group -- as Ctrl-C and
+    ``scancel`` do -- when ``marker`` (a progress line of the first epoch) appears.  Returns (rc, output)."""
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([sys.executable, "-m", "rift_dist.cli", stage, str(cfg), "--run-dir", str(run_dir)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines, sent = [], False
+    deadline = time.time() + timeout
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if not sent and line.startswith(marker):
+                os.killpg(proc.pid, sig)
+                sent = True
+            assert time.time() < deadline, "".join(lines)[-3000:]
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert sent, f"{marker!r} never appeared:\n{''.join(lines)[-3000:]}"
+    return rc, "".join(lines)
+
+
+def _mid_epoch_checkpoints(run_dir, stage):
+    """(epoch, step) of the stage's checkpoints whose step is > 0 (written inside an epoch)."""
+    found = [int(p.stem.split("-")[1]) for p in (run_dir / stage / "checkpoints").glob("ckpt-*.pt")]
+    return [(n // 1_000_000, n % 1_000_000) for n in found if n % 1_000_000]
+
+
+def _mlflow_status(run_dir, name):
+    """Status of the run directory's MLflow parent run and of its child run called ``name``."""
+    from mlflow.tracking import MlflowClient
+
+    marker = json.loads((run_dir / "mlflow_run.json").read_text())
+    client = MlflowClient(tracking_uri=marker["tracking_uri"])
+    parent = client.get_run(marker["run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{marker['run_id']}' and tags.`rift.stage` = '{name}'")
+    return parent.info.status, [c.info.status for c in children]
+
+
+def _without_timing(path):
+    return [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in json.loads(path.read_text())]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGINT"])  # SIGINT in the default run: the fine-tuning test
+def test_signal_mid_training_epoch_checkpoints_then_resumes_bitwise(tmp_path, signal_reference, sig):
+    """SIGTERM (scancel, preemption) / SIGINT (Ctrl-C) in the middle of an AT epoch: the step in flight is
+    finished, a checkpoint of that step boundary is written, MLflow runs are closed KILLED, the exit status is
+    143 / 130 with one line saying how to resume; the re-run resumes at that step and ends with the same model
+    file (bytes) and history (train metrics over the whole resumed epoch) as an uninterrupted run."""
+    cfg = _signal_config(tmp_path)
+    run_dir = tmp_path / "run"
+    rc, out = _send_signal_mid_epoch("train", cfg, run_dir, sig, "AT epoch 1: 1/")
+    assert rc == 128 + sig, out[-3000:]
+    assert f"{signal.Signals(sig).name} received" in out and "re-run the same command to resume" in out, out[-2000:]
+    mid = _mid_epoch_checkpoints(run_dir, "train")
+    assert mid and all(epoch == 0 for epoch, _ in mid), (mid, out[-2000:])
+    assert not (run_dir / "train" / "done.json").exists()
+    assert _mlflow_status(run_dir, "adversarial_training") == ("KILLED", ["KILLED"])
+
+    again = rift("train", str(cfg), "--run-dir", str(run_dir))
+    assert f"resuming at epoch 1, step {mid[0][1]}" in again.stdout, again.stdout[-2000:]
+    assert (run_dir / "train" / "model.pt").read_bytes() == (signal_reference / "train" / "model.pt").read_bytes()
+    assert _without_timing(run_dir / "train" / "history.json") == \
+        _without_timing(signal_reference / "train" / "history.json")
+    assert _mlflow_status(run_dir, "adversarial_training")[1] == ["FINISHED"]  # the same child run, continued
+
+
+def test_sigint_mid_finetune_epoch_checkpoints_then_resumes_bitwise(tmp_path, signal_reference):
+    """Ctrl-C inside a fine-tuning epoch: checkpoint at the step boundary, exit 130, resume there, same bytes."""
+    cfg = _signal_config(tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copytree(signal_reference / "train", run_dir / "train")  # the finished AT stage (its done marker too)
+    (run_dir / "train" / "checkpoints").exists() and shutil.rmtree(run_dir / "train" / "checkpoints")
+    rc, out = _send_signal_mid_epoch("finetune", cfg, run_dir, signal.SIGINT, "FT epoch 1: 1/")
+    assert rc == 130, out[-3000:]
+    mid = _mid_epoch_checkpoints(run_dir, "finetune")
+    assert mid and all(epoch == 0 for epoch, _ in mid), (mid, out[-2000:])
+    assert _mlflow_status(run_dir, "finetune") == ("KILLED", ["KILLED"])
+
+    again = rift("finetune", str(cfg), "--run-dir", str(run_dir))
+    assert f"resuming at epoch 1, step {mid[0][1]}" in again.stdout, again.stdout[-2000:]
+    assert (run_dir / "finetune" / "model.pt").read_bytes() == \
+        (signal_reference / "finetune" / "model.pt").read_bytes()
+    assert _without_timing(run_dir / "finetune" / "history.json") == \
+        _without_timing(signal_reference / "finetune" / "history.json")
