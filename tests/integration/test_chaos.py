@@ -29,9 +29,6 @@ def _report(result, unequal, leftovers) -> str:
             f"temporary files left: {len(leftovers)}")
 
 
-@pytest.mark.xfail(strict=True, reason="known open bug (issue 13): train_loss / train_robust_accuracy of an epoch "
-                                      "resumed mid-way cover only the post-resume steps, so train/history.json differs; "
-                                      "the model files are bitwise equal")
 def test_sigkills_in_training_and_mrc_resume_to_identical_artefacts(tmp_path):
     """Short version for the default run: a kill inside a checkpoint write, one in training, one in MRC."""
     cfg = _config(tmp_path, tracking=False)
@@ -46,7 +43,6 @@ def test_sigkills_in_training_and_mrc_resume_to_identical_artefacts(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known open bug (issue 13): a resumed epoch's train metrics (history.json)")
 def test_chaos_twelve_kills_over_all_stages(tmp_path):
     """At least 12 SIGKILLs spread over all five stages (two inside training after one resume), one inside a
     checkpoint write; MLflow on (its SQLite store is written by every attempt); every artefact bitwise equal."""
