@@ -23,7 +23,8 @@ shared file system.  Partitions ``debug`` (default, preemptable, ``LLN=YES``: jo
 node, so arrays spread over the nodes) and ``high`` span every node.
 
 Everything created outside the work directory (namespaces, the bridge and veths, ``/etc/netns/<ns>``) is
-removed by :meth:`NetnsSlurmCluster.stop`, also after a failed start; daemons and the jobs' processes are
+removed by :meth:`NetnsSlurmCluster.stop`, also after a failed start (and, when a test session was killed
+before it could stop, by the next cluster's start: :func:`remove_stale_networks`); daemons and the jobs' processes are
 signalled by pid (never by name).  Needs root, ``ip`` (iproute2) and ``unshare`` (util-linux).
 """
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import secrets
 import shutil
@@ -41,10 +43,11 @@ from pathlib import Path
 
 from rift_dist.testing.slurm_cluster import LocalSlurmCluster, SlurmClusterError, _which
 
-__all__ = ["NetnsSlurmCluster", "namespaces_unavailable"]
+__all__ = ["NetnsSlurmCluster", "namespaces_unavailable", "remove_stale_networks"]
 
 _NETNS_RUN = Path("/run/netns")
 _NETNS_ETC = Path("/etc/netns")
+_LEDGER = Path("/run/rift-netns")  # what each live cluster made outside its work directory (see remove_stale_networks)
 
 
 def _ip(*args: str, check: bool = True, netns: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -91,6 +94,41 @@ def namespaces_unavailable() -> str | None:
         _ip("link", "del", veth, check=False)
         _ip("link", "del", br, check=False)
         _ip("netns", "del", ns, check=False)
+
+
+def _remove_items(items) -> None:
+    """Delete recorded ("link" | "netns" | "etc", name) items, newest first; never raises."""
+    for kind, name in reversed([tuple(i) for i in items]):
+        if kind == "link":
+            _ip("link", "del", name, check=False)
+        elif kind == "netns":
+            _ip("netns", "del", name, check=False)
+        elif kind == "etc" and str(name).startswith(str(_NETNS_ETC) + "/"):
+            shutil.rmtree(name, ignore_errors=True)
+
+
+def remove_stale_networks() -> list[str]:
+    """Remove the namespaces, links and /etc/netns entries of clusters whose process is gone (killed before
+    :meth:`NetnsSlurmCluster.stop`), as recorded in ``/run/rift-netns/*.json``; the ledgers of live processes are
+    left alone.
+
+    Returns:
+        The ledger files handled.
+    """
+    done = []
+    for ledger in sorted(_LEDGER.glob("*.json")) if _LEDGER.is_dir() else []:
+        try:
+            record = json.loads(ledger.read_text())
+            pid = int(record["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if Path(f"/proc/{pid}").exists():
+            continue
+        _remove_items(record.get("items", []))
+        with contextlib.suppress(OSError):
+            ledger.unlink()
+        done.append(str(ledger))
+    return done
 
 
 def _used_networks() -> list[ipaddress.IPv4Network]:
@@ -229,14 +267,23 @@ class NetnsSlurmCluster(LocalSlurmCluster):
                 return net
         raise SlurmClusterError("no free /24 in 10.77.0.0/16 for the cluster's private link (200 tries)")
 
+    def _created(self, item: tuple[str, str]) -> None:
+        """Remember one thing made outside the work directory, in memory and in the ledger
+        ``/run/rift-netns/<bridge>.json`` (with this process's id), so that :func:`remove_stale_networks` can remove
+        it if this process is killed before :meth:`stop`."""
+        self._net_created.append(item)
+        _LEDGER.mkdir(parents=True, exist_ok=True)
+        (_LEDGER / f"{self._bridge}.json").write_text(json.dumps({"pid": os.getpid(), "items": self._net_created}))
+
     def _setup_network(self) -> None:
         """Bridge with the controller's address; per node a namespace, a veth pair into it, an address, /etc/hosts."""
+        remove_stale_networks()
         self._network = net = self._pick_network()
         hosts = list(net.hosts())
         self.controller_addr = str(hosts[0])
         self.node_addrs = {n: str(hosts[9 + i]) for i, n in enumerate(self.node_names, 1)}
         _ip("link", "add", self._bridge, "type", "bridge")
-        self._net_created.append(("link", self._bridge))
+        self._created(("link", self._bridge))
         _ip("addr", "add", f"{self.controller_addr}/{net.prefixlen}", "dev", self._bridge)
         _ip("link", "set", self._bridge, "up")
         hosts_text = "127.0.0.1 localhost\n" + f"{self.controller_addr} ctl\n" + "".join(
@@ -248,12 +295,12 @@ class NetnsSlurmCluster(LocalSlurmCluster):
             ns, veth = self.netns[node], self._veths[node]
             etc = _NETNS_ETC / ns
             etc.mkdir(parents=True, exist_ok=False)
-            self._net_created.append(("etc", str(etc)))
+            self._created(("etc", str(etc)))
             (etc / "hosts").write_text(hosts_text)
             _ip("netns", "add", ns)
-            self._net_created.append(("netns", ns))
+            self._created(("netns", ns))
             _ip("link", "add", veth, "type", "veth", "peer", "name", f"{veth}p")
-            self._net_created.append(("link", veth))
+            self._created(("link", veth))
             _ip("link", "set", f"{veth}p", "netns", ns)
             _ip("link", "set", veth, "master", self._bridge)
             _ip("link", "set", veth, "up")
@@ -264,14 +311,10 @@ class NetnsSlurmCluster(LocalSlurmCluster):
 
     def _teardown_network(self) -> None:
         """Remove what :meth:`_setup_network` made, newest first (never raises)."""
-        for kind, name in reversed(self._net_created):
-            if kind == "link":
-                _ip("link", "del", name, check=False)
-            elif kind == "netns":
-                _ip("netns", "del", name, check=False)
-            else:
-                shutil.rmtree(name, ignore_errors=True)
+        _remove_items(self._net_created)
         self._net_created.clear()
+        with contextlib.suppress(OSError):
+            (_LEDGER / f"{self._bridge}.json").unlink()
         if self._made_netns_etc:
             with contextlib.suppress(OSError):
                 _NETNS_ETC.rmdir()  # only when empty (another user's namespaces keep theirs)

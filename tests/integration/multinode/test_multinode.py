@@ -150,3 +150,32 @@ def test_two_nodes_two_tasks_and_one_node_two_tasks(healthy_nodes, tmp_path, one
           f"1 node x 2 tasks vs 2 nodes x 1 task: max|dW| {diff2:.1e}, loss rel. diff {loss2:.1e}")
     assert diff4 < WEIGHT_ATOL and loss4 <= LOSS_RTOL
     assert diff2 == 0.0 and loss2 == 0.0
+
+
+def test_a_killed_session_leaves_nothing_behind_the_next_start(tmp_path):
+    """A process SIGKILLed after creating a cluster's network (namespaces, veths, bridge, /etc/netns entries) cannot
+    clean up; its ledger lets remove_stale_networks (called by every cluster start) remove all of it."""
+    import subprocess
+    import sys
+
+    from tests.integration.multinode.netns_cluster import namespaces_unavailable, remove_stale_networks
+    from tests.integration.pipeline_helpers import ROOT
+
+    why = namespaces_unavailable()
+    if why:
+        pytest.skip(f"this machine cannot create network namespaces ({why})")
+    code = ("import os,sys,json;sys.path.insert(0,sys.argv[2]);"
+            "from tests.integration.multinode.netns_cluster import NetnsSlurmCluster as C;"
+            "c=C(sys.argv[1],nodes=2);c._setup_network();"
+            "print(json.dumps({'netns':list(c.netns.values()),'bridge':c._bridge}),flush=True);os.kill(os.getpid(),9)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c"), str(ROOT)], capture_output=True, text=True)
+    made = json.loads(proc.stdout)
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert proc.returncode == -9 and all(ns in netns for ns in made["netns"]), (proc, netns)
+    assert subprocess.run(["ip", "link", "show", made["bridge"]], capture_output=True).returncode == 0
+    handled = remove_stale_networks()
+    assert any(made["bridge"] in h for h in handled), handled
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(ns in netns for ns in made["netns"]), netns
+    assert subprocess.run(["ip", "link", "show", made["bridge"]], capture_output=True).returncode != 0
+    assert not any(Path("/etc/netns", ns).exists() for ns in made["netns"])
