@@ -31,7 +31,6 @@ those or the data are missing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -127,7 +126,10 @@ def main() -> int:
         print(f"bench_multinode_mrc: {archive} not found; nothing measured")
         return 0
     from rift_dist.testing.slurm_cluster import missing_binaries
-    from tests.integration.multinode.netns_cluster import NetnsSlurmCluster, namespaces_unavailable
+    from tests.integration.multinode.netns_cluster import (
+        NetnsSlurmCluster,
+        namespaces_unavailable,
+    )
 
     missing = missing_binaries()
     why = f"missing {', '.join(missing)}" if missing else namespaces_unavailable()

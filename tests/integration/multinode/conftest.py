@@ -22,7 +22,10 @@ import pytest
 
 from rift_dist import cluster as rift_cluster
 from rift_dist.testing.slurm_cluster import missing_binaries
-from tests.integration.multinode.netns_cluster import NetnsSlurmCluster, namespaces_unavailable
+from tests.integration.multinode.netns_cluster import (
+    NetnsSlurmCluster,
+    namespaces_unavailable,
+)
 
 _REPORT: list[str] = []
 

@@ -158,7 +158,10 @@ def test_a_killed_session_leaves_nothing_behind_the_next_start(tmp_path):
     import subprocess
     import sys
 
-    from tests.integration.multinode.netns_cluster import namespaces_unavailable, remove_stale_networks
+    from tests.integration.multinode.netns_cluster import (
+        namespaces_unavailable,
+        remove_stale_networks,
+    )
     from tests.integration.pipeline_helpers import ROOT
 
     why = namespaces_unavailable()

@@ -12,11 +12,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
-import yaml
 
 from rift_dist import cluster
 from rift_dist.config import load_config
