@@ -1932,18 +1932,137 @@ def task_done_on_disk(run_dir: str | Path, job: dict, task: dict) -> bool:
     return False
 
 
+def _lock_holder(run_dir: Path) -> str | None:
+    """'host H, PID P, command C, since S' of the live process holding the run directory's lock, or None.
+
+    Probes the lock (``flock``, non-blocking, released at once) without creating or writing anything.
+    """
+    import fcntl
+
+    from rift_dist.run_lock import LOCK_NAME, _describe
+
+    path = run_dir / LOCK_NAME
+    if not path.is_file():
+        return None
+    with open(path) as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _describe(fh.read())
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    return None
+
+
+def stage_state_on_disk(run_dir: Path, stage: str) -> str:
+    """A stage's state read from the run directory: 'done', 'in progress (...)' or 'not started'."""
+    folder = run_dir / stage
+    if (folder / "done.json").is_file():
+        return "done"
+    if stage in ("train", "finetune"):
+        ckpts = sorted((folder / "checkpoints").glob("ckpt-*.pt"))
+        if ckpts:
+            n = int(ckpts[-1].stem.split("-")[1])  # epoch * 1_000_000 + next step
+            epoch, step = n // 1_000_000, n % 1_000_000
+            where = f"epoch {epoch + 1}, step {step}" if step else f"{epoch} epoch(s) done"
+            return f"in progress (checkpoint: {where})"
+    if stage == "mrc" and (folder / "modules").is_dir():
+        return f"in progress ({len(list((folder / 'modules').glob('*.json')))} module(s) measured)"
+    if stage == "interpolate" and folder.is_dir():
+        n = len(list(folder.rglob("alpha-*.json")))
+        if n:
+            return f"in progress ({n} alpha result(s))"
+    return "in progress" if folder.is_dir() and any(folder.iterdir()) else "not started"
+
+
+def _pending_ops(run_dir: Path) -> int:
+    """How many MLflow writes wait in ``mlflow/pending/*.json`` files under ``run_dir``."""
+    n = 0
+    for path in run_dir.rglob("mlflow/pending/*.json"):
+        try:
+            n += len(json.loads(path.read_text()).get("ops", []))
+        except (OSError, ValueError):
+            continue
+    return n
+
+
+def local_status(run_dir: str | Path, log: Callable[[str], None] = print) -> dict:
+    """``rift status`` of a run started with ``rift run`` (no ``submission.json``).
+
+    Prints whether a process is running on the directory (its lock holder), each stage's state on disk
+    (done, in progress with the checkpoint's epoch / step or the modules and alphas done, not started),
+    the MLflow parent run, and sends the MLflow writes that earlier processes could not send
+    (``<run_dir>/mlflow/pending``: metrics, params, tags, statuses and buffered run creations), saying
+    how many were sent and how many still wait.
+
+    Returns:
+        {"states": {stage: state}, "failed": [], "active": [lock holder, if any],
+        "pending_sent": int, "pending_left": int}.
+
+    Raises:
+        ClusterError: when ``run_dir`` is not a run directory (no ``config.yaml``); nothing is written.
+    """
+    run_dir = Path(run_dir).resolve()
+    if not (run_dir / "config.yaml").is_file():
+        raise ClusterError(f"{run_dir} is not a rift run directory (it has no config.yaml nor {SUBMISSION_FILE}); "
+                           f"give the --run-dir of a `rift run` or `rift submit`")
+    holder = _lock_holder(run_dir)
+    log(f"run {run_dir} (local: started with `rift run`, no {SUBMISSION_FILE})")
+    log(f"  {'running: ' + holder if holder else 'no rift process is running on it'}")
+    states = {s: stage_state_on_disk(run_dir, s) for s in STAGES}
+    for s, state in states.items():
+        log(f"  {s:<12} {state}")
+    before = _pending_ops(run_dir)
+    marker = run_dir / "mlflow_run.json"
+    if marker.is_file():
+        data = json.loads(marker.read_text())
+        log(f"  MLflow parent run {data.get('run_id')} at {data.get('tracking_uri')}")
+        if before:
+            _replay_local_pending(run_dir, data)
+    elif before:
+        log(f"  MLflow: {before} buffered write(s) but no {marker.name}: cannot tell which parent run they belong to")
+    left = _pending_ops(run_dir)
+    if before:
+        log(f"  MLflow: sent {before - left} buffered write(s)" +
+            (f"; {left} still wait (the store does not answer): run `rift status {run_dir}` again later"
+             if left else ""))
+    return {"states": states, "failed": [], "active": [holder] if holder else [],
+            "pending_sent": before - left, "pending_left": left}
+
+
+def _replay_local_pending(run_dir: Path, marker: dict) -> None:
+    """Send the pending MLflow writes of a local run (and of its sub-run directories) to its parent's store."""
+    try:
+        from rift_dist.config import load_config
+        from rift_dist.tracking import Tracker
+
+        cfg = load_config(run_dir / "config.yaml")
+        cfg.tracking.enabled = True
+        cfg.tracking.uri = marker.get("tracking_uri") or cfg.tracking.uri
+        for owner in sorted({p.parent.parent.parent for p in run_dir.rglob("mlflow/pending/*.json")}):
+            parent = marker.get("run_id")
+            sub = owner / "mlflow_run.json"
+            if owner != run_dir and sub.is_file():
+                parent = json.loads(sub.read_text()).get("run_id", parent)
+            Tracker(cfg, owner, parent_run_id=parent).close()
+    except Exception as exc:  # noqa: BLE001 - status must still print
+        print(f"rift: could not send buffered MLflow writes: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
 def status(run_dir: str | Path, log: Callable[[str], None] = print) -> dict:
     """Print every job and task of a run with its state; name failed tasks and how to re-submit them.
 
-    Also sends MLflow writes that earlier jobs could not send (``<run_dir>/mlflow/pending``).
+    Also sends MLflow writes that earlier jobs could not send (``<run_dir>/mlflow/pending``).  A run
+    without ``submission.json`` (started with ``rift run``) gets :func:`local_status`.
 
     Returns:
         {"states": {task job id: state}, "failed": [task descriptions], "active": [...]}.
 
     Raises:
-        ClusterError: when the run has no ``submission.json``.
+        ClusterError: when ``run_dir`` is neither a submitted nor a local run directory.
     """
     run_dir = Path(run_dir).resolve()
+    if not (run_dir / SUBMISSION_FILE).is_file():
+        return local_status(run_dir, log)
     record = read_submission(run_dir)
     _replay_pending(run_dir, record)
     states = job_states(record)
@@ -2105,7 +2224,8 @@ def add_arguments(subparsers) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the jobs and sbatch scripts, submit nothing")
     p.add_argument("--wait", action="store_true", help="after submitting to SLURM, wait for the jobs to end")
     p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
-    s = subparsers.add_parser("status", help="jobs of a submitted run and their states")
+    s = subparsers.add_parser("status", help="stages (local run) or jobs (submitted run) and their states; "
+                                               "sends pending MLflow writes")
     s.add_argument("run_dir", help="the run directory (as given to rift run / rift submit --run-dir)")
     s.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
     c = subparsers.add_parser("cancel", help="cancel the queued and running jobs of a submitted run")

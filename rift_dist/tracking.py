@@ -32,12 +32,28 @@ job continues its own child run instead of creating a new one.  Runs can be
 created ahead of time (:meth:`Tracker.child` with ``status="SCHEDULED"``), which
 is what ``rift submit`` does for every job and array task, so a job never needs
 the store to be up to start logging.
+
+Creating a child run is a buffered write like any other: when the store is down
+(or writes are already queued), the run gets a local id (``local-<hex>``, written to
+its key file) and a ``create`` operation is queued ahead of its writes; when the
+store answers (at the next write, the end of a stage, the end of the process, or
+``rift status RUN_DIR`` replaying a pending file) the run is created, the local id is
+mapped to the store's id in every later write and in the key files, and everything
+logged meanwhile follows in order.  So a stage that starts while the server is down
+is tracked once it is back.
+
+Continued runs do not get duplicate metrics: for a run this process did not create
+(a re-run, a resumed stage, a requeued job), the first write of each metric key reads
+that key's history once, and a (key, step) the run already holds is not logged again
+(the stored value stays; a different value is reported in one warning, unless the
+key is a timing).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -52,6 +68,14 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 PARENT_FILE = "mlflow_run.json"
 PENDING_DIR = "pending"
+LOCAL_PREFIX = "local-"
+"""Run ids handed out while a run's creation is buffered (mapped to the store's ids once it answers)."""
+_TIMING_KEY = re.compile(r"(seconds|_s$|time|elapsed|duration)", re.IGNORECASE)
+
+
+def is_local_id(run_id: str | None) -> bool:
+    """Whether ``run_id`` is a local placeholder of a run whose creation is still buffered."""
+    return bool(run_id) and str(run_id).startswith(LOCAL_PREFIX)
 
 # MLflow error codes that will not go away by retrying: the write is dropped (with a warning).
 _PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
@@ -86,8 +110,14 @@ def limit_http_retries(timeout_s: int = 10) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(timeout_s)))
 
 
+class _Permanent(RuntimeError):
+    """A queued write that can never be sent (e.g. for a run whose buffered creation was lost)."""
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether a failed MLflow call may succeed later (store down, locked, timeout) rather than never."""
+    if isinstance(exc, _Permanent):
+        return False
     text = str(exc).lower()
     if "locked" in text or "timed out" in text or "timeout" in text or "connection" in text:
         return True
@@ -151,7 +181,12 @@ class RunHandle(_Null):
 
     def __init__(self, tracker: "Tracker", run_id: str):
         self.tracker = tracker
-        self.run_id = run_id
+        self._id = run_id
+
+    @property
+    def run_id(self) -> str:
+        """The store's id of the run; a ``local-...`` placeholder while its creation is still buffered."""
+        return self.tracker.resolve(self._id)
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         """Log ``{name: float}`` at ``step`` (None values skipped; buffered if the store is unreachable)."""
@@ -260,6 +295,12 @@ class Tracker:
         self._experiment: str | None = None
         self.lock_retries = 0
         """How many times a write was retried because SQLite said "database is locked"."""
+        self._local_ids: dict[str, str] = {}  # local placeholder -> the store's run id, once created
+        self._fresh: set[str] = set()  # runs this process created: nothing was logged to them before
+        self._steps: dict[tuple[str, str], dict[int, float]] = {}  # (run, metric key) -> {step: value} in the store
+        self._warned_values: set[str] = set()
+        self.duplicates_skipped = 0
+        """Metric values not re-logged because the run already held that key at that step."""
         self.uri = None
         self.client = None
         if not self.active:
@@ -358,20 +399,93 @@ class Tracker:
             self.client.create_run, self.experiment_id, None, {"rift.run_dir": str(self.run_dir.resolve())},
             self.cfg.name,
         )
+        self._fresh.add(run.info.run_id)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = marker.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": self.uri}))
         os.replace(tmp, marker)
         return run.info.run_id
 
+    def resolve(self, run_id: str | None) -> str | None:
+        """The store's id for ``run_id`` (itself unless it is a local placeholder already created)."""
+        return self._local_ids.get(run_id, run_id) if run_id else run_id
+
+    def _unresolved(self, run_id: str) -> bool:
+        return is_local_id(run_id) and run_id not in self._local_ids
+
+    def _create_queued(self, local_id: str) -> bool:
+        return any(op[0] == "create" and op[1] == local_id for op in self._queue)
+
+    def _create(self, local_id: str, spec: dict) -> None:
+        """Create the run buffered as ``local_id``; map the id and rewrite the key files that hold it."""
+        tags = dict(spec["tags"])
+        parent = tags.get("mlflow.parentRunId")
+        if parent and self._unresolved(self.resolve(parent)):
+            raise _Permanent(f"its parent run {parent} was never created")
+        if parent:
+            tags["mlflow.parentRunId"] = self.resolve(parent)
+        run = self._retry(self.client.create_run, self.experiment_id, None, tags, spec["name"])
+        real = run.info.run_id
+        self._local_ids[local_id] = real
+        self._fresh.add(real)
+        directory = self.run_dir / "mlflow"
+        for path in directory.glob("*.json") if directory.is_dir() else []:
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and data.get("run_id") == local_id:
+                data["run_id"] = real
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(data))
+                os.replace(tmp, path)
+
+    def _known_steps(self, run_id: str, key: str) -> dict[int, float]:
+        """{step: value} of metric ``key`` already in the store for ``run_id`` (read once per key and run)."""
+        cache = self._steps.get((run_id, key))
+        if cache is None:
+            cache = {}
+            if run_id not in self._fresh:
+                for m in self._retry(self.client.get_metric_history, run_id, key):
+                    cache.setdefault(int(m.step), float(m.value))
+            self._steps[(run_id, key)] = cache
+        return cache
+
+    def _new_metrics(self, run_id: str, metrics: dict, step: int) -> dict:
+        """``metrics`` less the keys the run already holds at ``step`` (a resumed stage re-logging them)."""
+        out = {}
+        for k, v in metrics.items():
+            known = self._known_steps(run_id, k)
+            if step not in known:
+                out[k] = v
+                continue
+            self.duplicates_skipped += 1
+            old = known[step]
+            if old != v and not (math.isnan(old) and math.isnan(v)) and not _TIMING_KEY.search(k) \
+                    and run_id not in self._warned_values:
+                self._warned_values.add(run_id)
+                warnings.warn(f"MLflow run {run_id} already holds metric {k} = {old} at step {step}; the new value "
+                              f"{v} is not logged (a continued run logs each metric once per step)", stacklevel=4)
+        return out
+
     def _apply(self, op: list) -> None:
         """Send one queued write to the store."""
         from mlflow.entities import Metric, Param, RunTag
 
-        kind, run_id = op[0], op[1]
+        kind, run_id = op[0], self.resolve(op[1])
+        if kind == "create":
+            self._create(op[1], op[2])
+            return
+        if self._unresolved(run_id):
+            raise _Permanent(f"run {run_id} was never created (its creation was lost)")
         if kind == "metrics":
             _, _, metrics, step, ts = op
-            self._retry(self.client.log_batch, run_id, [Metric(k, v, ts, step) for k, v in metrics.items()], [], [])
+            metrics = self._new_metrics(run_id, metrics, int(step))
+            if metrics:
+                self._retry(self.client.log_batch, run_id, [Metric(k, v, ts, step) for k, v in metrics.items()],
+                            [], [])
+                for k, v in metrics.items():
+                    self._steps[(run_id, k)][int(step)] = float(v)
         elif kind == "params":
             self._retry(self.client.log_batch, run_id, [], [Param(k, v) for k, v in op[2]], [])
         elif kind == "tags":
@@ -459,7 +573,8 @@ class Tracker:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"tracking_uri": self.uri, "ops": self._queue}))
+        ops = [[op[0], self.resolve(op[1]), *op[2:]] for op in self._queue]  # ids created meanwhile: the store's
+        tmp.write_text(json.dumps({"tracking_uri": self.uri, "ops": ops}))
         os.replace(tmp, path)
         self._queue = []
         return path
@@ -477,15 +592,19 @@ class Tracker:
         ``key`` (default ``name``) identifies it: when ``<run_dir>/mlflow/<key>.json`` exists (a
         re-run, a requeued job, or a run created ahead of time by ``rift submit``), that run is
         continued and marked RUNNING (queued: works while the store is down); otherwise a new run
-        is created (this needs the store).  ``status`` other than None sets the new run's status
-        (``SCHEDULED`` for runs created ahead of time).  Returns a do-nothing handle when tracking
-        is off or the run cannot be created.
+        is created -- at once when the store answers and nothing is queued, else buffered under a
+        local id (``local-<hex>``, in the key file) and created, in order, when the store answers
+        (the handle's ``run_id`` then reads the store's id).  ``status`` other than None sets the new
+        run's status (``SCHEDULED`` for runs created ahead of time).  Returns a do-nothing handle when
+        tracking is off or the store refuses the run for good (with a warning).
         """
         if not self.active:
             return _Null()
         key = key or name
         store = self.key_file(key)
-        run_id = json.loads(store.read_text())["run_id"] if store.is_file() else None
+        run_id = self.resolve(json.loads(store.read_text())["run_id"]) if store.is_file() else None
+        if run_id and self._unresolved(run_id) and not self._create_queued(run_id):
+            run_id = None  # a creation buffered by a process that died before saving it: create the run now
         if run_id:
             handle = RunHandle(self, run_id)
             self._submit(["status", run_id, status or "RUNNING"])
@@ -494,18 +613,31 @@ class Tracker:
             return handle
         parent_id = parent.run_id if parent is not None and parent.run_id else self.parent.run_id
         all_tags = {"mlflow.parentRunId": parent_id, "rift.stage": name, **{k: str(v) for k, v in (tags or {}).items()}}
-        try:
-            run = self._retry(self.client.create_run, self.experiment_id, None, all_tags, name)
-        except Exception as exc:
-            self._warn("create_run", exc)
-            return _Null()
+        run_id = None
+        if not self._queue and not self._unresolved(parent_id):
+            try:
+                run_id = self._retry(self.client.create_run, self.experiment_id, None, all_tags, name).info.run_id
+                self._fresh.add(run_id)
+            except Exception as exc:  # noqa: BLE001 - tracking never stops a run
+                if not is_transient(exc):
+                    warnings.warn(f"MLflow refused to create run {name!r}: {type(exc).__name__}: {str(exc)[:300]}; "
+                                  f"it is not tracked", stacklevel=2)
+                    return _Null()
+                self._warn("create_run", exc)
+                self._down_until = time.time() + self._backoff
+        if run_id is None:  # the store is down (or writes are queued before it): buffer the creation
+            run_id = f"{LOCAL_PREFIX}{uuid.uuid4().hex}"
+            self._fresh.add(run_id)
+            self._queue.append(["create", run_id, {"name": name, "tags": all_tags, "key": key}])
         store.parent.mkdir(parents=True, exist_ok=True)
         tmp = store.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"run_id": run.info.run_id, "key": key, "name": name}))
+        tmp.write_text(json.dumps({"run_id": run_id, "key": key, "name": name}))
         os.replace(tmp, store)  # one file per child: concurrent array tasks never race on it
-        handle = RunHandle(self, run.info.run_id)
+        handle = RunHandle(self, run_id)
         if status and status != "RUNNING":
-            self._submit(["status", run.info.run_id, status])
+            self._submit(["status", run_id, status])
+        else:
+            self._drain()  # a buffered creation is sent as soon as the store answers
         if params:
             handle.log_params(params)
         return handle
@@ -536,7 +668,7 @@ class Tracker:
         """Mark ``run`` terminated with ``status`` (after sending buffered writes)."""
         if not self.active or run.run_id is None:
             return
-        self._queue.append(["terminate", run.run_id, status])
+        self._queue.append(["terminate", getattr(run, "_id", run.run_id), status])
         self._drain(force=True)
 
     def finish(self, status: str = "FINISHED", end_parent: bool = True) -> None:

@@ -199,3 +199,18 @@ def compare(reference: Path, chaos: Path) -> list[str]:
 def leftover_temporaries(run_dir: Path) -> list[Path]:
     """Temporary files of atomic writes still in the run directory."""
     return [p for p in run_dir.rglob("*.tmp")]
+
+
+def duplicate_metric_steps(tracking_uri: str) -> list[str]:
+    """'run name / key @ step' for every metric logged more than once at one step in any run of the store
+    (a resumed stage re-logging what it had logged before the kill)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    out = []
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    for run in client.search_runs(experiments, max_results=5000):
+        for key in run.data.metrics:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            out += [f"{run.info.run_name} / {key} @ {s}" for s in sorted(set(steps)) if steps.count(s) > 1]
+    return out

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.chaos import compare, leftover_temporaries, run_reference, run_with_kills
+from tests.integration.chaos import (
+    compare,
+    duplicate_metric_steps,
+    leftover_temporaries,
+    run_reference,
+    run_with_kills,
+)
 from tests.integration.pipeline_helpers import shared_data, tiny_config
 
 pytestmark = pytest.mark.skipif(not (shared_data() / "cifar10-jpeg.tar.gz").is_file(),
@@ -45,7 +51,8 @@ def test_sigkills_in_training_and_mrc_resume_to_identical_artefacts(tmp_path):
 @pytest.mark.slow
 def test_chaos_twelve_kills_over_all_stages(tmp_path):
     """At least 12 SIGKILLs spread over all five stages (two inside training after one resume), one inside a
-    checkpoint write; MLflow on (its SQLite store is written by every attempt); every artefact bitwise equal."""
+    checkpoint write; MLflow on (its SQLite store is written by every attempt); every artefact bitwise equal, and
+    no metric logged twice at one step (resumed stages re-log what they had logged before a kill)."""
     cfg = _config(tmp_path, tracking=True)
     durations = run_reference(cfg, tmp_path / "reference")
     plan = [("train", 0.2), ("train", 0.25), ("mrc", 0.3), ("mrc", 0.3), ("finetune", 0.2), ("finetune", 0.3),
@@ -59,3 +66,6 @@ def test_chaos_twelve_kills_over_all_stages(tmp_path):
     assert len(kills) >= 10, _report(result, unequal, leftovers)
     assert {f.stage for f in kills} == {"train", "mrc", "finetune", "interpolate", "evaluate"}
     assert unequal == [] and leftovers == []
+    duplicates = duplicate_metric_steps(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    print(f"chaos: metrics logged twice at one step: {len(duplicates)}")
+    assert duplicates == [], duplicates[:20]

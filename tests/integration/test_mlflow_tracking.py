@@ -288,3 +288,156 @@ def test_no_param_lost_to_a_bad_key_or_a_long_value(tmp_path, monkeypatch):
     full = json.loads(Path(local).read_text())
     assert full["data.long"] == "y" * 7000 and full["eval.weird=key"] == "x"
     tracker.finish("FINISHED")
+
+
+def _runs_by_name(client, experiment_id: str, parent_id: str) -> dict[str, list]:
+    """{run name: [runs]} of the direct children of ``parent_id``."""
+    out: dict[str, list] = {}
+    for r in client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1000):
+        out.setdefault(r.info.run_name, []).append(r)
+    return out
+
+
+def test_continued_run_logs_each_metric_step_once(mlflow_server, tmp_path):
+    """A stage killed after logging steps 1-3 and resumed from an older checkpoint re-logs steps 2-3: the
+    continued run (a new process: new Tracker, same run directory) must hold each step once, the value
+    logged first; a changed timing metric is dropped quietly, a changed result with one warning."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = load_config(None, [f"tracking.uri={mlflow_server.uri}", "name=dedupe"])
+    run_dir = tmp_path / "run"
+    first = Tracker(cfg, run_dir)
+    run = first.child("adversarial_training")
+    for step in (1, 2, 3):
+        run.log_metrics({"train_loss": 2.0 / step, "epoch_seconds": 1.0}, step=step)
+    first.close()  # killed: the child run is never ended
+
+    again = Tracker(cfg, run_dir)  # the re-run continues the parent run and (key file) the child run
+    resumed = again.child("adversarial_training")
+    assert resumed.run_id == run.run_id
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in (2, 3, 4, 5):
+            resumed.log_metrics({"train_loss": 2.0 / step, "epoch_seconds": 9.0}, step=step)
+        resumed.log_metrics({"train_loss": 123.0}, step=4)  # not a duplicate of a resumed step: a changed value
+        again.end(resumed)
+        again.finish()
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    history = client.get_metric_history(run.run_id, "train_loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]
+    assert {m.step: m.value for m in history} == {s: 2.0 / s for s in (1, 2, 3, 4, 5)}
+    assert sorted(m.step for m in client.get_metric_history(run.run_id, "epoch_seconds")) == [1, 2, 3, 4, 5]
+    assert again.duplicates_skipped == 2 * 2 + 1
+    texts = [str(c.message) for c in caught if "already holds" in str(c.message)]
+    assert len(texts) == 1 and "train_loss = 0.5 at step 4" in texts[0], texts
+
+
+def test_child_runs_created_while_the_server_is_down_appear_after_rift_status(mlflow_server, tmp_path):
+    """A stage (and a per-alpha grandchild) started while the server is down gets local run ids; its writes and
+    creations wait in the pending file; `rift status RUN_DIR` on this LOCAL run (no submission.json) creates
+    the runs once, in order (grandchild under its real parent), sends their metrics and statuses, and
+    rewrites the key files with the real ids."""
+    from mlflow.tracking import MlflowClient
+
+    from rift_dist.cluster import status
+    from rift_dist.config import dump_yaml
+
+    cfg = load_config(None, [f"tracking.uri={mlflow_server.uri}", "name=catch-up"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    dump_yaml(cfg, run_dir / "config.yaml")
+    tracker = Tracker(cfg, run_dir)
+    train = tracker.child("adversarial_training")
+    train.log_metrics({"train_loss": 1.0}, step=1)
+    tracker.end(train)
+
+    mlflow_server.stop()
+    t0 = time.time()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        interp = tracker.child("interpolation")
+        alpha = tracker.child("alpha=0.5", key="alpha-0.5", parent=interp, params={"alpha": 0.5})
+        alpha.log_metrics({"clean_accuracy": 0.5}, step=0)
+        tracker.end(alpha)
+        interp.log_metrics({"clean_accuracy": 0.5, "alpha": 0.5}, step=0)
+        tracker.end(interp)
+        tracker.finish("FINISHED")
+    assert time.time() - t0 < 10, "run creation stalled while the server was down"
+    assert interp.run_id.startswith("local-") and alpha.run_id.startswith("local-")
+    assert json.loads(tracker.key_file("interpolation").read_text())["run_id"] == interp.run_id
+    assert list((run_dir / "mlflow" / "pending").glob("*.json"))
+
+    mlflow_server.start()
+    lines: list[str] = []
+    result = status(run_dir, log=lines.append)
+    assert result["pending_left"] == 0 and result["pending_sent"] > 0, lines
+    assert any("no rift process is running" in line for line in lines), lines
+    assert not list((run_dir / "mlflow" / "pending").glob("*.json"))
+
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    parent = client.get_run(tracker.parent.run_id)
+    assert parent.info.status == "FINISHED"
+    children = _runs_by_name(client, parent.info.experiment_id, parent.info.run_id)
+    assert sorted(children) == ["adversarial_training", "interpolation"]
+    assert all(len(v) == 1 for v in children.values()), children
+    interp_run = children["interpolation"][0]
+    assert interp_run.info.status == "FINISHED" and interp_run.data.metrics["clean_accuracy"] == 0.5
+    grand = _runs_by_name(client, parent.info.experiment_id, interp_run.info.run_id)
+    assert list(grand) == ["alpha=0.5"] and len(grand["alpha=0.5"]) == 1
+    assert grand["alpha=0.5"][0].data.params == {"alpha": "0.5"}
+    assert grand["alpha=0.5"][0].data.metrics == {"clean_accuracy": 0.5}
+    for key, run in (("interpolation", interp_run), ("alpha-0.5", grand["alpha=0.5"][0])):
+        assert json.loads(tracker.key_file(key).read_text())["run_id"] == run.info.run_id  # real ids now
+
+
+@pytest.mark.slow
+def test_server_down_from_epoch_1_to_the_end_then_rift_status_tracks_every_stage(mlflow_server, tmp_path):
+    """The issue's case: a tiny `rift run` whose server goes away after training epoch 1 and is back only after
+    the run.  Every stage starting meanwhile is buffered (run creation included); `rift status RUN_DIR` on the
+    local run then sends it: each stage's run exists once, FINISHED, with its metrics (train_loss at steps 1
+    and 2, once each), and each alpha's run once under the interpolation run."""
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.integration.pipeline_helpers import ROOT, rift, shared_data, tiny_config
+
+    if not (shared_data() / "cifar10-jpeg.tar.gz").is_file():
+        pytest.skip("../shared/data/cifar10-jpeg.tar.gz not found (set RIFT_SHARED_DATA)")
+    cfg = tiny_config(tmp_path, tracking={"uri": mlflow_server.uri})
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([sys.executable, "-m", "rift_dist.cli", "run", str(cfg), "--run-dir", str(run_dir),
+                             "--no-progress"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines, stopper = [], None
+    for line in proc.stdout:
+        lines.append(line)
+        if stopper is None and line.startswith("[train] epoch 1/"):
+            stopper = threading.Thread(target=mlflow_server.stop)
+            stopper.start()
+    assert proc.wait(timeout=900) == 0, "".join(lines)[-4000:]
+    assert stopper is not None, "".join(lines)[-3000:]
+    stopper.join()
+    out = "".join(lines)
+    assert "did not answer" in out and "rift status" in out, out[-3000:]
+
+    mlflow_server.start()
+    status_out = rift("status", str(run_dir)).stdout
+    assert "sent" in status_out and "still wait" not in status_out, status_out
+    assert not list(run_dir.rglob("mlflow/pending/*.json"))
+
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    marker = json.loads((run_dir / "mlflow_run.json").read_text())
+    parent = client.get_run(marker["run_id"])
+    assert parent.info.status == "FINISHED"
+    children = _runs_by_name(client, parent.info.experiment_id, parent.info.run_id)
+    assert sorted(children) == sorted(["adversarial_training", "mrc", "finetune", "interpolation", "evaluation"])
+    for name, runs in children.items():
+        assert len(runs) == 1, (name, len(runs))
+        assert runs[0].info.status == "FINISHED" and runs[0].data.metrics, name
+    train_id = children["adversarial_training"][0].info.run_id
+    assert sorted(m.step for m in client.get_metric_history(train_id, "train_loss")) == [1, 2]
+    alphas = _runs_by_name(client, parent.info.experiment_id, children["interpolation"][0].info.run_id)
+    assert len(alphas) == 3 and all(len(v) == 1 and v[0].data.metrics for v in alphas.values()), alphas
+    print(f"\nrift status sent the buffered writes: {status_out.strip().splitlines()[-1]}")

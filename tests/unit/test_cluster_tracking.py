@@ -52,6 +52,17 @@ class FakeClient:
         self.writes.append(("batch", run_id, [(m.key, m.value, m.step) for m in metrics],
                             [(p.key, p.value) for p in params], [(t.key, t.value) for t in tags]))
 
+    def get_metric_history(self, run_id, key):
+        """The metrics logged to ``run_id`` under ``key`` (a read: fails when down, not counted in ``calls``)."""
+        if self.down:
+            raise Down("API request failed: Connection refused")
+
+        class M:
+            def __init__(self, value, step):
+                self.value, self.step = value, step
+
+        return [M(v, s) for w in self.writes if w[0] == "batch" and w[1] == run_id for k, v, s in w[2] if k == key]
+
     def update_run(self, run_id, status=None, name=None):
         self._call()
         self.writes.append(("status", run_id, status))
