@@ -26,10 +26,12 @@ from pathlib import Path
 from tests.integration.pipeline_helpers import ROOT
 
 STAGES = ("train", "mrc", "finetune", "interpolate", "evaluate")
-# files whose bytes must equal the uninterrupted run's; summary.json is compared without its timing fields
+# files whose bytes must equal the uninterrupted run's; summary.json is compared without its timing fields and
+# its resume bookkeeping (resumed_examples: how many examples a resumed attack read from its progress files)
 COMPARED = ("train/model.pt", "train/history.json", "mrc.csv", "finetune/model.pt", "interpolation.csv",
             "interpolate/model.pt", "summary.json")
-_TIMING = re.compile(r"(seconds|_s$|time|elapsed|duration)", re.I)
+_TIMING = re.compile(r"(seconds|_s$|time|elapsed|duration)", re.IGNORECASE)
+_BOOKKEEPING = re.compile(r"(seconds|_s$|time|elapsed|duration|^resumed_)", re.IGNORECASE)
 
 
 @dataclass
@@ -164,7 +166,7 @@ def run_with_kills(config: Path, run_dir: Path, plan: list[tuple[str, float]], d
 def _normalised_summary(path: Path) -> bytes:
     def strip(obj):
         if isinstance(obj, dict):
-            return {k: strip(v) for k, v in obj.items() if not _TIMING.search(k)}
+            return {k: strip(v) for k, v in obj.items() if not _BOOKKEEPING.search(k)}
         if isinstance(obj, list):
             return [strip(v) for v in obj]
         return obj
@@ -213,4 +215,17 @@ def duplicate_metric_steps(tracking_uri: str) -> list[str]:
         for key in run.data.metrics:
             steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
             out += [f"{run.info.run_name} / {key} @ {s}" for s in sorted(set(steps)) if steps.count(s) > 1]
+    return out
+
+
+def stage_runs(tracking_uri: str, run_dir: Path) -> dict[str, list[str]]:
+    """{child run name: [statuses]} of the MLflow parent run of ``run_dir`` (each stage should appear once)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    parent = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    experiment = client.get_run(parent).info.experiment_id
+    out: dict[str, list[str]] = {}
+    for r in client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=1000):
+        out.setdefault(r.info.run_name, []).append(r.info.status)
     return out

@@ -11,6 +11,7 @@ from tests.integration.chaos import (
     leftover_temporaries,
     run_reference,
     run_with_kills,
+    stage_runs,
 )
 from tests.integration.pipeline_helpers import shared_data, tiny_config
 
@@ -52,7 +53,8 @@ def test_sigkills_in_training_and_mrc_resume_to_identical_artefacts(tmp_path):
 def test_chaos_twelve_kills_over_all_stages(tmp_path):
     """At least 12 SIGKILLs spread over all five stages (two inside training after one resume), one inside a
     checkpoint write; MLflow on (its SQLite store is written by every attempt); every artefact bitwise equal, and
-    no metric logged twice at one step (resumed stages re-log what they had logged before a kill)."""
+    no metric logged twice at one step (resumed stages re-log what they had logged before a kill), each stage's
+    MLflow run once and FINISHED."""
     cfg = _config(tmp_path, tracking=True)
     durations = run_reference(cfg, tmp_path / "reference")
     plan = [("train", 0.2), ("train", 0.25), ("mrc", 0.3), ("mrc", 0.3), ("finetune", 0.2), ("finetune", 0.3),
@@ -69,3 +71,6 @@ def test_chaos_twelve_kills_over_all_stages(tmp_path):
     duplicates = duplicate_metric_steps(f"sqlite:///{tmp_path / 'mlflow.db'}")
     print(f"chaos: metrics logged twice at one step: {len(duplicates)}")
     assert duplicates == [], duplicates[:20]
+    runs = stage_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "chaos")
+    assert runs == {name: ["FINISHED"] for name in
+                    ("adversarial_training", "mrc", "finetune", "interpolation", "evaluation")}, runs
