@@ -372,15 +372,7 @@ class NetnsSlurmCluster(LocalSlurmCluster):
         out.insert(1, "# (multi-node: tests/integration/multinode/netns_cluster.py, one slurmd per network namespace)")
         self.slurm_conf.write_text("\n".join(out) + "\n")
         if self.gpus_per_node:
-            devices = self.workdir / "dev"
-            devices.mkdir(exist_ok=True)
-            for i in range(self.gpus_per_node):
-                link = devices / f"gpu{i}"
-                if not link.is_symlink():
-                    link.symlink_to("/dev/null")  # slurmd wants a character device behind File=
-            self.gres_conf.write_text(
-                "# fake GPUs (links to /dev/null), the same two on every node\n"
-                f"NodeName={names} Name=gpu File={devices}/gpu[0-{self.gpus_per_node - 1}]\n")
+            self._write_fake_gpus(names, self.gpus_per_node, "multi-node test cluster, the same GPUs on every node")
 
     def _spawn_slurmd(self, node: str):
         slurmd = _which("slurmd") or "slurmd"
