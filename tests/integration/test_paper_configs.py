@@ -79,8 +79,10 @@ def test_paper_config_submit_dry_run_and_plan(dataset, arch, tmp_path, monkeypat
     monkeypatch.setenv("RIFT_DATA_ROOT", str(tmp_path / "data"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     # No cluster to ask: the suite's own SLURM cluster (partitions debug, high) may be up for the session and
-    # would rightly refuse the example profile's partition 'gpu'; scontrol then fails and the dry run notes it.
-    monkeypatch.setenv("SLURM_CONF", str(tmp_path.parent / f"{tmp_path.name}-no-cluster" / "slurm.conf"))
+    # would rightly refuse the example profile's partition 'gpu'.  Without scontrol on PATH the dry run notes that
+    # the limits are not checked (a missing slurm.conf instead makes scontrol hang ~60 s on its config lookup).
+    monkeypatch.setenv("PATH", os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                                               if d and not (Path(d) / "scontrol").exists()))
     run_dir = tmp_path / "run"
     assert main(["submit", str(config_path(dataset, arch)), "--profile", str(ROOT / "launch" / "example_cluster.yaml"),
                  "--run-dir", str(run_dir), "--dry-run"]) == 0
