@@ -37,8 +37,10 @@ from typing import Any
 
 import torch
 
+from rift_dist.errors import RiftError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(RiftError, RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or not loadable with weights_only=True."""
 
 

@@ -111,6 +111,7 @@ import yaml
 
 import submitit
 
+from rift_dist.errors import RiftError
 from rift_dist.stages.common import STAGES
 
 SUBMISSION_FILE = "submission.json"
@@ -125,7 +126,7 @@ ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", 
 FAILED_STATES = ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "CANCELLED", "BOOT_FAIL", "DEADLINE", "ERROR")
 
 
-class ClusterError(RuntimeError):
+class ClusterError(RiftError, RuntimeError):
     """A submission cannot be made or read: bad profile, missing inputs, jobs still active, no SLURM."""
 
 

@@ -47,6 +47,7 @@ from torch import nn
 
 from rift_dist.atomic import atomic_write_text
 from rift_dist.config import RunConfig, flatten
+from rift_dist.errors import RiftError
 
 AT = "at"
 CSV_FIELDS = ("method", "seed", "alpha", "split", "clean", "robust", "corruption", "n", "selected", "on_front")
@@ -58,7 +59,7 @@ PAPER_ROWS = {  # RiFT (Zhu et al., ICCV 2023): clean / OOD / PGD-10 robust accu
 """The paper's numbers for the rows it has (clean, OOD, robust); Table 4's top-k numbers are not on hand."""
 
 
-class CompareError(RuntimeError):
+class CompareError(RiftError, RuntimeError):
     """``rift compare`` cannot run: a method without what it needs, or a stale comparison folder."""
 
 

@@ -26,8 +26,10 @@ from typing import Any
 
 import yaml
 
+from rift_dist.errors import RiftError
 
-class ConfigError(ValueError):
+
+class ConfigError(RiftError, ValueError):
     """A configuration file or override is invalid (unknown key, wrong type, bad value)."""
 
 

@@ -47,6 +47,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from rift_dist.errors import RiftError
 from rift_dist.models import unwrap
 
 # Words in the message of an exception raised by a failed collective (gloo, NCCL, the TCP store).
@@ -56,7 +57,7 @@ _COMM_FAILURE_MARKERS = (
 )
 
 
-class DistributedError(RuntimeError):
+class DistributedError(RiftError, RuntimeError):
     """The process group could not be set up, or a collective failed (e.g. a rank died or hangs)."""
 
 

@@ -23,6 +23,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from rift_dist.errors import RiftError
+
 DATASET_ORDER = ("cifar10", "cifar100", "tiny-imagenet")
 ARCH_ORDER = ("resnet18", "resnet34", "wrn34_10")
 MODELS = ("at", "rift")
@@ -43,7 +45,7 @@ PAPER_TABLE1 = {  # RiFT (Zhu et al., ICCV 2023) Table 1: clean / OOD / PGD-10 r
 }
 
 
-class ReportError(RuntimeError):
+class ReportError(RiftError, RuntimeError):
     """The report cannot be made: no such experiment, no finished runs, or no store."""
 
 

@@ -32,13 +32,15 @@ import uuid
 import zipfile
 from pathlib import Path
 
+from rift_dist.errors import RiftError
+
 MARKER = ".rift_unpacked.json"
 """Name of the file that marks a complete unpack (written last, inside the target directory)."""
 
 _SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip")
 
 
-class DataError(Exception):
+class DataError(RiftError):
     """Data are missing, unreadable or not in the expected layout.
 
     The message names the path, what was expected there, and the fix.  Defined here (the lowest

@@ -27,6 +27,7 @@ from rift_dist import checkpoint
 from rift_dist.attacks import pgd, predict
 from rift_dist.config import AttackConfig, RunConfig, flatten
 from rift_dist.distributed import Runtime, seed_for
+from rift_dist.errors import RiftError
 from rift_dist.models import build_model
 from rift_dist.precision import Precision
 from rift_dist.tracking import Tracker
@@ -51,7 +52,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-class StageError(RuntimeError):
+class StageError(RiftError, RuntimeError):
     """A stage cannot run: a missing input artefact, a stale artefact, or a bad module name."""
 
 
