@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -120,8 +121,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def _torchrun(args: argparse.Namespace, argv: list[str]) -> int:
     """Re-launch this command under torchrun with ``--nproc`` processes on this node.
 
-    SIGTERM / SIGINT reaching this process are passed on to torchrun (which passes them to its
-    workers, whose handlers checkpoint and exit); this process then waits for it and returns its status.
+    torchrun runs in its own process group, so that a Ctrl-C (the terminal signals its whole foreground
+    group) or ``kill -TERM -<pgid>`` reaches it once, from here: SIGTERM / SIGINT reaching this process are
+    passed on to torchrun, which passes them on to its workers, whose handlers finish the step, checkpoint
+    and exit; this process then returns 128 + the signal (143 / 130).  (In one group torchrun got the
+    signal twice -- from the group and from here -- and its second SignalException, raised inside its
+    graceful shutdown, ended it at once; the workers, also signalled twice, exited without a checkpoint.)
+    A second signal here kills torchrun's group at once.  When this process dies, torchrun gets SIGTERM
+    (Linux ``PR_SET_PDEATHSIG``), i.e. the workers still checkpoint and stop.
     """
     import signal
 
@@ -139,17 +146,35 @@ def _torchrun(args: argparse.Namespace, argv: list[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
            "-m", "rift_dist.cli", *rest]
     print("rift: launching", " ".join(cmd), flush=True)
-    child = subprocess.Popen(cmd)
+    child = subprocess.Popen(cmd, process_group=0, preexec_fn=_terminate_with_parent)  # noqa: PLW1509 - no threads yet
+    forwarded: list[int] = []
 
     def forward(signum, frame):  # noqa: ARG001 - signal protocol
+        if forwarded:  # a second signal: stop everything now
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            return
+        forwarded.append(signum)
         child.send_signal(signum)
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return child.wait()
+        rc = child.wait()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    return 128 + forwarded[0] if forwarded and rc else rc
+
+
+def _terminate_with_parent() -> None:
+    """In the torchrun child (before exec): get SIGTERM when the ``rift`` process dies (Linux prctl; else nothing)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _config(args: argparse.Namespace):
@@ -228,23 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, Interrupted):
             print(f"rift: {exc}; the checkpoint is written — re-run the same command to resume", file=sys.stderr)
             return exc.exit_code
-        from rift_dist.checkpoint import CheckpointError
-        from rift_dist.stages.common import StageError
+        from rift_dist.errors import RiftError
 
-        from rift_dist.distributed import DistributedError
-
-        known = (StageError, CheckpointError, DistributedError)
-        if args.command == "compare":
-            from rift_dist.compare import CompareError
-
-            known = known + (CompareError,)
-        try:
-            from rift_dist.data.sources import DataError
-
-            known = known + (DataError,)
-        except ImportError:
-            pass
-        if isinstance(exc, known):
+        if isinstance(exc, RiftError):
             print(f"rift: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
         raise

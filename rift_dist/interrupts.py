@@ -11,7 +11,9 @@ handlers), the first signal only sets a flag.  The training loops call :func:`ch
 between stages), which — after all ranks agree that one of them was signalled — writes the resumable
 state and raises :class:`Interrupted`.  The pipeline then closes its MLflow runs as KILLED and the CLI
 exits with 128 + the signal number (143 for SIGTERM, 130 for SIGINT) and one line saying how to resume.
-A second signal exits at once (status 128 + signal) without a checkpoint.
+A second signal exits at once (status 128 + signal) without a checkpoint -- unless it comes within
+:data:`REPEAT_WINDOW_S` of the first: that is the same request passed on by a launcher (torchrun, srun
+and shells forward the signal that the process group already delivered), not a second request.
 """
 
 from __future__ import annotations
@@ -20,11 +22,16 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import torch
 
 _requested: int | None = None
+_requested_at = 0.0
 _installed = False
+
+REPEAT_WINDOW_S = 2.0
+"""A signal within this many seconds of the first is the first one passed on again, not a second request."""
 
 
 class Interrupted(Exception):
@@ -48,14 +55,17 @@ class Interrupted(Exception):
 
 
 def _handler(signum, frame) -> None:  # noqa: ARG001 - signal protocol
-    global _requested
+    global _requested, _requested_at
     if _requested is not None:
+        if time.monotonic() - _requested_at < REPEAT_WINDOW_S:
+            return  # the same stop request, forwarded by a launcher
         sys.stderr.write(f"rift: second {signal.Signals(signum).name} — exiting now, without a checkpoint\n")
         sys.stderr.flush()
         os._exit(128 + signum)
-    _requested = signum
+    _requested, _requested_at = signum, time.monotonic()
     sys.stderr.write(f"rift: {signal.Signals(signum).name} received — finishing the current step, writing a "
-                     f"checkpoint, then exiting (send it again to exit at once)\n")
+                     f"checkpoint, then exiting (send it again, {REPEAT_WINDOW_S:g} s or more later, to exit at "
+                     f"once)\n")
     sys.stderr.flush()
 
 

@@ -207,7 +207,7 @@ def run(ctx: StageContext) -> dict:
                 if (periodic and step + 1 < steps_per_epoch) or signum is not None:
                     save(epoch, step + 1, sums, time.time() - t0)
                 if signum is not None:
-                    raise interrupts.Interrupted(signum, f"train epoch {epoch + 1} step {step + 1} (checkpoint written)")
+                    raise interrupts.Interrupted(signum, f"train epoch {epoch + 1} step {step + 1}")
             rt.all_reduce_sum(sums)
             step_in_epoch = 0
             engine.sync_buffers()  # equal BN statistics on every rank before the sharded evaluation
@@ -230,7 +230,7 @@ def run(ctx: StageContext) -> dict:
             epoch += 1
             save(epoch, 0)
             # a signal during the epoch's evaluation: the epoch-end checkpoint above is the resumable state
-            interrupts.check(rt, where=f"train epoch {epoch} (checkpoint written)")
+            interrupts.check(rt, where=f"train epoch {epoch}")
         final = checkpoint.load(best_path) if best_path.is_file() else engine.state_dict()
         if ctx.is_main:
             checkpoint.save_atomic(final, ctx.run_dir / STAGE / "model.pt")

@@ -160,8 +160,7 @@ def run(ctx: StageContext, modules: list[str] | None = None, all_parameters: boo
                 signum = interrupts.stop_requested(rt)  # every rank, every step (one tiny all-reduce)
                 if signum is not None:
                     save(epoch, step + 1, sums, time.time() - t0)
-                    raise interrupts.Interrupted(signum, f"finetune epoch {epoch + 1} step {step + 1} "
-                                                         f"(checkpoint written)")
+                    raise interrupts.Interrupted(signum, f"finetune epoch {epoch + 1} step {step + 1}")
             rt.all_reduce_sum(sums)
             step_in_epoch = 0
             engine.sync_buffers()  # equal BN statistics on every rank before the sharded evaluation
@@ -181,7 +180,7 @@ def run(ctx: StageContext, modules: list[str] | None = None, all_parameters: boo
                     checkpoint.save_atomic(best_state, best_path)
             epoch += 1
             save(epoch)
-            interrupts.check(rt, where=f"finetune epoch {epoch} (checkpoint written)")
+            interrupts.check(rt, where=f"finetune epoch {epoch}")
         if ctx.is_main:
             checkpoint.save_atomic(checkpoint.load(best_path), ctx.run_dir / STAGE / "model.pt")
             write_json(ctx.run_dir / STAGE / "history.json", history)

@@ -70,12 +70,14 @@ def signal_reference(tmp_path_factory):
     return tmp / "run"
 
 
-def _send_signal_mid_epoch(stage: str, cfg, run_dir, sig: int, marker: str, timeout: float = 300):
-    """Run ``rift <stage>`` (progress lines on) and send ``sig`` to its process group -- as Ctrl-C and
+def _send_signal_mid_epoch(stage: str, cfg, run_dir, sig: int, marker: str, timeout: float = 300,
+                           extra: tuple[str, ...] = ()):
+    """Run ``rift <stage> [extra]`` (progress lines on) and send ``sig`` to its process group -- as Ctrl-C and
     ``scancel`` do -- when ``marker`` (a progress line of the first epoch) appears.  Returns (rc, output)."""
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen([sys.executable, "-m", "rift_dist.cli", stage, str(cfg), "--run-dir", str(run_dir)],
+    proc = subprocess.Popen([sys.executable, "-m", "rift_dist.cli", stage, str(cfg), "--run-dir", str(run_dir),
+                             *extra],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     lines, sent = [], False
@@ -162,3 +164,31 @@ def test_sigint_mid_finetune_epoch_checkpoints_then_resumes_bitwise(tmp_path, si
         (signal_reference / "finetune" / "model.pt").read_bytes()
     assert _without_timing(run_dir / "finetune" / "history.json") == \
         _without_timing(signal_reference / "finetune" / "history.json")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_to_a_two_rank_run_checkpoints_on_both_ranks_then_resumes_bitwise(tmp_path, sig):
+    """`rift train --nproc 2` signalled through its process group (Ctrl-C, kill -TERM -pgid): torchrun runs in
+    its own group, so every process gets the signal once (before, torchrun got it twice and died inside its
+    own shutdown, and the ranks exited without a checkpoint); both ranks stop at the same step, exit status
+    143 / 130, and the 2-rank re-run ends with the model file of an uninterrupted 2-rank run.
+
+    With ``distributed.sync_bn`` (equal BatchNorm running statistics on every rank).  Without it, each rank's
+    running statistics drift apart within an epoch and a checkpoint holds rank 0's only, so after a mid-epoch
+    resume rank 1's attack (eval-mode BatchNorm) differs: a valid continuation, not the same bytes."""
+    cfg = _signal_config(tmp_path)
+    text = cfg.read_text() + "distributed:\n  sync_bn: true\n"
+    cfg.write_text(text)
+    reference = tmp_path / "reference"
+    rift("train", str(cfg), "--run-dir", str(reference), "--nproc", "2")
+    run_dir = tmp_path / "run"
+    rc, out = _send_signal_mid_epoch("train", cfg, run_dir, sig, "AT epoch 1: 1/", extra=("--nproc", "2"))
+    assert rc == 128 + sig, out[-3000:]
+    assert out.count("re-run the same command to resume") == 2, out[-3000:]  # one line per rank
+    mid = _mid_epoch_checkpoints(run_dir, "train")
+    assert mid and all(epoch == 0 for epoch, _ in mid), (mid, out[-2000:])
+    again = rift("train", str(cfg), "--run-dir", str(run_dir), "--nproc", "2")
+    assert f"resuming at epoch 1, step {mid[0][1]}" in again.stdout, again.stdout[-2000:]
+    assert (run_dir / "train" / "model.pt").read_bytes() == (reference / "train" / "model.pt").read_bytes()
+    assert _without_timing(run_dir / "train" / "history.json") == _without_timing(reference / "train" / "history.json")
