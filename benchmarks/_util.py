@@ -157,10 +157,11 @@ def ratio_line(label: str, base: Timings, ours: Timings) -> str:
 
 def cifar_model(width: int = 64, arch: str = "resnet18") -> torch.nn.Module:
     """The CIFAR ResNet of the paper with CIFAR-10 normalisation as its first layer (float32, NCHW, CPU)."""
+    from rift_dist.data.datasets import dataset_spec
     from rift_dist.models import build_model_from
-    from rift_dist.models.normalize import CIFAR10_MEAN, CIFAR10_STD
 
-    return build_model_from(arch, 10, width, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    spec = dataset_spec("cifar10")
+    return build_model_from(arch, spec.num_classes, width, mean=spec.mean, std=spec.std)
 
 
 @torch.no_grad()

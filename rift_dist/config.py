@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from rift_dist.data.datasets import DATASETS, LAYOUTS
 from rift_dist.errors import RiftError
 
 
@@ -55,7 +56,7 @@ class DataConfig:
     """Where the images come from and how they are batched."""
 
     dataset: str = "cifar10"
-    """Data set name: cifar10, cifar100 or tiny-imagenet."""
+    """Data set name: a key of rift_dist.data.datasets.DATASETS (cifar10, cifar100 or tiny-imagenet)."""
     root: str = ""
     """Directory holding the data (CIFAR pickles, image folders or Tiny-ImageNet layout). Env RIFT_DATA_ROOT fills it when empty."""
     archive: str = ""
@@ -382,8 +383,8 @@ PATH_KEYS = {"root", "archive", "cache_dir", "corruption_root", "run_dir", "from
 """String fields whose ``$VAR`` / ``${VAR}`` references are expanded from the environment."""
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.dataset": ("cifar10", "cifar100", "tiny-imagenet"),
-    "data.layout": ("auto", "pickle", "folder", "tiny-imagenet"),
+    "data.dataset": tuple(DATASETS),
+    "data.layout": LAYOUTS,
     "data.loader": ("auto", "ffcv", "torch"),
     "data.ffcv_storage": ("raw", "jpeg"),
     "data.order": ("random", "quasi_random"),

@@ -9,7 +9,8 @@ the forward FLOPs of one image at the data set's input size (counted by
 
 i.e. 40 % of an NVIDIA H200 SXM's dense BF16 tensor-core peak of 989 TFLOP/s (NVIDIA H200 datasheet; the
 1,979 TFLOP/s figure there is with 2:4 sparsity).  A forward+backward pass is counted as 3 forwards.  The
-counts come from the config (``data.train_subset`` etc.) or, where it says "all", from :data:`DATASET_FACTS`.
+counts come from the config (``data.train_subset`` etc.) or, where it says "all", from the data set's entry in
+:data:`rift_dist.data.datasets.DATASETS` (full split sizes, input side, class count).
 
 Per-stage FLOPs (F = forward FLOPs of one image):
 
@@ -35,19 +36,13 @@ import copy
 import io
 from dataclasses import dataclass, field
 
+from rift_dist.data.datasets import dataset_spec
+
 H200_BF16_DENSE_FLOPS = 989e12
 """Dense BF16 tensor-core peak of an NVIDIA H200 SXM, FLOP/s (NVIDIA H200 datasheet)."""
 
 UTILISATION = 0.4
 """Fraction of the peak assumed to be reached (40 %)."""
-
-DATASET_FACTS: dict[str, dict[str, int]] = {
-    "cifar10": {"train": 50_000, "test": 10_000, "size": 32, "classes": 10},
-    "cifar100": {"train": 50_000, "test": 10_000, "size": 32, "classes": 100},
-    "tiny-imagenet": {"train": 100_000, "test": 10_000, "size": 64, "classes": 200},
-}
-"""Full split sizes (images), input side (pixels) and class count of each data set (Tiny-ImageNet's test
-split is its official 10,000-image val set)."""
 
 FWD_BWD = 3.0
 """A forward+backward pass costs about three forwards."""
@@ -138,11 +133,10 @@ def state_dict_bytes(model) -> int:
 
 def _counts(cfg) -> dict[str, int]:
     """Images per split the stages see: train, val (selection split), test, MRC."""
-    facts = DATASET_FACTS[cfg.data.dataset]
+    spec = dataset_spec(cfg.data.dataset)
     d = cfg.data
-    full_train = facts["train"]
-    train = d.train_subset or max(full_train - d.val_size, 0)
-    test = d.test_subset or facts["test"]
+    train = d.train_subset or max(spec.train_size - d.val_size, 0)
+    test = d.test_subset or spec.test_size
     if cfg.eval.n_examples:
         test = min(test, cfg.eval.n_examples)
     val = d.val_size if cfg.selection_split == "val" else test
@@ -191,7 +185,7 @@ def stage_costs(cfg, fwd: float, modules: int) -> list[StageCost]:
         per_model += sanity
         parts.append("sanity checks")
     if ev.autoattack:
-        others = DATASET_FACTS[cfg.data.dataset]["classes"] - 1
+        others = dataset_spec(cfg.data.dataset).num_classes - 1
         targets = min(9, others)  # standard AutoAttack: 9 target classes for APGD-T and FAB-T
         grad_steps = sum({"apgd-ce": ev.autoattack_steps, "apgd-t": targets * ev.autoattack_steps,
                           "fab-t": targets * ev.autoattack_steps}.get(a, 0) for a in ev.autoattack_attacks)
@@ -218,16 +212,16 @@ def plan_config(cfg, source: str = "") -> Plan:
     The model is built at the config's size on the CPU (float32) to count parameters and save its state dict
     to memory; FLOPs are counted on a meta-device copy.
     """
-    from rift_dist.models import NUM_CLASSES, build_model, module_names
+    from rift_dist.models import build_model, module_names
 
     model = build_model(cfg)
-    facts = DATASET_FACTS[cfg.data.dataset]
-    size = facts["size"]
+    spec = dataset_spec(cfg.data.dataset)
+    size = spec.image_size
     fwd = forward_flops(model, size)
     modules = len(module_names(model))
     width = cfg.model.widen_factor if cfg.model.arch == "wrn34_10" else cfg.model.width
     return Plan(config=source, arch=cfg.model.arch, width=width, dataset=cfg.data.dataset, input_size=size,
-                num_classes=NUM_CLASSES[cfg.data.dataset], parameters=sum(p.numel() for p in model.parameters()),
+                num_classes=spec.num_classes, parameters=sum(p.numel() for p in model.parameters()),
                 modules=modules, checkpoint_bytes=state_dict_bytes(model), forward_flops=fwd,
                 stages=stage_costs(cfg, fwd, modules))
 

@@ -23,13 +23,14 @@ import statistics
 import sys
 from pathlib import Path
 
+from rift_dist.data.datasets import DATASETS
 from rift_dist.errors import RiftError
 
-DATASET_ORDER = ("cifar10", "cifar100", "tiny-imagenet")
+DATASET_ORDER = tuple(DATASETS)
 ARCH_ORDER = ("resnet18", "resnet34", "wrn34_10")
 MODELS = ("at", "rift")
 METRICS = (("clean", "clean_accuracy"), ("ood", "corruption_accuracy"), ("robust", "robust_accuracy"))
-DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "tiny-imagenet": "Tiny-ImageNet"}
+DATASET_NAMES = {name: spec.title for name, spec in DATASETS.items()}
 ARCH_NAMES = {"resnet18": "ResNet-18", "resnet34": "ResNet-34", "wrn34_10": "WRN-34-10"}
 
 PAPER_TABLE1 = {  # RiFT (Zhu et al., ICCV 2023) Table 1: clean / OOD / PGD-10 robust accuracy (%), mean of 3 seeds

@@ -121,7 +121,7 @@ def write_cifar_pickles(root: Path, dataset: str = "cifar10", per_class_train: i
     the release; ``bytes_keys`` mimics the Python-2 pickles (keys are bytes).
     Image ids: train ids count from 0 over the whole split in file order, test ids from 10000.
     """
-    from rift_dist.data.sources import CIFAR10_CLASSES, CIFAR100_CLASSES
+    from rift_dist.data.datasets import CIFAR10_CLASSES, CIFAR100_CLASSES
 
     classes = CIFAR10_CLASSES if dataset == "cifar10" else CIFAR100_CLASSES
     k = (lambda s: s.encode()) if bytes_keys else (lambda s: s)

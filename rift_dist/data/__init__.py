@@ -1,7 +1,9 @@
-"""Data for RiFT: sources (CIFAR pickles, image folders, Tiny-ImageNet), splits, loaders, corruption sets.
+"""Data for RiFT: the data-set table, sources (CIFAR pickles, image folders, Tiny-ImageNet), splits, loaders, corruption sets.
 
 Public API (imported lazily, so ``import rift_dist.data`` does not import torch):
 
+* :mod:`~rift_dist.data.datasets`: ``DATASETS``, ``DatasetSpec``, ``dataset_spec``, ``CIFAR10_CLASSES``,
+  ``CIFAR100_CLASSES`` (every fact of every data set)
 * :mod:`~rift_dist.data.sources`: ``ArrayDataset``, ``DataError``, ``load_split``, ``resolve_root``
 * :mod:`~rift_dist.data.splits`: ``Splits``, ``make_splits``
 * :mod:`~rift_dist.data.loaders`: ``get_dataset``, ``build_loader``, ``Loader``, ``TorchLoader``
@@ -20,8 +22,11 @@ _EXPORTS = {
     "load_split": "sources",
     "resolve_root": "sources",
     "detect_layout": "sources",
-    "CIFAR10_CLASSES": "sources",
-    "CIFAR100_CLASSES": "sources",
+    "CIFAR10_CLASSES": "datasets",
+    "CIFAR100_CLASSES": "datasets",
+    "DATASETS": "datasets",
+    "DatasetSpec": "datasets",
+    "dataset_spec": "datasets",
     "Splits": "splits",
     "make_splits": "splits",
     "get_dataset": "loaders",

@@ -67,9 +67,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+from rift_dist.data.datasets import DATASETS, LAYOUTS, dataset_spec, spec_for_image_size
 from rift_dist.data.sources import (
-    CIFAR10_CLASSES,
-    CIFAR100_CLASSES,
     ArrayDataset,
     DataError,
     decode_image,
@@ -723,13 +722,16 @@ def _pick_params(image_size: tuple[int, int], params: str) -> str:
             raise DataError(f"unknown corruption parameter set {params!r}; choose auto, {', '.join(SEVERITY_PARAMS)}")
         return params
     h, w = image_size
-    if (h, w) == (32, 32):
-        return "cifar"
-    if (h, w) == (64, 64):
-        return "tiny-imagenet"
+    spec = spec_for_image_size(h, w)
+    if spec is not None:
+        return spec.corruption_params
+    first: dict[str, object] = {}
+    for s in DATASETS.values():
+        first.setdefault(s.corruption_params, s)  # the first data set of each parameter set
+    known = ", ".join(f"{s.corruption_set}'s are for {s.image_size}x{s.image_size}" for s in first.values())
     raise DataError(
-        f"no corruption constants for {h}x{w} images (CIFAR-10-C's are for 32x32, Tiny-ImageNet-C's for 64x64); "
-        f"pass params='cifar' or 'tiny-imagenet' explicitly to use one of them anyway"
+        f"no corruption constants for {h}x{w} images ({known}); "
+        f"pass params={' or '.join(repr(p) for p in SEVERITY_PARAMS)} explicitly to use one of them anyway"
     )
 
 
@@ -829,13 +831,14 @@ def corrupt_batch(
 def _classes_for(dataset: str, meta: dict | None) -> list[str] | None:
     if meta and meta.get("classes"):
         return list(meta["classes"])
-    return {"cifar10": CIFAR10_CLASSES, "cifar100": CIFAR100_CLASSES}.get(dataset)
+    spec = DATASETS.get(dataset)
+    return list(spec.classes) if spec is not None and spec.classes is not None else None
 
 
 def _find_npy_root(root: Path, dataset: str) -> Path | None:
     if (root / "labels.npy").is_file():
         return root
-    preferred = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C", "tiny-imagenet": "Tiny-ImageNet-C"}.get(dataset, "")
+    preferred = DATASETS[dataset].corruption_set if dataset in DATASETS else ""
     children = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: (p.name != preferred, p.name))
     for child in children:
         if (child / "labels.npy").is_file():
@@ -843,10 +846,11 @@ def _find_npy_root(root: Path, dataset: str) -> Path | None:
     return None
 
 
-def _find_tiny_root(root: Path, corruptions: Sequence[str]) -> Path | None:
+def _find_tiny_root(root: Path, dataset: str, corruptions: Sequence[str]) -> Path | None:
     if any((root / c).is_dir() for c in corruptions):
         return root
-    for name in ("Tiny-ImageNet-C", "tiny-imagenet-c", "TinyImageNet-C"):
+    spec = dataset_spec(dataset)
+    for name in (spec.corruption_set, *spec.corruption_dirs):
         if (root / name).is_dir():
             return root / name
     return None
@@ -912,8 +916,8 @@ def load_corruption_set(
             f"directory (<corruption>.npy + labels.npy) or Tiny-ImageNet-C, or set data.corruption_generate: true"
         )
     npy_root = _find_npy_root(root, dataset)
-    if npy_root is None and dataset == "tiny-imagenet":
-        tiny = _find_tiny_root(root, corruptions)
+    if npy_root is None and "tiny-imagenet" in dataset_spec(dataset).layouts:
+        tiny = _find_tiny_root(root, dataset, corruptions)
         if tiny is not None:
             return _load_tiny_c(tiny, corruptions, severities, subset, seed)
     base = npy_root or root
@@ -1217,12 +1221,12 @@ def get_corruption_sets(cfg: "RunConfig") -> list[tuple[str, int, ArrayDataset]]
 
 def add_corrupt_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the options of ``rift data corrupt`` to ``parser`` (returns it)."""
-    parser.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "tiny-imagenet"],
+    parser.add_argument("--dataset", default="cifar10", choices=list(DATASETS),
                         help="data set of the clean images")
     parser.add_argument("--root", default="", help="data directory (else env RIFT_DATA_ROOT)")
     parser.add_argument("--archive", default="", help="a .tar.gz of the data, unpacked into --cache-dir")
     parser.add_argument("--cache-dir", default="~/.cache/rift_dist", help="where --archive is unpacked")
-    parser.add_argument("--layout", default="auto", choices=["auto", "pickle", "folder", "tiny-imagenet"])
+    parser.add_argument("--layout", default="auto", choices=list(LAYOUTS))
     parser.add_argument("--split", default="test", choices=["train", "test"], help="split to corrupt (test)")
     parser.add_argument("--out", required=True, help="output directory (created atomically)")
     parser.add_argument("--n", type=int, default=0, help="class-balanced subset of N images (0 = the whole split)")

@@ -81,6 +81,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .datasets import DATASETS, LAYOUTS
 from .sources import ArrayDataset, DataError
 
 __all__ = [
@@ -107,7 +108,6 @@ FIELDS = ("image", "label")
 SIDECAR_FORMAT = "rift_dist.ffcv/1"
 """Value of the sidecar's ``format`` key."""
 STORAGES = ("raw", "jpeg")
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "tiny-imagenet": 200}
 _INSTALL_HINT = "run scripts/install_ffcv.sh .venv/bin/python, or set data.loader=torch"
 
 # --------------------------------------------------------------------------- availability
@@ -628,7 +628,7 @@ def convert_dataset(
     for split in ("train", "test"):
         path = out / f"{split}.beton"
         if path.exists() and not overwrite:
-            verify_beton(path, num_classes=NUM_CLASSES.get(dataset))
+            verify_beton(path, num_classes=DATASETS[dataset].num_classes if dataset in DATASETS else None)
             print(f"[ffcv] {path} exists and verifies; kept (pass --overwrite to rewrite)")
         else:
             todo[split] = load_split(dataset, root_s, split, layout=layout)
@@ -1414,7 +1414,7 @@ def build_ffcv_loader(
                 "the validation split is empty because data.val_size is 0; set data.val_size > 0, or "
                 "selection_split: test to select on the test set as the authors' code does"
             )
-        num_classes = NUM_CLASSES.get(data.dataset)
+        num_classes = DATASETS[data.dataset].num_classes if data.dataset in DATASETS else None
     if indices is not None:
         pos = np.asarray(indices, dtype=np.int64).reshape(-1)
         if pos.size and (pos.min() < 0 or pos.max() >= len(base)):
@@ -1449,13 +1449,13 @@ def build_ffcv_loader(
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the arguments of ``rift data convert DATASET --root R --out O [...]`` to ``parser``."""
-    parser.add_argument("dataset", choices=sorted(NUM_CLASSES), help="data set to convert")
+    parser.add_argument("dataset", choices=sorted(DATASETS), help="data set to convert")
     parser.add_argument("--root", required=True,
                         help="directory of the source data (CIFAR pickles, image folders, Tiny-ImageNet)")
     parser.add_argument("--out", required=True,
                         help="base output directory; files go to OUT/<dataset>-<raw|jpeg-qQ>/ "
                              "(<data.cache_dir>/ffcv is where the loader looks)")
-    parser.add_argument("--layout", default="auto", choices=("auto", "pickle", "folder", "tiny-imagenet"))
+    parser.add_argument("--layout", default="auto", choices=LAYOUTS)
     parser.add_argument("--storage", default="raw", choices=STORAGES, help="raw (exact pixels) or jpeg (smaller, lossy)")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality 1..100 (with --storage jpeg)")
     parser.add_argument("--overwrite", action="store_true", help="rewrite files that exist")

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 
 from rift_dist.data.archive import DataError, data_dir_in, unpack_archive
+from rift_dist.data.datasets import DATASETS, LAYOUTS, dataset_spec
 
 if TYPE_CHECKING:  # pragma: no cover
     from rift_dist.config import DataConfig
@@ -47,10 +48,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "ArrayDataset",
     "DataError",
-    "CIFAR10_CLASSES",
-    "CIFAR100_CLASSES",
-    "DATASETS",
-    "LAYOUTS",
     "detect_layout",
     "load_split",
     "resolve_root",
@@ -59,33 +56,10 @@ __all__ = [
     "decode_image",
 ]
 
-DATASETS = ("cifar10", "cifar100", "tiny-imagenet")
-"""Data set names accepted by :func:`load_split`."""
-
-LAYOUTS = ("auto", "pickle", "folder", "tiny-imagenet")
-"""Layout names accepted by :func:`load_split`."""
-
 SPLITS = ("train", "test")
 """Split names accepted by :func:`load_split` (Tiny-ImageNet's test = official val)."""
 
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-"""CIFAR-10 class names in label order (Krizhevsky 2009, ``batches.meta``)."""
-
-CIFAR100_CLASSES = (
-    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel "
-    "can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur "
-    "dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion "
-    "lizard lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree "
-    "pear pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea "
-    "seal shark shrew skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table "
-    "tank telephone television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman "
-    "worm"
-).split()
-"""CIFAR-100 fine class names in label order (``meta`` file's ``fine_label_names``)."""
-
-_EXPECTED_CLASSES = {"cifar10": 10, "cifar100": 100}
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-_PICKLE_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 _DECODE_CACHE_VERSION = 1
 
 
@@ -224,10 +198,17 @@ def _list_entries(path: Path, limit: int = 12) -> str:
     return ", ".join(names[:limit]) + more if names else "(empty)"
 
 
+def _expected_class_count(dataset: str) -> int | None:
+    """Class folders an image-folder copy must hold: fixed when the release names its classes (CIFAR)."""
+    spec = DATASETS.get(dataset)
+    return spec.num_classes if spec is not None and spec.classes is not None else None
+
+
 def _expected_desc(dataset: str) -> str:
-    if dataset in _PICKLE_DIRS:
+    pickle_layout = dataset_spec(dataset).pickle
+    if pickle_layout is not None:
         return (
-            f"{dataset} as python pickles ({_PICKLE_DIRS[dataset]}/) or image folders (train/<class>/*.jpg, "
+            f"{dataset} as python pickles ({pickle_layout.directory}/) or image folders (train/<class>/*.jpg, "
             f"test/<class>/*.jpg)"
         )
     return "Tiny-ImageNet-200 (wnids.txt, train/<wnid>/images/*.JPEG, val/images + val/val_annotations.txt)"
@@ -283,19 +264,19 @@ def _pget(d: dict, key: str, path: Path):
 
 
 def _load_pickle(dataset: str, base: Path, split: str) -> ArrayDataset:
-    if dataset == "cifar10":
-        names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-        meta_name, label_key, names_key = "batches.meta", "labels", "label_names"
-    elif dataset == "cifar100":
-        names = ["train"] if split == "train" else ["test"]
-        meta_name, label_key, names_key = "meta", "fine_labels", "fine_label_names"
-    else:
-        raise DataError(f"the pickle layout exists only for cifar10/cifar100, not {dataset}; set data.layout: auto")
+    spec = dataset_spec(dataset)
+    layout = spec.pickle
+    if layout is None:
+        with_pickles = "/".join(s.name for s in DATASETS.values() if s.pickle is not None)
+        raise DataError(f"the pickle layout exists only for {with_pickles}, not {dataset}; set data.layout: auto")
+    names = list(layout.train_files if split == "train" else layout.test_files)
+    meta_name, label_key, names_key = layout.meta_file, layout.label_key, layout.names_key
+    side = spec.image_size
     missing = [str(base / n) for n in names + [meta_name] if not (base / n).is_file()]
     if missing:
         raise DataError(
             f"{base}: incomplete {dataset} pickle directory; missing {', '.join(missing)}. Unpack the complete "
-            f"{_PICKLE_DIRS[dataset]} archive there."
+            f"{layout.directory} archive there."
         )
     meta = _read_pickle(base / meta_name)
     classes = [c.decode() if isinstance(c, bytes) else str(c) for c in _pget(meta, names_key, base / meta_name)]
@@ -304,14 +285,14 @@ def _load_pickle(dataset: str, base: Path, split: str) -> ArrayDataset:
         d = _read_pickle(base / n)
         data = np.asarray(_pget(d, "data", base / n), dtype=np.uint8)
         lab = np.asarray(_pget(d, label_key, base / n), dtype=np.int64)
-        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(lab):
+        if data.ndim != 2 or data.shape[1] != 3 * side * side or len(data) != len(lab):
             raise DataError(
-                f"{base / n}: expected 'data' of shape [N, 3072] (3x32x32, channel-major) and N labels, "
+                f"{base / n}: expected 'data' of shape [N, {3 * side * side}] (3x{side}x{side}, channel-major) and N labels, "
                 f"got data {data.shape} and {len(lab)} labels"
             )
-        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        images.append(data.reshape(-1, 3, side, side).transpose(0, 2, 3, 1))
         labels.append(lab)
-    expected = _EXPECTED_CLASSES[dataset]
+    expected = spec.num_classes
     if len(classes) != expected:
         raise DataError(f"{base / meta_name}: {len(classes)} class names, expected {expected} for {dataset}")
     return ArrayDataset(
@@ -334,13 +315,13 @@ class _Listing:
 
 
 def _order_classes(dataset: str, names: list[str], where: Path) -> list[str]:
-    expected = _EXPECTED_CLASSES.get(dataset)
+    expected = _expected_class_count(dataset)
     if expected is not None and len(names) != expected:
         raise DataError(
             f"{where}: found {len(names)} class folders ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}), "
             f"expected {expected} for {dataset}; point data.root at the directory holding train/ and test/"
         )
-    standard = {"cifar10": CIFAR10_CLASSES, "cifar100": CIFAR100_CLASSES}.get(dataset)
+    standard = DATASETS[dataset].classes if dataset in DATASETS else None
     if standard is not None and set(names) == set(standard):
         return list(standard)
     return sorted(names, key=natural_key)
@@ -537,11 +518,10 @@ def _decode_cached(dataset: str, split: str, listing: _Listing, cache_dir: Path)
 
 
 def _is_pickle_dir(dataset: str, d: Path) -> bool:
-    if dataset == "cifar10":
-        return (d / "batches.meta").is_file() or (d / "test_batch").is_file() or (d / "data_batch_1").is_file()
-    if dataset == "cifar100":
-        return (d / "meta").is_file() and ((d / "train").is_file() or (d / "test").is_file())
-    return False
+    layout = dataset_spec(dataset).pickle
+    if layout is None:
+        return False
+    return any(all((d / name).is_file() for name in group) for group in layout.detect)
 
 
 def _is_tiny_dir(d: Path) -> bool:
@@ -551,7 +531,7 @@ def _is_tiny_dir(d: Path) -> bool:
 def _is_folder_dir(d: Path, dataset: str = "") -> bool:
     if _is_tiny_dir(d):
         return False
-    expected = _EXPECTED_CLASSES.get(dataset)
+    expected = _expected_class_count(dataset) if dataset else None
     for name in ("train", "test", "val"):
         sub = _subdirs(d / name)
         if sub and (expected is None or len(sub) == expected):
@@ -572,8 +552,7 @@ def detect_layout(dataset: str, root: str | Path, layout: str = "auto") -> tuple
         DataError: root missing, not a directory, or holding no data of this data set in that layout
             (the message lists what was looked for and what is there).
     """
-    if dataset not in DATASETS:
-        raise DataError(f"unknown data set {dataset!r}; choose one of {', '.join(DATASETS)} (data.dataset)")
+    spec = dataset_spec(dataset)
     if layout not in LAYOUTS:
         raise DataError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)} (data.layout)")
     root = Path(root).expanduser()
@@ -585,9 +564,9 @@ def detect_layout(dataset: str, root: str | Path, layout: str = "auto") -> tuple
     if not root.is_dir():
         raise DataError(f"data root {root} is a file, not a directory; if it is an archive, set data.archive: {root}")
     checks = []
-    if dataset in _PICKLE_DIRS and layout in ("auto", "pickle"):
+    if "pickle" in spec.layouts and layout in ("auto", "pickle"):
         checks.append(("pickle", lambda d: _is_pickle_dir(dataset, d)))
-    if dataset == "tiny-imagenet" and layout in ("auto", "tiny-imagenet"):
+    if "tiny-imagenet" in spec.layouts and layout in ("auto", "tiny-imagenet"):
         checks.append(("tiny-imagenet", _is_tiny_dir))
     if layout in ("auto", "folder"):
         checks.append(("folder", lambda d: _is_folder_dir(d, dataset)))
@@ -599,14 +578,17 @@ def detect_layout(dataset: str, root: str | Path, layout: str = "auto") -> tuple
             if pred(cand):
                 return name, cand
     hints = []
-    for other, dirname in _PICKLE_DIRS.items():
-        if other != dataset and any(_is_pickle_dir(other, c) for c in candidates):
-            hints.append(f"it holds {other} pickles ({dirname}); set data.dataset: {other}")
-    if dataset != "tiny-imagenet" and any(_is_tiny_dir(c) for c in candidates):
-        hints.append("it holds Tiny-ImageNet; set data.dataset: tiny-imagenet")
-    for other, count in _EXPECTED_CLASSES.items():
-        if other != dataset and any(_is_folder_dir(c, other) for c in candidates):
-            hints.append(f"it holds image folders with {count} classes ({other}?)")
+    others = [s for s in DATASETS.values() if s.name != dataset]
+    for other in others:
+        if other.pickle is not None and any(_is_pickle_dir(other.name, c) for c in candidates):
+            hints.append(f"it holds {other.name} pickles ({other.pickle.directory}); set data.dataset: {other.name}")
+    if "tiny-imagenet" not in spec.layouts and any(_is_tiny_dir(c) for c in candidates):
+        tiny = next(s for s in DATASETS.values() if "tiny-imagenet" in s.layouts)
+        hints.append(f"it holds {tiny.title}; set data.dataset: {tiny.name}")
+    for other in others:
+        count = _expected_class_count(other.name)
+        if count is not None and any(_is_folder_dir(c, other.name) for c in candidates):
+            hints.append(f"it holds image folders with {count} classes ({other.name}?)")
     hint = ("; " + "; ".join(hints)) if hints else ""
     raise DataError(
         f"no {dataset} data found at {root} (layout {layout}); expected {_expected_desc(dataset)} in that "

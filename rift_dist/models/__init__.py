@@ -10,16 +10,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from rift_dist.models.normalize import DATASET_STATS, Normalize
+from rift_dist.data.datasets import dataset_spec
+from rift_dist.models.normalize import Normalize
 from rift_dist.models.resnet import ResNet, resnet18, resnet34
 from rift_dist.models.wide_resnet import WideResNet, wrn34_10
 
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "tiny-imagenet": 200}
-INPUT_SIZE = {"cifar10": 32, "cifar100": 32, "tiny-imagenet": 64}  # pixels (H = W)
-
 __all__ = [
     "Normalize", "ResNet", "WideResNet", "build_model", "build_model_from", "list_modules",
-    "module_names", "unwrap", "get_module", "NUM_CLASSES", "INPUT_SIZE",
+    "module_names", "unwrap", "get_module",
 ]
 
 
@@ -57,8 +55,16 @@ def build_model_from(arch: str, num_classes: int, width: int = 64, widen_factor:
 
 
 def build_model(cfg) -> nn.Module:
-    """Build the model a :class:`rift_dist.config.RunConfig` describes (float32, on the CPU)."""
-    mean, std = DATASET_STATS[cfg.data.dataset]
+    """Build the model a :class:`rift_dist.config.RunConfig` describes (float32, on the CPU).
+
+    Output size, input size and normalisation come from the data set's
+    :class:`~rift_dist.data.datasets.DatasetSpec` unless ``model.mean`` / ``model.std`` override them.
+
+    Raises:
+        DataError: for an unknown ``data.dataset``; ValueError for an unknown ``model.arch``.
+    """
+    spec = dataset_spec(cfg.data.dataset)
+    mean, std = spec.mean, spec.std
     if cfg.model.mean:
         mean = tuple(cfg.model.mean)
     if cfg.model.std:
@@ -66,8 +72,8 @@ def build_model(cfg) -> nn.Module:
     if not cfg.model.normalize:
         mean = std = None
     return build_model_from(
-        cfg.model.arch, NUM_CLASSES[cfg.data.dataset], cfg.model.width, cfg.model.widen_factor, mean, std,
-        input_size=INPUT_SIZE[cfg.data.dataset],
+        cfg.model.arch, spec.num_classes, cfg.model.width, cfg.model.widen_factor, mean, std,
+        input_size=spec.image_size,
     )
 
 

@@ -1,28 +1,14 @@
 """Input normalisation as the model's first layer (RIFT.md, Models).
 
 Inputs are pixels in [0, 1]; the model subtracts the per-channel mean and
-divides by the std itself, so every epsilon stays in pixel units.
+divides by the std itself, so every epsilon stays in pixel units. The statistics of
+each data set are ``mean`` / ``std`` of its entry in :data:`rift_dist.data.datasets.DATASETS`.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2471, 0.2435, 0.2616)
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-DATASET_STATS = {
-    # RIFT.md gives the CIFAR statistics for CIFAR-10 and CIFAR-100 alike; CIFAR-100's own
-    # values are offered through model.mean/std.
-    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
-    "cifar100": (CIFAR10_MEAN, CIFAR10_STD),
-    "tiny-imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-}
 
 
 class Normalize(nn.Module):

@@ -42,13 +42,14 @@ def corruption_plan(cfg) -> dict[str, tuple[list[str], list[int]]]:
     severities 1-5, or severity 1 only for Tiny-ImageNet-C, as their code does; both: the two.
     """
     from rift_dist.data.corruptions import AUTHORS_USED_CORRUPTIONS, CIFAR_CORRUPTIONS
+    from rift_dist.data.datasets import dataset_spec
 
     d = cfg.data
     plans = {}
     if cfg.eval.corruption_protocol in ("standard", "both"):
         plans["standard"] = (list(d.corruptions) or list(CIFAR_CORRUPTIONS), sorted(d.severities))
     if cfg.eval.corruption_protocol in ("authors", "both"):
-        plans["authors"] = (list(AUTHORS_USED_CORRUPTIONS), [1] if d.dataset == "tiny-imagenet" else [1, 2, 3, 4, 5])
+        plans["authors"] = (list(AUTHORS_USED_CORRUPTIONS), list(dataset_spec(d.dataset).authors_severities))
     return plans
 
 

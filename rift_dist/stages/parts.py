@@ -46,9 +46,6 @@ from rift_dist.stages.common import (
     StageContext, StageError, at_state, load_state, new_model, write_done, write_json,
 )
 
-IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "tiny-imagenet": 64}
-"""Input side in pixels per data set (for cost estimates before any data is loaded)."""
-
 
 # ------------------------------------------------------------------------------------------ MRC
 
@@ -80,13 +77,14 @@ def mrc_groups(cfg: RunConfig, num_tasks: int) -> list[list[str]]:
     Raises:
         ValueError: ``num_tasks`` < 1.
     """
+    from rift_dist.data.datasets import dataset_spec
     from rift_dist.models import build_model
     from rift_dist.stages.criticality import assign_modules, module_costs
 
     if num_tasks < 1:
         raise ValueError(f"the MRC array needs at least one task, got {num_tasks}")
     names = mrc_module_names(cfg)
-    side = IMAGE_SIZE.get(cfg.data.dataset, 32)
+    side = dataset_spec(cfg.data.dataset).image_size  # before any data is loaded
     costs = module_costs(build_model(cfg), names, (3, side, side))
     return [g for g in assign_modules(names, costs, min(num_tasks, len(names))) if g]
 

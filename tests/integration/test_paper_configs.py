@@ -47,7 +47,8 @@ def test_paper_config_loads_builds_and_plans(dataset, arch):
     from torch import nn
 
     from rift_dist.config import load_config
-    from rift_dist.models import NUM_CLASSES, build_model, module_names
+    from rift_dist.data.datasets import dataset_spec
+    from rift_dist.models import build_model, module_names
     from rift_dist.plan import plan_config
 
     path = config_path(dataset, arch)
@@ -61,7 +62,7 @@ def test_paper_config_loads_builds_and_plans(dataset, arch):
     assert len(names) == ARCHS[arch] and len(set(names)) == ARCHS[arch]
     params = sum(p.numel() for p in model.parameters())
     head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-    assert head.out_features == NUM_CLASSES[dataset]
+    assert head.out_features == dataset_spec(dataset).num_classes
 
     plan = plan_config(cfg)
     assert plan.parameters == params and plan.modules == ARCHS[arch]

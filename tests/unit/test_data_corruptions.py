@@ -19,7 +19,8 @@ from rift_dist.data.corruptions import (
     generate_corruption_set,
     load_corruption_set,
 )
-from rift_dist.data.sources import CIFAR10_CLASSES, ArrayDataset, DataError, load_split
+from rift_dist.data.datasets import CIFAR10_CLASSES
+from rift_dist.data.sources import ArrayDataset, DataError, load_split
 from tests.conftest import id_images, shared_data_dir, write_c_npy, write_image_folder, write_tiny_c
 
 N_IMAGES = 40

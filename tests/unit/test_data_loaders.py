@@ -12,7 +12,8 @@ import torch
 from rift_dist.config import RunConfig
 from rift_dist.data import loaders
 from rift_dist.data.loaders import TorchLoader, build_loader, crop_padding, gather_batch, get_dataset
-from rift_dist.data.sources import CIFAR10_CLASSES, ArrayDataset, DataError
+from rift_dist.data.datasets import CIFAR10_CLASSES
+from rift_dist.data.sources import ArrayDataset, DataError
 from tests.conftest import id_images, image_ids, write_image_folder
 
 

@@ -10,7 +10,8 @@ import torch
 from rift_dist.config import RunConfig
 from rift_dist.data import archive as archive_mod
 from rift_dist.data.loaders import build_loader
-from rift_dist.data.sources import CIFAR10_CLASSES, detect_layout, load_split
+from rift_dist.data.datasets import CIFAR10_CLASSES
+from rift_dist.data.sources import detect_layout, load_split
 from rift_dist.data.splits import make_splits
 
 

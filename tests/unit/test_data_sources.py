@@ -15,9 +15,8 @@ import pytest
 from rift_dist.config import DataConfig
 from rift_dist.data import archive as archive_mod
 from rift_dist.data import sources
+from rift_dist.data.datasets import CIFAR10_CLASSES, CIFAR100_CLASSES
 from rift_dist.data.sources import (
-    CIFAR10_CLASSES,
-    CIFAR100_CLASSES,
     ArrayDataset,
     DataError,
     detect_layout,

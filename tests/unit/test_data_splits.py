@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from rift_dist.config import DataConfig
-from rift_dist.data.sources import CIFAR10_CLASSES, DataError
+from rift_dist.data.datasets import CIFAR10_CLASSES
+from rift_dist.data.sources import DataError
 from rift_dist.data.splits import balanced_indices, indices_sha256, make_splits
 from tests.conftest import image_ids, write_image_folder
 

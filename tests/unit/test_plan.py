@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from rift_dist.config import from_dict
+from rift_dist.data.datasets import DATASETS
 from rift_dist.models import build_model, module_names
-from rift_dist.plan import (DATASET_FACTS, H200_BF16_DENSE_FLOPS, UTILISATION, format_plan, forward_flops,
+from rift_dist.plan import (H200_BF16_DENSE_FLOPS, UTILISATION, format_plan, forward_flops,
                             plan_config, predicted_seconds, state_dict_bytes)
 
 TINY = {"model": {"arch": "resnet18", "width": 4}, "data": {"dataset": "cifar10", "train_subset": 200, "val_size": 50,
@@ -47,7 +48,7 @@ def test_flops_scale_about_4x_from_32_to_64_pixels():
     # the tiny-imagenet plan uses 64x64 images
     tiny = from_dict({"model": TINY["model"], "data": {"dataset": "tiny-imagenet"}})
     plan = plan_config(tiny)
-    assert plan.input_size == DATASET_FACTS["tiny-imagenet"]["size"] == 64
+    assert plan.input_size == DATASETS["tiny-imagenet"].image_size == 64
 
 
 def test_flops_match_a_hand_count_of_one_convolution():
