@@ -154,15 +154,16 @@ def bench_torch(name: str, ds, root: Path, args) -> dict[str, float]:
 
 def bench_ffcv(name: str, ds, work: Path, args, storage: str) -> float:
     """images/s of the FFCV training loader (reflect-pad crop + flip + float conversion in numba)."""
-    from rift_dist.data import ffcv_loader as fl
+    from rift_dist.data.ffcv.loader import FFCVLoader
+    from rift_dist.data.ffcv.write import beton_dir, write_beton
 
-    path = fl.beton_dir(work / "ffcv", name, storage, 90) / "train.beton"
+    path = beton_dir(work / "ffcv", name, storage, 90) / "train.beton"
     if not path.exists():
         t0 = time.perf_counter()
-        fl.write_beton(ds, path, storage=storage, jpeg_quality=90, progress=False, num_workers=args.workers)
+        write_beton(ds, path, storage=storage, jpeg_quality=90, progress=False, num_workers=args.workers)
         print(f"[{name}] wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s)")
     threads = torch.get_num_threads()
-    loader = fl.FFCVLoader(path, batch_size=args.batch_size, train=True, seed=0, num_workers=args.workers)
+    loader = FFCVLoader(path, batch_size=args.batch_size, train=True, seed=0, num_workers=args.workers)
     assert torch.get_num_threads() == threads
     rate, seen, warm = time_epochs(loader, args.epochs, set_epoch=True)
     print(f"[{name}] ffcv  ({storage} storage, {args.workers} threads)      {rate:10.0f} img/s "
@@ -180,9 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default=str(ROOT / ".cache" / "bench"), help="unpacked data, decode cache and .beton files")
     args = p.parse_args(argv)
 
-    from rift_dist.data import ffcv_loader as fl
+    from rift_dist.data.ffcv import ffcv_available
 
-    ok, reason = fl.ffcv_available()
+    ok, reason = ffcv_available()
     if not ok:
         print(f"FFCV benchmark skipped: {reason}")
         return 0

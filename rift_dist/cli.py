@@ -98,10 +98,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             from rift_dist.data import corruptions
 
             corruptions.add_corrupt_arguments(data.add_parser("corrupt", help="build a CIFAR-10-C style set (.npy layout)"))
-            from rift_dist.data import ffcv_loader
+            from rift_dist.data.ffcv import write as ffcv_write
 
-            ffcv_loader.add_convert_arguments(data.add_parser("convert", help="write FFCV .beton files"))
-            ffcv_loader.add_verify_arguments(data.add_parser("verify", help="check a .beton file"))
+            ffcv_write.add_convert_arguments(data.add_parser("convert", help="write FFCV .beton files"))
+            ffcv_write.add_verify_arguments(data.add_parser("verify", help="check a .beton file"))
         except ImportError as exc:
             raise _missing_part(exc, "data") from exc
     else:
@@ -189,7 +189,7 @@ def _config(args: argparse.Namespace):
     if args.run_dir:
         cfg.run_dir = args.run_dir
     try:
-        from rift_dist.data.ffcv_loader import check_ffcv_config
+        from rift_dist.data.ffcv.loader import check_ffcv_config
     except ImportError:
         pass
     else:
@@ -209,9 +209,9 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.data_command == "corrupt":
                 return corruptions.corrupt_command(args)
-            from rift_dist.data import ffcv_loader
+            from rift_dist.data.ffcv import write as ffcv_write
 
-            return {"convert": ffcv_loader.convert_command, "verify": ffcv_loader.verify_command}[args.data_command](args)
+            return {"convert": ffcv_write.convert_command, "verify": ffcv_write.verify_command}[args.data_command](args)
         if args.command == "plan":
             from rift_dist.plan import plan_command
 

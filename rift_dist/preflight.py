@@ -103,7 +103,7 @@ def check_module_names(cfg) -> None:
 def check_config(cfg, world_size: int | None = None) -> None:
     """The config checks that need more than the config file: run by ``rift run`` and ``rift submit`` alike.
 
-    * FFCV (:func:`rift_dist.data.ffcv_loader.check_ffcv_config`): ``data.loader: ffcv`` while FFCV cannot
+    * FFCV (:func:`rift_dist.data.ffcv.loader.check_ffcv_config`): ``data.loader: ffcv`` while FFCV cannot
       be imported, ``data.order: quasi_random`` with more than one rank (``world_size``; None = from the
       launcher's environment), storage and JPEG quality.  Skipped when the FFCV module itself cannot be
       imported (then ``data.loader: ffcv`` fails in the loader with the install command).
@@ -117,7 +117,7 @@ def check_config(cfg, world_size: int | None = None) -> None:
         ConfigError: the first problem, naming the key, the value and the fix.
     """
     try:
-        from rift_dist.data.ffcv_loader import check_ffcv_config
+        from rift_dist.data.ffcv.loader import check_ffcv_config
     except ImportError:
         check_ffcv_config = None
     if check_ffcv_config is not None:

@@ -1,7 +1,7 @@
 """Batches for training and evaluation, sharded across ranks.
 
 ``build_loader`` is the one entry point. It dispatches on ``cfg.data.loader``: ``ffcv`` / ``auto``
-try :mod:`rift_dist.data.ffcv_loader` (same signature); ``torch`` -- and ``auto`` when FFCV is not
+try :mod:`rift_dist.data.ffcv.loader` (same signature); ``torch`` -- and ``auto`` when FFCV is not
 usable -- give :class:`TorchLoader`, which works on the in-memory uint8 arrays of
 :class:`~rift_dist.data.sources.ArrayDataset`.
 
@@ -367,9 +367,9 @@ def build_torch_loader(
 def _ffcv_builder():
     """``(usable, reason, build_ffcv_loader or None)`` without ever raising."""
     try:
-        from rift_dist.data.ffcv_loader import build_ffcv_loader, ffcv_available
+        from rift_dist.data.ffcv.loader import build_ffcv_loader, ffcv_available
     except ImportError as exc:
-        return False, f"rift_dist.data.ffcv_loader cannot be imported ({exc})", None
+        return False, f"rift_dist.data.ffcv.loader cannot be imported ({exc})", None
     try:
         res = ffcv_available()
     except Exception as exc:  # noqa: BLE001 - a broken probe must not break loading

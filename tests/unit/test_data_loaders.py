@@ -198,10 +198,10 @@ def test_empty_val_selection_error(cfg, fresh_data_cache):
 
 
 def _fake_ffcv(monkeypatch, available, reason="no ffcv here"):
-    mod = types.ModuleType("rift_dist.data.ffcv_loader")
+    mod = types.ModuleType("rift_dist.data.ffcv.loader")
     mod.ffcv_available = lambda: (available, reason)
     mod.build_ffcv_loader = lambda cfg, split, rank=0, world_size=1, **kw: ("ffcv", split, rank, world_size, kw["train"])
-    monkeypatch.setitem(sys.modules, "rift_dist.data.ffcv_loader", mod)
+    monkeypatch.setitem(sys.modules, "rift_dist.data.ffcv.loader", mod)
 
 
 def test_dispatch(cfg, monkeypatch, fresh_data_cache):
@@ -216,7 +216,7 @@ def test_dispatch(cfg, monkeypatch, fresh_data_cache):
         assert build_loader(cfg, "test", 1, 2) == ("ffcv", "test", 1, 2, None)
         cfg.data.loader = "auto"
         assert build_loader(cfg, "train")[0] == "ffcv"
-        monkeypatch.setitem(sys.modules, "rift_dist.data.ffcv_loader", None)  # import fails
+        monkeypatch.setitem(sys.modules, "rift_dist.data.ffcv.loader", None)  # import fails
         assert isinstance(build_loader(cfg, "test"), TorchLoader)
         assert loaders._ffcv_builder()[0] is False
     finally:

@@ -24,10 +24,21 @@ import pytest
 import torch
 
 from rift_dist.config import ConfigError, RunConfig
-from rift_dist.data import ffcv_loader as fl
+from rift_dist.data.ffcv import ffcv_available
+from rift_dist.data.ffcv.loader import FFCVLoader, build_ffcv_loader, check_ffcv_config
+from rift_dist.data.ffcv.write import (
+    SIDECAR_FORMAT,
+    add_convert_arguments,
+    add_verify_arguments,
+    content_sha256,
+    convert_command,
+    verify_beton,
+    verify_command,
+    write_beton,
+)
 from rift_dist.data.sources import ArrayDataset, DataError, load_split
 
-OK, REASON = fl.ffcv_available()
+OK, REASON = ffcv_available()
 pytestmark = pytest.mark.skipif(not OK, reason=REASON or "ffcv unavailable")
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -83,22 +94,22 @@ def files(tmp_path_factory, small_ds, unique_ds) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("betons")
     smooth = ArrayDataset(smooth_images(128, seed=1), np.arange(128) % 10, [f"c{i}" for i in range(10)], "smooth")
     return {
-        "raw": fl.write_beton(small_ds, d / "small-raw.beton", progress=False, num_workers=1),
-        "unique": fl.write_beton(unique_ds, d / "unique.beton", progress=False, num_workers=1),
-        "jpeg": fl.write_beton(smooth, d / "smooth-jpeg.beton", storage="jpeg", jpeg_quality=90, progress=False,
+        "raw": write_beton(small_ds, d / "small-raw.beton", progress=False, num_workers=1),
+        "unique": write_beton(unique_ds, d / "unique.beton", progress=False, num_workers=1),
+        "jpeg": write_beton(smooth, d / "smooth-jpeg.beton", storage="jpeg", jpeg_quality=90, progress=False,
                                num_workers=1),
         "smooth_ds": smooth,
     }
 
 
 @pytest.fixture(scope="module")
-def eval_loader(files) -> fl.FFCVLoader:
-    return fl.FFCVLoader(files["raw"], batch_size=100, train=False)
+def eval_loader(files) -> FFCVLoader:
+    return FFCVLoader(files["raw"], batch_size=100, train=False)
 
 
 @pytest.fixture(scope="module")
-def train_loader(files) -> fl.FFCVLoader:
-    return fl.FFCVLoader(files["raw"], batch_size=64, train=True, seed=5)
+def train_loader(files) -> FFCVLoader:
+    return FFCVLoader(files["raw"], batch_size=64, train=True, seed=5)
 
 
 def collect(loader) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,21 +126,21 @@ def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
 
 def test_ffcv_available_is_cached_and_keeps_threads():
     before = torch.get_num_threads()
-    assert fl.ffcv_available() is fl.ffcv_available()
-    assert fl.ffcv_available() == (True, "")
+    assert ffcv_available() is ffcv_available()
+    assert ffcv_available() == (True, "")
     assert torch.get_num_threads() == before
 
 
 def test_write_refuses_overwrite_and_writes_sidecar(tmp_path, small_ds):
-    path = fl.write_beton(small_ds.subset(range(20)), tmp_path / "a.beton", progress=False, num_workers=1)
+    path = write_beton(small_ds.subset(range(20)), tmp_path / "a.beton", progress=False, num_workers=1)
     meta = json.loads((tmp_path / "a.beton.json").read_text())
     assert meta["n"] == 20 and meta["shape"] == [32, 32, 3] and meta["storage"] == "raw"
     assert meta["classes"] == small_ds.classes and meta["size_bytes"] == path.stat().st_size
-    assert meta["content_sha256"] == fl.content_sha256(small_ds.subset(range(20)))
+    assert meta["content_sha256"] == content_sha256(small_ds.subset(range(20)))
     with pytest.raises(DataError, match="already exists.*overwrite"):
-        fl.write_beton(small_ds, path, progress=False)
-    fl.write_beton(small_ds.subset(range(30)), path, overwrite=True, progress=False, num_workers=1)
-    assert fl.verify_beton(path)["n"] == 30
+        write_beton(small_ds, path, progress=False)
+    write_beton(small_ds.subset(range(30)), path, overwrite=True, progress=False, num_workers=1)
+    assert verify_beton(path)["n"] == 30
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.beton", "a.beton.json"]  # no temp files left
 
 
@@ -141,7 +152,7 @@ def test_write_rejects_bad_arrays(tmp_path):
         description = "bad"
 
     with pytest.raises(DataError, match="uint8"):
-        fl.write_beton(Bad(), tmp_path / "bad.beton", progress=False)
+        write_beton(Bad(), tmp_path / "bad.beton", progress=False)
     assert not any(tmp_path.iterdir())
 
 
@@ -158,7 +169,7 @@ def test_writer_failure_raises_and_leaves_nothing(tmp_path, small_ds, monkeypatc
 
     monkeypatch.setattr(RGBImageField, "encode", failing)
     with pytest.raises(DataError, match="writer worker died"):
-        fl.write_beton(small_ds, tmp_path / "f.beton", progress=False, worker_threads=True)
+        write_beton(small_ds, tmp_path / "f.beton", progress=False, worker_threads=True)
     assert not any(tmp_path.iterdir())
 
 
@@ -177,7 +188,7 @@ def test_roundtrip_raw_exact_and_sequential(eval_loader, small_ds):
 
 def test_roundtrip_jpeg_within_tolerance(files):
     ds = files["smooth_ds"]
-    loader = fl.FFCVLoader(files["jpeg"], batch_size=64, train=False, num_workers=1)
+    loader = FFCVLoader(files["jpeg"], batch_size=64, train=False, num_workers=1)
     x, y = collect(loader)
     err = np.abs(to_uint8_nhwc(x).astype(int) - ds.images.astype(int))
     assert err.mean() < 3.0 and np.percentile(err, 99) < 16, (err.mean(), err.max())
@@ -194,7 +205,7 @@ def test_batches_are_fresh_tensors(eval_loader):
 
 def test_device_path_uint8_then_convert_matches(files, train_loader):
     # The CUDA path (uint8 out of FFCV, converted on the device) exercised on the CPU.
-    u8 = fl.FFCVLoader(files["raw"], batch_size=64, train=True, seed=5, convert_in_pipeline=False)
+    u8 = FFCVLoader(files["raw"], batch_size=64, train=True, seed=5, convert_in_pipeline=False)
     for epoch in (3,):
         u8.set_epoch(epoch)
         train_loader.set_epoch(epoch)
@@ -239,8 +250,8 @@ def test_training_crop_flip_statistics_and_exact_pixels(train_loader, small_ds):
 
 
 def test_epoch_order_reproducible(files, train_loader):
-    again = fl.FFCVLoader(files["raw"], batch_size=64, train=True, seed=5)
-    other = fl.FFCVLoader(files["raw"], batch_size=64, train=True, seed=6)
+    again = FFCVLoader(files["raw"], batch_size=64, train=True, seed=5)
+    other = FFCVLoader(files["raw"], batch_size=64, train=True, seed=6)
     for e in range(3):
         assert np.array_equal(train_loader.epoch_indices(e), again.epoch_indices(e))
     assert not np.array_equal(train_loader.epoch_indices(0), train_loader.epoch_indices(1))
@@ -263,8 +274,8 @@ def test_early_break_then_full_epoch(train_loader):
 
 def test_two_rank_training_shards(files, unique_ds):
     B = 40  # global batch; 200 samples -> 5 global batches, per-rank batch 20
-    ranks = [fl.FFCVLoader(files["unique"], batch_size=B, train=True, seed=1, rank=r, world_size=2) for r in range(2)]
-    one = fl.FFCVLoader(files["unique"], batch_size=B, train=True, seed=1)
+    ranks = [FFCVLoader(files["unique"], batch_size=B, train=True, seed=1, rank=r, world_size=2) for r in range(2)]
+    one = FFCVLoader(files["unique"], batch_size=B, train=True, seed=1)
     assert [len(r) for r in ranks] == [5, 5] and ranks[0].batch_size == 20 and ranks[0].num_samples == 100
     orders = []
     for e in range(3):
@@ -280,22 +291,22 @@ def test_two_rank_training_shards(files, unique_ds):
     _, y = collect(ranks[1])
     assert np.array_equal(y.numpy(), unique_ds.labels[ranks[1].epoch_indices(2)])
     # Same arguments, new loaders: same order.
-    again = fl.FFCVLoader(files["unique"], batch_size=B, train=True, seed=1, rank=1, world_size=2)
+    again = FFCVLoader(files["unique"], batch_size=B, train=True, seed=1, rank=1, world_size=2)
     assert np.array_equal(again.epoch_indices(2), ranks[1].epoch_indices(2))
 
 
 def test_two_rank_training_drops_incomplete_global_batch(files):
-    ranks = [fl.FFCVLoader(files["unique"], batch_size=64, train=True, seed=0, rank=r, world_size=2) for r in range(2)]
+    ranks = [FFCVLoader(files["unique"], batch_size=64, train=True, seed=0, rank=r, world_size=2) for r in range(2)]
     a, b = (r.epoch_indices(0) for r in ranks)
     assert len(a) == len(b) == 96 and not set(a) & set(b)  # 3 global batches of 64; 8 samples dropped
     with pytest.raises(DataError, match="not divisible"):
-        fl.FFCVLoader(files["unique"], batch_size=63, train=True, rank=0, world_size=2)
+        FFCVLoader(files["unique"], batch_size=63, train=True, rank=0, world_size=2)
     with pytest.raises(DataError, match="fewer than one global batch"):
-        fl.FFCVLoader(files["unique"], batch_size=256, train=True)
+        FFCVLoader(files["unique"], batch_size=256, train=True)
 
 
 def test_two_rank_eval_contiguous_shards(files):
-    shards = [fl.FFCVLoader(files["unique"], batch_size=32, train=False, rank=r, world_size=3) for r in range(3)]
+    shards = [FFCVLoader(files["unique"], batch_size=32, train=False, rank=r, world_size=3) for r in range(3)]
     got = [s.epoch_indices() for s in shards]
     assert [len(g) for g in got] == [67, 67, 66]
     assert np.array_equal(np.concatenate(got), np.arange(200))
@@ -306,11 +317,11 @@ def test_two_rank_eval_contiguous_shards(files):
 
 
 def test_verify_report(files):
-    r = fl.verify_beton(files["raw"], expected_len=256, num_classes=10)
+    r = verify_beton(files["raw"], expected_len=256, num_classes=10)
     assert r["n"] == 256 and r["shape"] == [32, 32, 3] and r["storage"] == "raw"
     assert sum(r["label_counts"]) == 256 and r["decoded"] == [0, 128, 255]
     with pytest.raises(DataError, match="expected 300"):
-        fl.verify_beton(files["raw"], expected_len=300)
+        verify_beton(files["raw"], expected_len=300)
 
 
 def test_truncated_file_fails(tmp_path, files):
@@ -320,15 +331,15 @@ def test_truncated_file_fails(tmp_path, files):
     with open(bad, "r+b") as fh:
         fh.truncate(bad.stat().st_size // 2)
     with pytest.raises(DataError, match=r"trunc\.beton.*truncated"):
-        fl.verify_beton(bad)
+        verify_beton(bad)
     with pytest.raises(DataError, match="truncated"):  # the loader checks before it starts
-        fl.FFCVLoader(bad, batch_size=8, train=False)
+        FFCVLoader(bad, batch_size=8, train=False)
     # Even with a sidecar that agrees on the size, the structure gives it away.
     meta = json.loads(Path(str(bad) + ".json").read_text())
     meta["size_bytes"] = bad.stat().st_size
     Path(str(bad) + ".json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match=r"trunc\.beton"):
-        fl.verify_beton(bad)
+        verify_beton(bad)
 
 
 def _write_foreign(path: Path, fields: dict, samples) -> None:
@@ -336,7 +347,7 @@ def _write_foreign(path: Path, fields: dict, samples) -> None:
     from ffcv.writer import DatasetWriter
 
     DatasetWriter(str(path), fields, num_workers=1).from_indexed_dataset(samples)
-    meta = {"format": fl.SIDECAR_FORMAT, "n": len(samples), "shape": [8, 8, 3], "storage": "raw",
+    meta = {"format": SIDECAR_FORMAT, "n": len(samples), "shape": [8, 8, 3], "storage": "raw",
             "size_bytes": path.stat().st_size, "classes": ["a", "b"], "num_classes": 2}
     Path(str(path) + ".json").write_text(json.dumps(meta))
 
@@ -348,49 +359,49 @@ def test_wrong_fields_fail(tmp_path):
     swapped = tmp_path / "swapped.beton"
     _write_foreign(swapped, {"label": IntField(), "image": RGBImageField()}, [(1, img)] * 4)
     with pytest.raises(DataError, match=r"swapped\.beton: wrong fields"):
-        fl.verify_beton(swapped)
+        verify_beton(swapped)
     floats = tmp_path / "float-label.beton"
     _write_foreign(floats, {"image": RGBImageField(), "label": FloatField()}, [(img, 0.5)] * 4)
     with pytest.raises(DataError, match=r"float-label\.beton: wrong fields.*FloatField"):
-        fl.verify_beton(floats)
+        verify_beton(floats)
     with pytest.raises(DataError, match="wrong fields"):
-        fl.FFCVLoader(floats, batch_size=2, train=False)
+        FFCVLoader(floats, batch_size=2, train=False)
 
 
 def test_missing_sidecar_and_label_range(tmp_path, files):
     lonely = tmp_path / "lonely.beton"
     shutil.copy(files["raw"], lonely)
     with pytest.raises(DataError, match=r"lonely\.beton: its sidecar lonely\.beton\.json is missing"):
-        fl.verify_beton(lonely)
+        verify_beton(lonely)
     with pytest.raises(DataError, match=r"labels span \[0, 9\].*5 classes"):
-        fl.verify_beton(files["raw"], num_classes=5)
+        verify_beton(files["raw"], num_classes=5)
     with pytest.raises(DataError, match="no such .beton"):
-        fl.verify_beton(tmp_path / "absent.beton")
+        verify_beton(tmp_path / "absent.beton")
 
 
 def test_verify_and_convert_cli(tmp_path, files, cifar_subset):
     p = argparse.ArgumentParser()
-    fl.add_verify_arguments(p)
+    add_verify_arguments(p)
     buf = io.StringIO()
     with redirect_stdout(buf):
-        assert fl.verify_command(p.parse_args([str(files["raw"])])) == 0
+        assert verify_command(p.parse_args([str(files["raw"])])) == 0
     assert "OK" in buf.getvalue() and "256 images 32x32x3" in buf.getvalue()
     lonely = tmp_path / "x.beton"
     shutil.copy(files["raw"], lonely)
     with redirect_stdout(io.StringIO()) as out:
-        assert fl.verify_command(p.parse_args([str(files["raw"]), str(lonely)])) == 1
+        assert verify_command(p.parse_args([str(files["raw"]), str(lonely)])) == 1
     assert "FAIL" in out.getvalue() and "sidecar" in out.getvalue()
 
     c = argparse.ArgumentParser()
-    fl.add_convert_arguments(c)
+    add_convert_arguments(c)
     args = c.parse_args(["cifar10", "--root", str(cifar_subset), "--out", str(tmp_path / "out"), "--workers", "1"])
     with redirect_stdout(io.StringIO()) as out:
-        assert fl.convert_command(args) == 0
+        assert convert_command(args) == 0
     train = tmp_path / "out" / "cifar10-raw" / "train.beton"
     assert f"train: {train}" in out.getvalue()
-    assert fl.verify_beton(train, num_classes=10)["n"] == 200
+    assert verify_beton(train, num_classes=10)["n"] == 200
     with redirect_stdout(io.StringIO()) as out:  # second run keeps (and verifies) the files
-        assert fl.convert_command(args) == 0
+        assert convert_command(args) == 0
     assert "kept" in out.getvalue()
 
 
@@ -401,10 +412,10 @@ def test_convert_refusing_a_split_writes_nothing(tmp_path):
     base = write_tiny_imagenet(tmp_path / "src", wnids=("n01", "n02"), n_train=2)
     (base / "val" / "val_annotations.txt").unlink()
     c = argparse.ArgumentParser()
-    fl.add_convert_arguments(c)
+    add_convert_arguments(c)
     args = c.parse_args(["tiny-imagenet", "--root", str(base), "--out", str(tmp_path / "out"), "--workers", "1"])
     with redirect_stderr(io.StringIO()) as err:
-        assert fl.convert_command(args) == 2
+        assert convert_command(args) == 2
     assert "val_annotations.txt" in err.getvalue()
     written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()] if (tmp_path / "out").exists() else []
     assert written == []
@@ -416,19 +427,19 @@ def test_convert_refusing_a_split_writes_nothing(tmp_path):
 def test_check_ffcv_config_rejects_quasi_random_with_ranks():
     cfg = RunConfig()
     cfg.data.order = "quasi_random"
-    fl.check_ffcv_config(cfg, world_size=1)
+    check_ffcv_config(cfg, world_size=1)
     with pytest.raises(ConfigError, match="quasi_random with 2 processes"):
-        fl.check_ffcv_config(cfg, world_size=2)
+        check_ffcv_config(cfg, world_size=2)
     with pytest.raises(ConfigError, match="quasi_random"):
-        fl.build_ffcv_loader(cfg, "train", 0, 2)
+        build_ffcv_loader(cfg, "train", 0, 2)
     cfg.data.order = "random"
     cfg.data.ffcv_jpeg_quality = 0
     with pytest.raises(ConfigError, match="ffcv_jpeg_quality"):
-        fl.check_ffcv_config(cfg, world_size=1)
+        check_ffcv_config(cfg, world_size=1)
 
 
 def test_quasi_random_single_rank(files):
-    loader = fl.FFCVLoader(files["unique"], batch_size=50, train=True, seed=2, quasi_random=True)
+    loader = FFCVLoader(files["unique"], batch_size=50, train=True, seed=2, quasi_random=True)
     order = loader.epoch_indices(0)
     assert len(order) == 200 and sorted(order) == list(range(200))
     x, y = collect(loader)
@@ -439,7 +450,7 @@ def test_threads_restored_after_build_and_epoch(files, eval_loader):
     before = torch.get_num_threads()
     torch.set_num_threads(3)  # FFCV would set its worker count (2)
     try:
-        fl.FFCVLoader(files["unique"], batch_size=50, train=False, num_workers=2)
+        FFCVLoader(files["unique"], batch_size=50, train=False, num_workers=2)
         assert torch.get_num_threads() == 3
         list(eval_loader)
         assert torch.get_num_threads() == 3
@@ -515,8 +526,8 @@ def test_real_cifar10_roundtrip_jpeg(tmp_path, cifar_subset):
     # (Raw storage of the real images is exact: test_ffcv_matches_torch_loader compares every batch.)
     ds = load_split("cifar10", cifar_subset, "train")
     assert len(ds) == 200 and ds.images.shape[1:] == (32, 32, 3)
-    jpg = fl.write_beton(ds, tmp_path / "c-jpg.beton", storage="jpeg", jpeg_quality=90, progress=False, num_workers=1)
-    x, y = collect(fl.FFCVLoader(jpg, batch_size=64, train=False))
+    jpg = write_beton(ds, tmp_path / "c-jpg.beton", storage="jpeg", jpeg_quality=90, progress=False, num_workers=1)
+    x, y = collect(FFCVLoader(jpg, batch_size=64, train=False))
     err = np.abs(to_uint8_nhwc(x).astype(int) - ds.images.astype(int))
     assert err.mean() < 4.0, err.mean()
     assert np.array_equal(y.numpy(), ds.labels)
@@ -526,13 +537,13 @@ def test_real_tiny_imagenet_roundtrip_jpeg(tmp_path, tiny_subset):
     train = load_split("tiny-imagenet", tiny_subset, "train")
     test = load_split("tiny-imagenet", tiny_subset, "test")
     assert len(train) == 400 and train.images.shape[1:] == (64, 64, 3) and len(test) == 100
-    path = fl.write_beton(train, tmp_path / "t.beton", storage="jpeg", progress=False, num_workers=1)
-    assert fl.verify_beton(path, num_classes=200)["jpeg_quality"] == 90
-    loader = fl.FFCVLoader(path, batch_size=100, train=True, seed=0, num_workers=2)
+    path = write_beton(train, tmp_path / "t.beton", storage="jpeg", progress=False, num_workers=1)
+    assert verify_beton(path, num_classes=200)["jpeg_quality"] == 90
+    loader = FFCVLoader(path, batch_size=100, train=True, seed=0, num_workers=2)
     assert loader.pad == 8
     x, y = collect(loader)
     assert x.shape == (400, 3, 64, 64) and sorted(y.tolist()) == sorted(train.labels.tolist())
-    ev = fl.FFCVLoader(path, batch_size=128, train=False)
+    ev = FFCVLoader(path, batch_size=128, train=False)
     x, y = collect(ev)
     err = np.abs(to_uint8_nhwc(x).astype(int) - train.images.astype(int))
     assert err.mean() < 4.0, err.mean()
@@ -562,7 +573,7 @@ def test_ffcv_matches_torch_loader(tmp_path, cifar_subset):
     for split, train in (("test", False), ("val", False), ("train", True)):
         a = loaders.build_loader(ffcv_cfg, split)
         b = loaders.build_loader(torch_cfg, split)
-        assert isinstance(a, fl.FFCVLoader) and not isinstance(b, fl.FFCVLoader)
+        assert isinstance(a, FFCVLoader) and not isinstance(b, FFCVLoader)
         assert (len(a), a.num_samples) == (len(b), b.num_samples)
         for epoch in ((0, 1) if train else (0,)):
             a.set_epoch(epoch)
@@ -587,7 +598,7 @@ def test_stale_cache_file_is_rewritten(tmp_path, cifar_subset):
     sources.clear_cache()
     cfg = _cfg(cifar_subset, tmp_path, "ffcv")
     cfg.precision.channels_last = "on"
-    loader = fl.build_ffcv_loader(cfg, "test")
+    loader = build_ffcv_loader(cfg, "test")
     path = tmp_path / "ffcv" / "cifar10-raw" / "test.beton"
     x, _ = next(iter(loader))
     assert x.is_contiguous(memory_format=torch.channels_last)
@@ -595,5 +606,5 @@ def test_stale_cache_file_is_rewritten(tmp_path, cifar_subset):
     assert meta["content_sha256"] == splits.make_splits(cfg.data).record["full_test_sha256"]
     meta["content_sha256"] = "0" * 64  # pretend the source changed
     Path(str(path) + ".json").write_text(json.dumps(meta))
-    fl.build_ffcv_loader(cfg, "test")
+    build_ffcv_loader(cfg, "test")
     assert json.loads(Path(str(path) + ".json").read_text())["content_sha256"] != "0" * 64

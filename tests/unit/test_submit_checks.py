@@ -296,7 +296,7 @@ def test_cli_submit_dry_run_and_submit_refuse_a_bad_corruption_protocol(tmp_path
 
 def test_submit_checks_ffcv_against_the_largest_job(tmp_path, monkeypatch):
     from rift_dist.config import ConfigError
-    from rift_dist.data import ffcv_loader
+    from rift_dist.data.ffcv import loader as ffcv_loader
 
     _no_sbatch(monkeypatch)
     cfg = _tiny(tmp_path, "data.order=quasi_random")
