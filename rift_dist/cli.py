@@ -95,9 +95,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     if full or command == "data":
         data = sub.add_parser("data", help=data_help).add_subparsers(dest="data_command", required=True)
         try:
-            from rift_dist.data import corruptions
+            from rift_dist.data.corruptions.generate import add_corrupt_arguments
 
-            corruptions.add_corrupt_arguments(data.add_parser("corrupt", help="build a CIFAR-10-C style set (.npy layout)"))
+            add_corrupt_arguments(data.add_parser("corrupt", help="build a CIFAR-10-C style set (.npy layout)"))
             from rift_dist.data.ffcv import write as ffcv_write
 
             ffcv_write.add_convert_arguments(data.add_parser("convert", help="write FFCV .beton files"))
@@ -205,10 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "data":
-            from rift_dist.data import corruptions
+            from rift_dist.data.corruptions.generate import corrupt_command
 
             if args.data_command == "corrupt":
-                return corruptions.corrupt_command(args)
+                return corrupt_command(args)
             from rift_dist.data.ffcv import write as ffcv_write
 
             return {"convert": ffcv_write.convert_command, "verify": ffcv_write.verify_command}[args.data_command](args)

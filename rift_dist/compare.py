@@ -195,7 +195,8 @@ def val_corruption_sets(cfg: RunConfig, val) -> list:
     validation images get the same corruptions here (re-generated, seeded by stream ``compare-val-corruption``
     of ``data.corruption_seed``), so alpha* never sees test images.  [] when no corruption set is configured.
     """
-    from rift_dist.data.corruptions import CIFAR_CORRUPTIONS, corrupt_batch
+    from rift_dist.data.corruptions import CIFAR_CORRUPTIONS
+    from rift_dist.data.corruptions.kernels import corrupt_batch
     from rift_dist.data.sources import ArrayDataset
     from rift_dist.distributed import stream_seed
 

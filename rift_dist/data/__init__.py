@@ -7,8 +7,10 @@ Public API (imported lazily, so ``import rift_dist.data`` does not import torch)
 * :mod:`~rift_dist.data.sources`: ``ArrayDataset``, ``DataError``, ``load_split``, ``resolve_root``
 * :mod:`~rift_dist.data.splits`: ``Splits``, ``make_splits``
 * :mod:`~rift_dist.data.loaders`: ``get_dataset``, ``build_loader``, ``Loader``, ``TorchLoader``
-* :mod:`~rift_dist.data.corruptions`: ``CIFAR_CORRUPTIONS``, ``AUTHORS_CORRUPTIONS``,
-  ``load_corruption_set``, ``generate_corruption_set``, ``get_corruption_sets``
+* :mod:`~rift_dist.data.corruptions`: ``CIFAR_CORRUPTIONS``, ``AUTHORS_CORRUPTIONS``; ``.load``:
+  ``load_corruption_set``; ``.generate``: ``generate_corruption_set``, ``get_corruption_sets``
+  (``.kernels``: the corruptions themselves)
+* :mod:`~rift_dist.data.ffcv`: the optional FFCV path (``.write``, ``.ops``, ``.loader``)
 * :mod:`~rift_dist.data.archive`: ``unpack_archive``
 """
 
@@ -36,9 +38,9 @@ _EXPORTS = {
     "CIFAR_CORRUPTIONS": "corruptions",
     "AUTHORS_CORRUPTIONS": "corruptions",
     "AUTHORS_USED_CORRUPTIONS": "corruptions",
-    "load_corruption_set": "corruptions",
-    "generate_corruption_set": "corruptions",
-    "get_corruption_sets": "corruptions",
+    "load_corruption_set": "corruptions.load",
+    "generate_corruption_set": "corruptions.generate",
+    "get_corruption_sets": "corruptions.generate",
     "unpack_archive": "archive",
 }
 

@@ -101,7 +101,7 @@ class DatasetSpec:
             sub-directory preferred when a corruption root holds several.
         corruption_dirs: other folder names of that release searched under a corruption root.
         corruption_params: the severity constants its corruptions use (a key of
-            ``rift_dist.data.corruptions``' ``SEVERITY_PARAMS``).
+            ``rift_dist.data.corruptions.kernels.SEVERITY_PARAMS``).
         authors_severities: the severities the RiFT authors' code evaluates (microsoft/robustlearn,
             RiFT/dataloader.py: 1..5 for CIFAR-C, severity 1 only for Tiny-ImageNet-C).
     """

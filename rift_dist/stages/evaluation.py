@@ -64,7 +64,7 @@ def corruption_sets(ctx: StageContext):
     Raises:
         DataError: from the loader, e.g. ONE error listing every missing corruption file.
     """
-    from rift_dist.data.corruptions import get_corruption_sets
+    from rift_dist.data.corruptions.generate import get_corruption_sets
 
     cfg = ctx.cfg
     d = cfg.data

@@ -10,15 +10,11 @@ import numpy as np
 import pytest
 
 from rift_dist.config import RunConfig
-from rift_dist.data import corruptions as C
-from rift_dist.data.corruptions import (
-    AUTHORS_CORRUPTIONS,
-    AUTHORS_USED_CORRUPTIONS,
-    CIFAR_CORRUPTIONS,
-    corrupt_batch,
-    generate_corruption_set,
-    load_corruption_set,
-)
+from rift_dist.data.corruptions import AUTHORS_CORRUPTIONS, AUTHORS_USED_CORRUPTIONS, CIFAR_CORRUPTIONS
+from rift_dist.data.corruptions import generate, kernels, upstream
+from rift_dist.data.corruptions.generate import generate_corruption_set
+from rift_dist.data.corruptions.kernels import corrupt_batch
+from rift_dist.data.corruptions.load import load_corruption_set
 from rift_dist.data.datasets import CIFAR10_CLASSES
 from rift_dist.data.sources import ArrayDataset, DataError, load_split
 from tests.conftest import id_images, shared_data_dir, write_c_npy, write_image_folder, write_tiny_c
@@ -31,7 +27,7 @@ def test_corruption_lists():
     assert len(AUTHORS_CORRUPTIONS) == 19 and AUTHORS_CORRUPTIONS[:15] == CIFAR_CORRUPTIONS
     assert {"speckle_noise", "gaussian_blur", "spatter", "saturate"} <= set(AUTHORS_CORRUPTIONS)
     assert len(AUTHORS_USED_CORRUPTIONS) == 18 and set(AUTHORS_CORRUPTIONS) - set(AUTHORS_USED_CORRUPTIONS) == {"glass_blur"}
-    for params in C.SEVERITY_PARAMS.values():
+    for params in kernels.SEVERITY_PARAMS.values():
         assert all(len(params[c]) == 5 for c in AUTHORS_CORRUPTIONS)
 
 
@@ -236,13 +232,13 @@ def test_tiny_imagenet_constants_for_64px():
 
 
 def test_imagecorruptions_status_reports_breakage():
-    status = C.imagecorruptions_status()
+    status = upstream.imagecorruptions_status()
     if status["version"] is None:
         pytest.skip("imagecorruptions not installed")
     import sys
 
     assert "import" in status
-    if C._IC.module is not None:
+    if upstream._IC.module is not None:
         assert set(status["working"]) | set(status["broken"]) == set(AUTHORS_CORRUPTIONS)
         if int(np.__version__.split(".")[0]) >= 2 and status["version"] == "1.1.2":
             assert "fog" in status["broken"] and "np.float_" in status["broken"]["fog"]
@@ -252,28 +248,28 @@ def test_imagecorruptions_status_reports_breakage():
     np.random.seed(123)
     expected = np.random.random()
     np.random.seed(123)
-    C._PROBE = None  # probe again: it must leave the global numpy RNG where it was
-    C.imagecorruptions_status()
+    upstream._PROBE = None  # probe again: it must leave the global numpy RNG where it was
+    upstream.imagecorruptions_status()
     assert np.random.random() == expected
 
 
 def test_local_helpers_match_imagecorruptions():
-    motion, disk = C._IC.helper("_motion_blur"), C._IC.helper("disk")
+    motion, disk = upstream._IC.helper("_motion_blur"), upstream._IC.helper("disk")
     if motion is None or disk is None:
         pytest.skip("imagecorruptions helpers unavailable")
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (32, 32, 3)).astype(np.float64)
     for radius, sigma, angle in [(6, 1, 30.0), (9, 2.5, -44.0), (14, 12, -100.0)]:
-        np.testing.assert_allclose(C._motion_blur_local(img, radius, sigma, angle), motion(img, radius, sigma, angle), atol=1e-3)
+        np.testing.assert_allclose(kernels._motion_blur_local(img, radius, sigma, angle), motion(img, radius, sigma, angle), atol=1e-3)
     for radius, alias in [(0.3, 0.4), (1.5, 0.1), (3, 0.1)]:
-        np.testing.assert_allclose(C._disk_local(radius, alias), disk(radius, alias), atol=1e-7)
+        np.testing.assert_allclose(kernels._disk_local(radius, alias), disk(radius, alias), atol=1e-7)
 
 
 def test_generation_without_imagecorruptions_uses_recorded_fallbacks(monkeypatch, tmp_path):
-    missing = C._ImageCorruptions()
+    missing = upstream._ImageCorruptions()
     missing._loaded, missing.import_note = True, "imagecorruptions is not installed"
-    monkeypatch.setattr(C, "_IC", missing)
-    monkeypatch.setattr(C, "_FROST_CACHE", {})
+    monkeypatch.setattr(upstream, "_IC", missing)
+    monkeypatch.setattr(kernels, "_FROST_CACHE", {})
     ds = ArrayDataset(id_images(range(10)), np.arange(10), CIFAR10_CLASSES, "ids")
     names = ["motion_blur", "snow", "frost", "defocus_blur", "fog", "contrast"]
     out = generate_corruption_set(ds, tmp_path / "x", names, severities=[1, 5], progress=False)
@@ -294,7 +290,7 @@ def test_clipped_zoom_matches_scipy():
         top = (32 - ch) // 2
         ref = zoom(x[:, top : top + ch, top : top + ch], (1, f, f, 1), order=1)
         trim = (ref.shape[1] - 32) // 2
-        np.testing.assert_allclose(C._clipped_zoom(x, f), ref[:, trim : trim + 32, trim : trim + 32], atol=1e-5)
+        np.testing.assert_allclose(kernels._clipped_zoom(x, f), ref[:, trim : trim + 32, trim : trim + 32], atol=1e-5)
 
 
 # --------------------------------------------------------------------------- config entry + CLI
@@ -306,28 +302,28 @@ def test_get_corruption_sets_generates_into_cache(tmp_path, fresh_data_cache):
     cfg.data.root, cfg.data.cache_dir, cfg.data.val_size, cfg.data.decode_cache = str(root), str(tmp_path / "cache"), 0, False
     cfg.data.corruptions, cfg.data.severities = ["contrast", "pixelate"], [1, 5]
     with pytest.raises(DataError, match="no corruption set configured"):
-        C.get_corruption_sets(cfg)
+        generate.get_corruption_sets(cfg)
     cfg.data.corruption_generate, cfg.data.corruption_subset = True, 10
-    sets = C.get_corruption_sets(cfg)
+    sets = generate.get_corruption_sets(cfg)
     assert [(c, s, len(d)) for c, s, d in sets] == [("contrast", 1, 10), ("contrast", 5, 10), ("pixelate", 1, 10), ("pixelate", 5, 10)]
     assert len(list((tmp_path / "cache" / "corruptions").iterdir())) == 1
     cfg.data.corruption_root = str(tmp_path / "mine")  # empty: generated there
-    C.get_corruption_sets(cfg)
+    generate.get_corruption_sets(cfg)
     assert (tmp_path / "mine" / "metadata.json").is_file()
 
 
 def test_cli(tmp_path, capsys):
     root = write_image_folder(tmp_path / "data", CIFAR10_CLASSES, 1, 3)
-    parser = C.add_corrupt_arguments(argparse.ArgumentParser())
+    parser = generate.add_corrupt_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--root", str(root), "--out", str(tmp_path / "out"), "--n", "20", "--seed", "2",
                               "--corruptions", "brightness", "contrast", "--severities", "1", "3", "--quiet"])
-    assert C.corrupt_command(args) == 0
+    assert generate.corrupt_command(args) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "out")
     meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
     assert meta["n"] == 20 and meta["source"]["split"] == "test" and meta["corruptions"] == ["brightness", "contrast"]
     assert np.load(tmp_path / "out" / "contrast.npy").shape == (40, 32, 32, 3)
     bad = parser.parse_args(["--root", str(tmp_path / "none"), "--out", str(tmp_path / "o2"), "--quiet"])
-    assert C.corrupt_command(bad) == 2
+    assert generate.corrupt_command(bad) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

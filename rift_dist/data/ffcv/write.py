@@ -552,7 +552,7 @@ def convert_dataset(
                     num_workers=num_workers, source_root=root_s)
         print(f"[ffcv] wrote {paths[split]} ({len(ds)} images)")
     if corruption_root:
-        from rift_dist.data.corruptions import load_corruption_set
+        from rift_dist.data.corruptions.load import load_corruption_set
 
         sets = load_corruption_set(str(corruption_root), dataset, list(corruptions or []), list(severities),
                                    int(corruption_subset))
