@@ -14,10 +14,13 @@ pytestmark = pytest.mark.skipif(not (shared_data() / "cifar10-jpeg.tar.gz").is_f
 def test_sigkilled_stage_run_is_closed_killed_at_the_next_start(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    cfg = tiny_config(tmp_path, train={"epochs": 1, "milestones": [1]})
+    # MRC with 10 ascent passes per module (seconds of work) so that the kill, 0.2 s after its first line, lands
+    # while the mrc child run is open (with the tiny config's 2 passes a fast machine finished MRC within 1 s)
+    cfg = tiny_config(tmp_path, train={"epochs": 1, "milestones": [1]}, mrc={"num_iterations": 10})
     run_dir = tmp_path / "runs" / "tiny"
     # killed while the mrc child run is open (its first log line comes after the run is created)
-    rc, out, killed_at = _attempt(cfg, run_dir, "mrc", 1.0, None, 600, marker="[mrc] 21 modules")
+    rc, out, killed_at = _attempt(cfg, run_dir, "mrc", 0.2, None, 600, marker="[mrc] 21 modules")
+    assert "[mrc] lowest MRC" not in out, "MRC finished before the kill: the test needs a slower MRC"
     assert killed_at is not None, out
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.parent / 'mlflow.db'}")
     exp = client.get_experiment_by_name("rift")
