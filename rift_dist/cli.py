@@ -18,8 +18,10 @@ import subprocess
 import sys
 
 from rift_dist.config import ConfigError, load_config
+from rift_dist.stages import STAGES
 
-STAGE_COMMANDS = ("train", "mrc", "finetune", "interpolate", "evaluate")
+STAGE_COMMANDS = STAGES
+"""One subcommand per stage of the stage table (``rift mrc CONFIG`` runs that stage alone)."""
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -237,8 +239,6 @@ def main(argv: list[str] | None = None) -> int:
 
             return evaluate_checkpoint(cfg, args.checkpoint, progress=not args.no_progress)
         stages = None if args.command == "run" else [args.command]
-        from rift_dist.stages.common import STAGES
-
         run_pipeline(cfg, cfg.run_dir, stages or STAGES, progress=not args.no_progress)
         return 0
     except ConfigError as exc:

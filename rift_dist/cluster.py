@@ -35,7 +35,7 @@ task, which then shares one activation cache).  The interpolation array gets
 ``stages.interpolate.array_size`` tasks (default: one per alpha, per candidate)
 over contiguous runs of alphas.  Each task writes the stage's own per-module /
 per-alpha result files, so a gather job finishes the stage exactly as ``rift
-run`` would (same numbers; see :mod:`rift_dist.stages.parts`).
+run`` would (same numbers; see the stage table, :mod:`rift_dist.stages`).
 
 Fine-tuning candidates: with ``stages.finetune.candidates: k`` the MRC gather
 records the k lowest-MRC modules (after ``mrc.exclude``), an array fine-tunes
@@ -112,14 +112,14 @@ import yaml
 import submitit
 
 from rift_dist.errors import RiftError
-from rift_dist.stages.common import STAGES
+from rift_dist.stages import STAGE_TABLE, STAGES, resolve
+from rift_dist.stages import parts as stage_parts
+from rift_dist.stages import stage as stage_entry
+from rift_dist.stages.common import stage_done
 
 SUBMISSION_FILE = "submission.json"
 EVENTS_FILE = Path("jobs") / "events.jsonl"
 EXECUTORS = ("slurm", "local", "debug")
-STAGE_RUN_NAMES = {"train": "adversarial_training", "mrc": "mrc", "finetune": "finetune",
-                   "interpolate": "interpolation", "evaluate": "evaluation"}
-"""The MLflow child run each stage logs into (the names the stage code uses)."""
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
                  "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "PREEMPTED", "SUBMITTED")
@@ -234,14 +234,30 @@ ENV_REFUSED = {**{k: "rift sets the launcher variables of every rank itself" for
                "CUDA_VISIBLE_DEVICES": "SLURM sets it to the GPUs it allocated; each rank then takes cuda:LOCAL_RANK",
                "SUBMITIT_EXECUTOR": "submitit sets it"}
 """Environment variables a profile's ``env:`` may not set, with the reason."""
-PROFILE_STAGES = ("train", "mrc_prepare", "mrc", "gather", "finetune", "interpolate", "evaluate")
-"""Keys of a profile's ``stages:`` section (``gather`` = both small gather jobs)."""
-STAGE_OPTIONS: dict[str, dict[str, tuple[type, Any]]] = {
-    "mrc": {"mode": (str, "array"), "array_size": (int, 0)},
-    "finetune": {"candidates": (int, 1)},
-    "interpolate": {"mode": (str, "array"), "array_size": (int, 0)},
-}
-"""Non-resource options per stage: (type, default).  array_size 0 = one task per module / alpha."""
+GATHER = "gather"
+"""The profile key of the small file-reading jobs (every stage's gather job)."""
+
+
+def _profile_keys() -> tuple[str, ...]:
+    keys: list[str] = []
+    for s in STAGE_TABLE:
+        own = [p.resources for p in s.shards.parts()] if s.shards else []
+        keys += [k for k in own if k not in (s.name, GATHER)] + [s.name]
+        if GATHER in own and GATHER not in keys:
+            keys.append(GATHER)
+    return tuple(keys)
+
+
+PROFILE_STAGES = _profile_keys()
+"""Keys of a profile's ``stages:`` section, from the stage table: each stage, its prepare job's key
+(``mrc_prepare``, which inherits the stage's resources) and ``gather`` (every small gather job)."""
+STAGE_OPTIONS: dict[str, dict[str, tuple[type, Any]]] = {s.name: dict(s.shards.options) for s in STAGE_TABLE
+                                                         if s.shards}
+"""Non-resource options per stage (the stage table's ``Shards.options``): (type, default).  array_size 0 =
+one task per module / alpha."""
+PREPARE_OF = {p.resources: s.name for s in STAGE_TABLE if s.shards
+              for p in s.shards.parts() if p.resources not in (s.name, GATHER)}
+"""{profile key of a prepare job: its stage} (a prepare job inherits its stage's resources)."""
 GATHER_DEFAULTS = {"gpus_per_node": 0, "tasks_per_node": 1, "nodes": 1, "time_min": 30}
 """What the gather jobs ask for unless ``stages.gather`` says otherwise (they only read files)."""
 GPU_ONLY_FIELDS = ("constraint", "gpu_type")
@@ -275,10 +291,11 @@ class Profile:
     check_paths: bool = True
 
     def _stage_overrides(self, key: str) -> dict:
-        """The Resources fields stage key ``key`` sets itself (``mrc_prepare`` inherits ``mrc``'s)."""
+        """The Resources fields stage key ``key`` sets itself (a prepare job's key, ``mrc_prepare``, inherits
+        its stage's)."""
         over = {}
-        if key == "mrc_prepare":
-            over.update({k: v for k, v in self.stages.get("mrc", {}).items() if k in RESOURCE_FIELDS})
+        if key in PREPARE_OF:
+            over.update({k: v for k, v in self.stages.get(PREPARE_OF[key], {}).items() if k in RESOURCE_FIELDS})
         over.update({k: v for k, v in self.stages.get(key, {}).items() if k in RESOURCE_FIELDS})
         return over
 
@@ -292,7 +309,7 @@ class Profile:
         """
         over = self._stage_overrides(key)
         base = dataclasses.asdict(self.defaults)
-        if key == "gather":
+        if key == GATHER:
             base.update(GATHER_DEFAULTS)
         env = {**base.get("env", {}), **over.get("env", {})}
         base.update(over)
@@ -389,17 +406,17 @@ def profile_from_dict(data: dict, source: str = "<dict>") -> Profile:
     for stage, over in stages.items():
         _check_sbatch_keys(over.get("sbatch", {}), f"stages.{stage}.sbatch", source)
         _check_env(over.get("env", {}), f"stages.{stage}.env", source)
-    for stage in ("mrc", "interpolate"):
+    for stage, options in STAGE_OPTIONS.items():
         mode = stages.get(stage, {}).get("mode", "array")
-        if mode not in ("array", "job"):
+        if "mode" in options and mode not in ("array", "job"):
             raise ClusterError(f"{source}: stages.{stage}.mode must be array or job, got {mode!r}")
-    if stages.get("finetune", {}).get("candidates", 1) < 1:
-        raise ClusterError(f"{source}: stages.finetune.candidates must be >= 1")
+        if "candidates" in options and stages.get(stage, {}).get("candidates", 1) < 1:
+            raise ClusterError(f"{source}: stages.{stage}.candidates must be >= 1")
     profile = Profile(name=name, executor=executor, python=python, defaults=Resources(**defaults), stages=stages,
                       cpu_partition=cpu_partition, check_paths=check_paths)
     for key in PROFILE_STAGES:
         res = profile.resources(key)
-        own = [k for k in ((key, "mrc") if key == "mrc_prepare" else (key,)) if k in stages]
+        own = [k for k in ((key, PREPARE_OF[key]) if key in PREPARE_OF else (key,)) if k in stages]
         where = f"stages.{own[0]} (or the top level)" if own else "the top level"
         if res.nodes < 1 or res.time_min < 1 or res.cpus_per_task < 1 or res.gpus_per_node < 0:
             raise ClusterError(f"{source}: stage {key} asks for nodes={res.nodes}, time_min={res.time_min}, "
@@ -511,6 +528,7 @@ class TaskPlan:
         names: what ``--only JOB:NAME`` may call it (module names, alpha values, candidate index).
         args: the part's arguments (JSON-able).
         run_key / run_name / run_parent: its MLflow child run (created ahead of time), if it has its own.
+        child_runs: see below.
     """
 
     index: int
@@ -520,6 +538,10 @@ class TaskPlan:
     run_key: str | None = None
     run_name: str | None = None
     run_parent: str | None = None
+    child_runs: list = field(default_factory=list)
+    """Further MLflow runs of the task created ahead of time: [{"key", "params"}] (one per alpha)."""
+    what: str = ""
+    """What the task does, for the script header's array map (empty = its label)."""
 
 
 @dataclass
@@ -537,40 +559,6 @@ class JobPlan:
     """The job this one is a part of when an array was split to fit MaxArraySize (else its own name)."""
 
 
-def stage_done(cfg, run_dir: str | Path, stage: str) -> bool:
-    """Whether ``stage`` finished in ``run_dir`` with the same relevant config.
-
-    Raises:
-        StageError: when it finished with a different config (names the changed keys and the fix).
-    """
-    from rift_dist.stages.common import read_done
-
-    return read_done(SimpleNamespace(cfg=cfg, run_dir=Path(run_dir)), stage) is not None
-
-
-def _split(items: list, n: int) -> list[list]:
-    """``items`` cut into ``n`` contiguous, nearly equal runs (no empty run)."""
-    n = max(1, min(n, len(items)))
-    base, extra = divmod(len(items), n)
-    out, start = [], 0
-    for i in range(n):
-        stop = start + base + (1 if i < extra else 0)
-        out.append(items[start:stop])
-        start = stop
-    return out
-
-
-def _alpha_label(pairs: list, names: dict[int, str]) -> str:
-    by: dict = {}
-    for j, a in pairs:
-        by.setdefault(j, []).append(a)
-    parts = []
-    for j, alphas in by.items():
-        who = "" if j is None else f"candidate {j}{' (' + names[j] + ')' if j in names else ''}: "
-        parts.append(who + "alpha=" + ",".join(f"{a:g}" for a in alphas))
-    return "; ".join(parts)
-
-
 def _parse_only(only: list[str] | None) -> dict[str, list[str]] | None:
     if not only:
         return None
@@ -581,186 +569,95 @@ def _parse_only(only: list[str] | None) -> dict[str, list[str]] | None:
     return out
 
 
-def _task_matches(task: TaskPlan, wanted: list[str]) -> bool:
-    if not wanted:
-        return True
-    for w in wanted:
-        if w == str(task.index) and not task.names:
-            return True
-        if w in task.names:
-            return True
-        try:
-            if any(float(w) == float(n) for n in task.names if _is_number(n)):
-                return True
-        except ValueError:
-            pass
-    return False
+def candidates_of(profile: Profile) -> int:
+    """The profile's number of fine-tuning candidates k (``stages.finetune.candidates``; 1 = ``rift run``'s)."""
+    return int(profile.option("finetune", "candidates"))
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except (TypeError, ValueError):
-        return False
+def stage_jobs(stage, cfg, profile: Profile, run_dir: Path, candidates: int,
+               wanted: dict[str, list[str]] | None) -> list[JobPlan]:
+    """The jobs of one stage (its table entry ``stage``): one job running the whole stage, or, for a stage
+    with ``shards`` that the profile splits, its prepare job (unless its output exists), the array of
+    tasks still to do (:attr:`Shards.tasks`) and the gather job."""
+    run_name = stage.run_name
+
+    def single(part, args) -> JobPlan:
+        parent = run_name if part.run_key else None
+        return JobPlan(part.job, stage.name, part.part, profile.resources(part.resources), False,
+                       [TaskPlan(0, part.job, [], args, part.run_key or run_name, part.run_name or run_name, parent)])
+
+    sh = stage.shards
+    options = {k: profile.option(stage.name, k) for k in sh.options} if sh else {}
+    if sh is None or not resolve(sh.sharded)(cfg, options, candidates):
+        return [JobPlan(stage.name, stage.name, "stage", profile.resources(stage.name), False,
+                        [TaskPlan(0, stage.name, [], {"stage": stage.name}, run_name, run_name)])]
+    jobs = []
+    if sh.prepare is not None and (not resolve(sh.prepare_done)(run_dir) or (wanted and sh.prepare.job in wanted)):
+        jobs.append(single(sh.prepare, {}))
+    names = None if wanted is None else wanted.get(sh.compute.job, [])
+    found, gather_args = resolve(sh.tasks)(cfg, run_dir, options, candidates, names)
+    tasks = [TaskPlan(t["index"], t["label"], list(t["names"]), t["args"], t.get("run_key"), t.get("run_name"),
+                      run_name, list(t.get("child_runs", [])), t.get("what", "")) for t in found]
+    if tasks:
+        jobs.append(JobPlan(sh.compute.job, stage.name, sh.compute.part, profile.resources(sh.compute.resources),
+                            True, tasks))
+    if sh.gather is not None:
+        jobs.append(single(sh.gather, gather_args))
+    return jobs
 
 
 def plan_jobs(cfg, profile: Profile, run_dir: str | Path, stages: list[str] | tuple[str, ...] = STAGES,
               only: list[str] | None = None) -> list[JobPlan]:
     """The jobs that bring ``run_dir`` to the end of ``stages``, in order, each depending on the one before.
 
-    What is already done on disk is left out: finished stages (their done marker, same config), MRC
-    groups whose modules all have result files, alphas with result files, fine-tuned candidates.
-    With ``only`` (``["mrc:layer2.1.conv2", "interpolate:0.5", "mrc:3", "mrc-gather"]``) just those
-    jobs / tasks are planned, without what comes after them; a module or alpha named alone gets a
-    task of its own.
+    Reads the stage table (:mod:`rift_dist.stages`): each stage's needs, and its ``shards`` (how it
+    splits into jobs and arrays; :func:`stage_jobs`).  What is already done on disk is left out:
+    finished stages (their done marker, same config), MRC groups whose modules all have result files,
+    alphas with result files, fine-tuned candidates.  With ``only`` (``["mrc:layer2.1.conv2",
+    "interpolate:0.5", "mrc:3", "mrc-gather"]``) just those jobs / tasks are planned, without what comes
+    after them; a module or alpha named alone gets a task of its own.
 
     Raises:
-        ClusterError: unknown stage or ``--only`` job/name, or a stage whose input stage is neither
-            done nor planned (names it and the fix).
+        ClusterError: unknown stage or ``--only`` job/name, profile options that cannot work with the
+            config, or a stage whose input stage is neither done nor planned (names it and the fix).
         StageError: a stage finished with a different config.
     """
-    from rift_dist.stages import parts
-
     run_dir = Path(run_dir)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ClusterError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
-    selected = [s for s in STAGES if s in stages]
+    selected = [s for s in STAGE_TABLE if s.name in stages]
     wanted = _parse_only(only)
-    k = int(profile.option("finetune", "candidates"))
-    if k > 1 and cfg.mrc.top_k > 1:
-        raise ClusterError(f"stages.finetune.candidates = {k} and mrc.top_k = {cfg.mrc.top_k}: candidates are "
-                           f"fine-tuned one module each; set one of them to 1")
-    if "finetune" in selected and k > 1:
-        from rift_dist.models import build_model, module_names
-
-        names = parts.mrc_module_names(cfg)
-        n_modules = len(names)
-        every = module_names(build_model(cfg))
-        gone = {e for e in cfg.mrc.exclude if e not in ("first", "last")}
-        gone |= {every[0]} if "first" in cfg.mrc.exclude else set()
-        gone |= {every[-1]} if "last" in cfg.mrc.exclude else set()
-        n_eligible = len([n for n in names if n not in gone])
-        if k > max(n_eligible, 1):
-            raise ClusterError(f"stages.finetune.candidates = {k}, but the model has {n_modules} MRC module(s)"
-                               f"{f' ({n_eligible} after mrc.exclude)' if cfg.mrc.exclude else ''}: set "
-                               f"stages.finetune.candidates between 1 and {max(n_eligible, 1)} in the profile "
-                               f"{profile.name} (or --profile-set stages.finetune.candidates=N)")
-    done = {s: stage_done(cfg, run_dir, s) for s in STAGES}
-    needs = {"mrc": ["train"], "finetune": ["train"] + ([] if cfg.finetune.modules and k == 1 else ["mrc"]),
-             "interpolate": ["train", "finetune"], "evaluate": ["train", "finetune", "interpolate"]}
+    k = candidates_of(profile)
+    for s in STAGE_TABLE:
+        if s.shards and s.shards.check:
+            options = {name: profile.option(s.name, name) for name in s.shards.options}
+            problem = resolve(s.shards.check)(cfg, options, s in selected, profile.name)
+            if problem:
+                raise ClusterError(problem)
+    done = {s.name: stage_done(cfg, run_dir, s.name) for s in STAGE_TABLE}
     if wanted is None:
         for s in selected:
-            if done[s]:
+            if done[s.name]:
                 continue
-            missing = [e for e in needs.get(s, []) if not done[e] and e not in selected]
+            dropped = resolve(s.optional_needs)(cfg, k) if s.optional_needs else ()
+            missing = [e for e in s.needs if e not in dropped and not done[e] and e not in stages]
             if missing:
-                raise ClusterError(f"stage {s} needs the output of stage(s) {', '.join(missing)}, which "
+                raise ClusterError(f"stage {s.name} needs the output of stage(s) {', '.join(missing)}, which "
                                    f"{'is' if len(missing) == 1 else 'are'} not done in {run_dir}; add "
                                    f"{', '.join(missing)} to --stages (or leave --stages out)")
     jobs: list[JobPlan] = []
-
-    def single(name, stage, part, res_key, args=None, run_key=None, run_name=None, run_parent=None) -> JobPlan:
-        return JobPlan(name, stage, part, profile.resources(res_key), False,
-                       [TaskPlan(0, name, [], args or {}, run_key, run_name, run_parent)])
-
-    cand_names: dict[int, str] = {}
-    if k > 1 and (run_dir / "mrc" / "mrc.json").is_file():
-        cand_names = dict(enumerate(parts.candidate_modules(cfg, run_dir, k)))
     for s in selected:
-        if done[s] and wanted is None:
-            continue
-        run_name = STAGE_RUN_NAMES[s]
-        if s == "train":
-            jobs.append(single("train", s, "stage", "train", {"stage": s}, run_name, run_name))
-        elif s == "mrc" and profile.option("mrc", "mode") == "job":
-            jobs.append(single("mrc", s, "stage", "mrc", {"stage": s}, run_name, run_name))
-        elif s == "mrc":
-            if not (run_dir / "mrc" / "adversarial_set.pt").is_file() or (wanted and "mrc-prepare" in wanted):
-                jobs.append(single("mrc-prepare", s, "mrc_prepare", "mrc_prepare", {},
-                                   "mrc.prepare", "mrc-prepare", run_name))
-            size = int(profile.option("mrc", "array_size")) or len(parts.mrc_module_names(cfg))
-            groups = parts.mrc_groups(cfg, size)
-            tasks = []
-            for i, g in enumerate(groups):
-                names = list(g)
-                if wanted is not None and "mrc" in wanted and wanted["mrc"]:
-                    picked = [m for m in g if m in wanted["mrc"]]
-                    if str(i) in wanted["mrc"]:
-                        picked = list(g)
-                    if not picked:
-                        continue
-                    names = picked
-                elif not parts.missing_modules(run_dir, g):
-                    continue
-                tasks.append(TaskPlan(i, ",".join(names), names, {"modules": names}, f"mrc.task-{i}",
-                                      f"mrc-task-{i}", run_name))
-            if tasks:
-                jobs.append(JobPlan("mrc", s, "mrc_modules", profile.resources("mrc"), True, tasks))
-            jobs.append(single("mrc-gather", s, "mrc_gather", "gather", {"candidates": k, "assignment": groups},
-                               run_name, run_name))
-        elif s == "finetune" and k <= 1:
-            jobs.append(single("finetune", s, "stage", "finetune", {"stage": s}, run_name, run_name))
-        elif s == "finetune":
-            tasks = []
-            for j in range(k):
-                module = cand_names.get(j)
-                if module and parts.finetune_candidate_done(cfg, run_dir, module) and not wanted:
-                    continue
-                tasks.append(TaskPlan(j, f"candidate {j}" + (f" ({module})" if module else ""),
-                                      [str(j)] + ([module] if module else []), {"candidate": j, "candidates": k},
-                                      f"finetune@candidate-{j}", f"finetune[candidate {j}]", run_name))
-            if tasks:
-                jobs.append(JobPlan("finetune", s, "finetune_candidate", profile.resources("finetune"), True, tasks))
-        elif s == "interpolate" and profile.option("interpolate", "mode") == "job" and k <= 1:
-            jobs.append(single("interpolate", s, "stage", "interpolate", {"stage": s}, run_name, run_name))
-        elif s == "interpolate":
-            alphas = list(cfg.interpolation.alphas)
-            if k <= 1:
-                pairs = [(None, a) for a in alphas]
-            else:
-                pairs = [(None, 0.0)] + [(j, a) for j in range(k) for a in alphas if a != 0.0]
-            size = int(profile.option("interpolate", "array_size")) or len(pairs)
-
-            def pair_done(j, a) -> bool:
-                if j is None:
-                    return parts.alpha_file(run_dir, a).is_file()
-                return j in cand_names and parts.alpha_file(run_dir, a, cand_names[j]).is_file()
-
-            tasks = []
-            for i, group in enumerate(_split(pairs, size)):
-                if wanted is not None and wanted.get("interpolate"):
-                    asked = wanted["interpolate"]
-                    todo = group if str(i) in asked else [
-                        (j, a) for j, a in group if any(_is_number(w) and float(w) == a for w in asked)]
-                elif wanted is not None:
-                    todo = list(group)
-                else:
-                    todo = [(j, a) for j, a in group if not pair_done(j, a)]
-                names = [f"{a:g}" for _, a in todo]
-                if not todo:
-                    continue
-                tasks.append(TaskPlan(i, _alpha_label(todo, cand_names), names,
-                                      {"pairs": [[j, a] for j, a in todo]}, None, None, run_name))
-            if tasks:
-                jobs.append(JobPlan("interpolate", s, "interpolate_alphas", profile.resources("interpolate"), True,
-                                    tasks))
-            jobs.append(single("interpolate-gather", s, "interpolate_gather", "gather", {"candidates": k},
-                               run_name, run_name))
-        elif s == "evaluate":
-            jobs.append(single("evaluate", s, "stage", "evaluate", {"stage": s}, run_name, run_name))
+        if not (done[s.name] and wanted is None):
+            jobs += stage_jobs(s, cfg, profile, run_dir, k, wanted)
     if wanted is not None:
         names = {j.name for j in jobs}
         bad = sorted(set(wanted) - names)
         if bad:
-            raise ClusterError(f"--only names job(s) {bad} that are not part of stages {', '.join(selected)}; "
-                               f"jobs: {', '.join(sorted(names)) or 'none'}")
+            raise ClusterError(f"--only names job(s) {bad} that are not part of stages "
+                               f"{', '.join(s.name for s in selected)}; jobs: {', '.join(sorted(names)) or 'none'}")
         jobs = [j for j in jobs if j.name in wanted]
         for j in jobs:
-            if j.array:
-                if j.part == "finetune_candidate":
-                    j.tasks = [t for t in j.tasks if _task_matches(t, wanted[j.name])]
             if not j.tasks:
                 raise ClusterError(f"--only {j.name}:{','.join(wanted[j.name])} matches no task of job {j.name}")
     for i, job in enumerate(jobs):
@@ -970,22 +867,32 @@ def read_events(run_dir: str | Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-def progress_on_disk(spec: dict) -> dict:
-    """Where a requeued task would resume: the newest checkpoint (train, finetune: epoch and step)
-    or the number of finished modules / alphas."""
-    from rift_dist.stages import parts
+def checkpoint_position(folder: Path) -> tuple[int, int] | None:
+    """(epoch, next step) of the newest resumable checkpoint in ``folder`` (``ckpt-<id>.pt``), or None.
 
+    Both training loops number checkpoints ``epoch * 1_000_000 + step`` (step 0 = the epoch's start).
+    """
+    ckpts = sorted(folder.glob("ckpt-*.pt"))
+    if not ckpts:
+        return None
+    n = int(ckpts[-1].stem.split("-")[1])
+    return n // 1_000_000, n % 1_000_000
+
+
+def progress_on_disk(spec: dict) -> dict:
+    """Where a requeued task would resume: the newest checkpoint (stages that checkpoint: epoch and step)
+    or what its part says (the MRC array: the number of finished modules; :attr:`Part.progress`)."""
     run_dir = Path(spec["run_dir"])
     part, args = spec["part"], spec["args"]
-    if part == "stage" and args.get("stage") in ("train", "finetune"):
-        ckpts = sorted((run_dir / args["stage"] / "checkpoints").glob("ckpt-*.pt"))
-        if not ckpts:
-            return {"epoch": 0, "step": 0}
-        n = int(ckpts[-1].stem.split("-")[1])  # both loops number checkpoints epoch * 1_000_000 + step
-        return {"epoch": n // 1_000_000, "step": n % 1_000_000}
-    if part == "mrc_modules":
-        mods = args["modules"]
-        return {"modules_done": len(mods) - len(parts.missing_modules(run_dir, mods)), "modules": len(mods)}
+    if part == "stage":
+        entry = stage_entry(args["stage"])
+        if not entry.checkpoints:
+            return {}
+        epoch, step = checkpoint_position(run_dir / entry.name / "checkpoints") or (0, 0)
+        return {"epoch": epoch, "step": step}
+    found = stage_parts().get(part)
+    if found and found[1].progress:
+        return resolve(found[1].progress)(run_dir, args)
     return {}
 
 
@@ -1081,100 +988,34 @@ def _prepare_environment(spec: dict) -> None:
         env["MASTER_PORT"] = str(port)
 
 
-def _part_stage(ctx, spec: dict, run) -> dict:
-    from rift_dist.pipeline import run_stages
+def run_part(ctx, spec: dict, run) -> dict:
+    """Run the part of a stage a task names: the whole stage (part ``stage``, through the pipeline's
+    :func:`~rift_dist.pipeline.run_stages`: skipped when done), or a piece of its SLURM shards (the stage
+    table's :class:`~rift_dist.stages.Part`, called with the task's arguments)."""
+    if spec["part"] == "stage":
+        from rift_dist.pipeline import run_stages
 
-    return run_stages(ctx, [spec["args"]["stage"]])[spec["args"]["stage"]]
-
-
-def _part_mrc_prepare(ctx, spec: dict, run) -> dict:
-    from rift_dist.stages import parts
-
-    out = parts.prepare_mrc(ctx)
-    run.log_metrics({"num_examples": out["num_examples"]})
-    return out
-
-
-def _part_mrc_modules(ctx, spec: dict, run) -> dict:
-    from rift_dist.stages import parts
-
-    if ctx.tracker.active and ctx.tracker.key_file("mrc").is_file():
-        ctx.tracker.child("mrc")  # the stage run (created by rift submit) is running once its first task is
-    rows = parts.compute_mrc(ctx, list(spec["args"]["modules"]), run)
-    return {"modules": [r["module"] for r in rows], "mrc": {r["module"]: r["mrc"] for r in rows}}
-
-
-def _part_mrc_gather(ctx, spec: dict, run) -> dict:
-    from rift_dist.stages import parts
-
-    return parts.gather_mrc(ctx, int(spec["args"].get("candidates", 1)), spec["args"].get("assignment"))
-
-
-def _part_finetune_candidate(ctx, spec: dict, run) -> dict:
-    import shutil
-
-    from rift_dist.pipeline import make_context, run_stages
-    from rift_dist.stages import parts
-
-    j = int(spec["args"]["candidate"])
-    modules = parts.candidate_modules(ctx.cfg, ctx.run_dir, int(spec["args"]["candidates"]), write=ctx.is_main)
-    if j >= len(modules):
-        ctx.log(f"[finetune] candidate {j}: only {len(modules)} candidate module(s) after mrc.exclude; nothing to do")
-        return {"candidate": j, "module": None}
-    module = modules[j]
-    sub_cfg, sub = parts.candidate_config(ctx.cfg, ctx.run_dir, module)
-    ctx.runtime.barrier()
-    key_file = ctx.tracker.key_file(spec["run_key"]) if ctx.tracker.active else None
-    if key_file is not None and key_file.is_file():
-        target = sub / "mlflow" / "finetune.json"
-        if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(key_file, target)  # the stage code continues the run created by rift submit
-    run.set_tags({"mlflow.runName": f"finetune[{module}]", "rift.candidate": module, "rift.candidate_index": j})
-    sub_ctx = make_context(sub_cfg, sub, ctx.runtime, False, ctx.tracker.parent.run_id)
+        return run_stages(ctx, [spec["args"]["stage"]])[spec["args"]["stage"]]
     try:
-        out = run_stages(sub_ctx, ["finetune"])["finetune"]
-    finally:
-        sub_ctx.tracker.close()
-    return {"candidate": j, "module": module, **out}
+        _, part = stage_parts()[spec["part"]]
+    except KeyError:
+        raise ClusterError(f"unknown job part {spec['part']!r} (parts: stage, {', '.join(stage_parts())})") from None
+    return resolve(part.run)(ctx, spec["args"], run)
 
 
-def _part_interpolate_alphas(ctx, spec: dict, run) -> dict:
-    from rift_dist.stages import parts
-
-    pairs = [(None if j is None else int(j), float(a)) for j, a in spec["args"]["pairs"]]
-    modules = parts.read_candidates(ctx.run_dir) if any(j is not None for j, _ in pairs) else []
-    # the stage run was created by rift submit; never create it here (concurrent tasks would each make one)
-    stage_run = ctx.tracker.child("interpolation") if ctx.tracker.active and ctx.tracker.key_file(
-        "interpolation").is_file() else None
-    tags = {k: v for k, v in {"slurm.job_id": os.environ.get("SLURM_JOB_ID"),
-                              "slurm.array_task": os.environ.get("SLURM_ARRAY_TASK_ID")}.items() if v}
-    rows = []
-    by: dict = {}
-    for j, a in pairs:
-        by.setdefault(j, []).append(a)
-    for j, alphas in by.items():
-        if j is not None and j >= len(modules):
-            ctx.log(f"[interpolate] candidate {j} does not exist (only {len(modules)}); skipped")
-            continue
-        cand = None if j is None else modules[j]
-        rows += parts.interpolate_alphas(ctx, alphas, cand, stage_run, tags, j)
-    return {"rows": rows}
+def owns_run(part: str) -> bool:
+    """Whether the MLflow run of a task of ``part`` is its own (ended by the job, not by the stage code)."""
+    found = stage_parts().get(part)
+    return bool(found and found[1].own_run)
 
 
-def _part_interpolate_gather(ctx, spec: dict, run) -> dict:
-    from rift_dist.stages import parts
+def torch_threads_from_slurm() -> None:
+    """Use SLURM's CPUs per task as torch's thread count (jobs that did not set ``precision.threads``)."""
+    import torch
 
-    return parts.gather_interpolation(ctx, int(spec["args"].get("candidates", 1)))
-
-
-PARTS: dict[str, Callable] = {
-    "stage": _part_stage, "mrc_prepare": _part_mrc_prepare, "mrc_modules": _part_mrc_modules,
-    "mrc_gather": _part_mrc_gather, "finetune_candidate": _part_finetune_candidate,
-    "interpolate_alphas": _part_interpolate_alphas, "interpolate_gather": _part_interpolate_gather,
-}
-OWN_RUN_PARTS = ("mrc_prepare", "mrc_modules")
-"""Parts whose MLflow run is their own (ended by the job); the others' runs are ended by the stage code."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and cpus.isdigit():
+        torch.set_num_threads(int(cpus))
 
 
 def run_task(spec: dict) -> dict:
@@ -1196,13 +1037,12 @@ def run_task(spec: dict) -> dict:
     from rift_dist.config import from_dict
     from rift_dist.distributed import Runtime
     from rift_dist.pipeline import configure_torch, make_context
-    from rift_dist.stages import parts
 
     cfg = from_dict(spec["config"], source=f"{spec['run_dir']}/config.yaml (as submitted)")
     run_dir = Path(spec["run_dir"])
     configure_torch(cfg)
     if not cfg.precision.threads:
-        parts.torch_threads_from_slurm()
+        torch_threads_from_slurm()
     runtime = Runtime(cfg)
     ctx = None
     run = None
@@ -1227,7 +1067,7 @@ def run_task(spec: dict) -> dict:
             from rift_dist.tracking import _Null
 
             run = _Null()
-        out = PARTS[spec["part"]](ctx, spec, run)
+        out = run_part(ctx, spec, run)
         status = "FINISHED"
         if runtime.is_main:
             record_event(spec, "end", progress=progress_on_disk(spec))
@@ -1242,7 +1082,7 @@ def run_task(spec: dict) -> dict:
     finally:
         if ctx is not None:
             tracker = ctx.tracker
-            if run is not None and spec["part"] in OWN_RUN_PARTS:
+            if run is not None and owns_run(spec["part"]):
                 tracker.end(run, status)
             if status == "FAILED":
                 tracker.parent.set_tags({"rift.failed": f"{spec['job']} task {spec['index']} ({spec['label']})"})
@@ -1350,14 +1190,10 @@ def _env_text(value) -> str:
     return str(value)
 
 
-PART_WHAT = {"stage": "the whole stage", "mrc_prepare": "the fixed adversarial set of the MRC search",
-             "mrc_modules": "MRC of a group of modules per array task", "mrc_gather": "mrc.csv and the module "
-             "choice from the per-module results (reads files, no GPU work)",
-             "finetune_candidate": "fine-tuning of one candidate module per array task",
-             "interpolate_alphas": "the interpolation sweep, a run of alphas per array task",
-             "interpolate_gather": "alpha* (and the candidate) from the per-alpha results (reads files, no GPU "
-             "work)"}
-"""What each job part does, for the comment header of its script."""
+def part_what(part: str) -> str:
+    """What a job part does, for the comment header of its script (the stage table's :attr:`Part.what`)."""
+    found = stage_parts().get(part)
+    return found[1].what if found else "the whole stage" if part == "stage" else part
 
 
 def script_header(job: JobPlan, run_dir: str | Path, config_path: str | None = None) -> list[str]:
@@ -1369,7 +1205,7 @@ def script_header(job: JobPlan, run_dir: str | Path, config_path: str | None = N
     """
     r = job.resources
     lines = [f"# rift {job.stage}: job {job.name}" + (f" (part of {job.family})" if job.family not in ("", job.name)
-                                                      else "") + f" - {PART_WHAT.get(job.part, job.part)}",
+                                                      else "") + f" - {part_what(job.part)}",
              f"# config:  {config_path or '(given as a mapping; see config.yaml in the run directory)'}",
              f"# run dir: {run_dir}"]
     ranks = r.nodes * r.ranks_per_node()
@@ -1398,13 +1234,7 @@ def script_header(job: JobPlan, run_dir: str | Path, config_path: str | None = N
 
 
 def _task_what(job: JobPlan, task: TaskPlan) -> str:
-    if job.part == "mrc_modules":
-        return f"MRC group {task.index}: {', '.join(task.names)}"
-    if job.part == "interpolate_alphas":
-        return f"sweep part {task.index}: {task.label}"
-    if job.part == "finetune_candidate":
-        return f"fine-tune {task.label}"
-    return task.label
+    return task.what or task.label
 
 
 def _with_header(text: str, header: list[str]) -> str:
@@ -1475,7 +1305,7 @@ def _precreate_runs(tracker, jobs: list[JobPlan], cfg, profile: Profile, kind: s
         return
     stage_runs = {}
     for job in jobs:
-        name = STAGE_RUN_NAMES[job.stage]
+        name = stage_entry(job.stage).run_name
         if name not in stage_runs:
             stage_runs[name] = tracker.child(name, key=name, status="SCHEDULED")
         parent = stage_runs[name]
@@ -1483,12 +1313,10 @@ def _precreate_runs(tracker, jobs: list[JobPlan], cfg, profile: Profile, kind: s
             if t.run_key and t.run_key != name:
                 tracker.child(t.run_name or t.run_key, key=t.run_key, status="SCHEDULED", parent=parent,
                               tags={"rift.job": job.name, "rift.task": t.index, "rift.task_label": t.label})
-        if job.part == "interpolate_alphas":
-            for t in job.tasks:
-                for j, a in t.args["pairs"]:
-                    key = f"alpha={a:g}" if j is None or a == 0.0 else f"alpha={a:g}@candidate-{j}"
-                    tracker.child(key, key=key, params={"alpha": a}, status="SCHEDULED", parent=parent,
-                                  tags={"rift.job": job.name, "rift.task": t.index})
+        for t in job.tasks:
+            for child in t.child_runs:
+                tracker.child(child["key"], key=child["key"], params=child.get("params"), status="SCHEDULED",
+                              parent=parent, tags={"rift.job": job.name, "rift.task": t.index})
 
 
 def max_ranks(profile: Profile, kind: str = "slurm") -> int:
@@ -1888,49 +1716,31 @@ def job_states(record: dict) -> dict[str, str]:
 
 
 def _outputs_summary(run_dir: Path) -> str:
-    """One line: which stages are done, how many module / alpha results exist."""
+    """One line: which stages are done, how many partial results (modules, alphas) exist."""
     bits = []
-    for s in STAGES:
-        if (run_dir / s / "done.json").is_file():
-            bits.append(f"{s} done")
-        elif s == "mrc" and (run_dir / "mrc" / "modules").is_dir():
-            bits.append(f"mrc {len(list((run_dir / 'mrc' / 'modules').glob('*.json')))} module(s)")
-        elif s == "interpolate" and (run_dir / "interpolate").is_dir():
-            bits.append(f"interpolate {len(list((run_dir / 'interpolate').rglob('alpha-*.json')))} alpha result(s)")
-        else:
-            bits.append(f"{s} -")
+    for s in STAGE_TABLE:
+        partial = resolve(s.results)(run_dir) if s.results else ""
+        bits.append(f"{s.name} done" if (run_dir / s.name / "done.json").is_file() else
+                    f"{s.name} {partial}" if partial else f"{s.name} -")
     return ", ".join(bits)
 
 
 def task_done_on_disk(run_dir: str | Path, job: dict, task: dict) -> bool:
-    """Whether the work of a recorded task is on disk (done by this task or by a later re-submission)."""
-    from rift_dist.stages import parts
+    """Whether the work of a recorded task is on disk (done by this task or by a later re-submission).
 
+    Part ``stage``: the stage's done marker; a piece of a stage's shards: its :attr:`Part.done`, else
+    (the gathers) the stage's done marker.
+    """
     run_dir = Path(run_dir)
     part, args = job["part"], task.get("args", {})
     if part == "stage":
         return (run_dir / args.get("stage", job["stage"]) / "done.json").is_file()
-    if part == "mrc_prepare":
-        return (run_dir / "mrc" / "adversarial_set.pt").is_file()
-    if part == "mrc_modules":
-        return not parts.missing_modules(run_dir, args.get("modules", []))
-    if part in ("mrc_gather", "interpolate_gather"):
-        return (run_dir / job["stage"] / "done.json").is_file()
-    if part == "finetune_candidate":
-        if not parts.candidates_file(run_dir).is_file():
-            return False
-        modules = parts.read_candidates(run_dir)
-        j = int(args.get("candidate", 0))
-        return j >= len(modules) or parts.finetune_candidate_done(None, run_dir, modules[j])
-    if part == "interpolate_alphas":
-        modules = parts.read_candidates(run_dir) if parts.candidates_file(run_dir).is_file() else []
-        for j, a in args.get("pairs", []):
-            if j is not None and int(j) >= len(modules):
-                return False
-            if not parts.alpha_file(run_dir, a, None if j is None else modules[int(j)]).is_file():
-                return False
-        return True
-    return False
+    found = stage_parts().get(part)
+    if found is None:
+        return False
+    if found[1].done:
+        return bool(resolve(found[1].done)(run_dir, args))
+    return (run_dir / found[0].name / "done.json").is_file()
 
 
 def _lock_holder(run_dir: Path) -> str | None:
@@ -1956,22 +1766,17 @@ def _lock_holder(run_dir: Path) -> str | None:
 
 def stage_state_on_disk(run_dir: Path, stage: str) -> str:
     """A stage's state read from the run directory: 'done', 'in progress (...)' or 'not started'."""
+    entry = stage_entry(stage)
     folder = run_dir / stage
     if (folder / "done.json").is_file():
         return "done"
-    if stage in ("train", "finetune"):
-        ckpts = sorted((folder / "checkpoints").glob("ckpt-*.pt"))
-        if ckpts:
-            n = int(ckpts[-1].stem.split("-")[1])  # epoch * 1_000_000 + next step
-            epoch, step = n // 1_000_000, n % 1_000_000
-            where = f"epoch {epoch + 1}, step {step}" if step else f"{epoch} epoch(s) done"
-            return f"in progress (checkpoint: {where})"
-    if stage == "mrc" and (folder / "modules").is_dir():
-        return f"in progress ({len(list((folder / 'modules').glob('*.json')))} module(s) measured)"
-    if stage == "interpolate" and folder.is_dir():
-        n = len(list(folder.rglob("alpha-*.json")))
-        if n:
-            return f"in progress ({n} alpha result(s))"
+    if entry.checkpoints and (position := checkpoint_position(folder / "checkpoints")) is not None:
+        epoch, step = position
+        where = f"epoch {epoch + 1}, step {step}" if step else f"{epoch} epoch(s) done"
+        return f"in progress (checkpoint: {where})"
+    partial = resolve(entry.results)(run_dir) if entry.results else ""
+    if partial:
+        return f"in progress ({partial})"
     return "in progress" if folder.is_dir() and any(folder.iterdir()) else "not started"
 
 

@@ -285,6 +285,7 @@ def run_seed(top, cfg: RunConfig, seed_dir: Path, runtime, progress: bool, test_
     from rift_dist.data.loaders import get_dataset
     from rift_dist.models import build_model, module_names
     from rift_dist.pipeline import make_context, run_stages
+    from rift_dist.stages import STAGES
     from rift_dist.stages import finetune
     from rift_dist.stages.common import StageContext, load_state, new_model, read_done, stage_signature
     from rift_dist.stages.evaluation import test_dataset
@@ -297,7 +298,7 @@ def run_seed(top, cfg: RunConfig, seed_dir: Path, runtime, progress: bool, test_
                        tags={"rift.method": AT, "rift.compare": "1"})
     ctx = make_context(cfg, seed_dir, runtime, progress, parent_run_id=getattr(at_run, "run_id", None))
     try:
-        run_stages(ctx, ["train", "mrc"])
+        run_stages(ctx, list(STAGES[: STAGES.index("mrc") + 1]))  # the AT model and its MRC table
     finally:
         ctx.tracker.finish("FINISHED", end_parent=False)
     mrc_rows = json.loads((seed_dir / "mrc" / "mrc.json").read_text())["rows"]
@@ -643,7 +644,8 @@ def run_compare(cfg: RunConfig, run_dir: str | Path | None = None, progress: boo
     from rift_dist.preflight import check_inputs
     from rift_dist.distributed import Runtime
     from rift_dist.run_lock import RunDirLock
-    from rift_dist.stages.common import STAGES, write_json
+    from rift_dist.stages import STAGES
+    from rift_dist.stages.common import write_json
     from rift_dist.stages.evaluation import corruption_sets
     from rift_dist.tracking import Tracker
 

@@ -23,39 +23,18 @@ from rift_dist.distributed import Runtime
 from rift_dist.precision import resolve_precision
 from rift_dist.preflight import check_module_names, check_run, usable_cpus  # noqa: F401 - check_module_names re-exported
 from rift_dist.run_lock import RunDirLock, RunDirLockedError
-from rift_dist.stages.common import STAGES, StageContext, StageError, read_done
+from rift_dist.stages import STAGES, StageError, resolve, stage
+from rift_dist.stages.common import StageContext, read_done
 from rift_dist.tracking import Tracker
 
 
 def stage_function(name: str, cfg: RunConfig):
-    """The ``run(ctx)`` function of stage ``name``.
+    """The ``run(ctx)`` function of stage ``name`` (the stage table's ``run``; ``cfg`` is not read).
 
     Raises:
         StageError: for an unknown stage name (lists the valid ones).
     """
-    if name == "train":
-        from rift_dist.stages import adversarial_training
-
-        if cfg.from_checkpoint:
-            return lambda ctx: adversarial_training.import_checkpoint(ctx, cfg.from_checkpoint)
-        return adversarial_training.run
-    if name == "mrc":
-        from rift_dist.stages import criticality
-
-        return criticality.run
-    if name == "finetune":
-        from rift_dist.stages import finetune
-
-        return finetune.run
-    if name == "interpolate":
-        from rift_dist.stages import interpolation
-
-        return interpolation.run
-    if name == "evaluate":
-        from rift_dist.stages import evaluation
-
-        return evaluation.run
-    raise StageError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+    return resolve(stage(name).run)
 
 
 def configure_torch(cfg: RunConfig) -> None:
@@ -85,7 +64,7 @@ def stage_weights(cfg: RunConfig) -> dict[str, float]:
     the MRC modules); reads no data.
     """
     from rift_dist.plan import stage_costs
-    from rift_dist.stages.parts import mrc_module_names
+    from rift_dist.stages.criticality import mrc_module_names
 
     costs = stage_costs(cfg, 1.0, len(mrc_module_names(cfg)))
     weights = {name: c.flops for name, c in zip(STAGES, costs)}  # stage_costs lists the stages in STAGES order

@@ -49,7 +49,9 @@ def input_problems(cfg, stages) -> list[str]:
     checked when the archive is unpacked); ``data.corruption_root`` when ``evaluate`` runs;
     ``from_checkpoint`` when ``train`` runs.  Nothing is read or written.
     """
-    stages = list(stages)
+    from rift_dist.stages import stage
+
+    external = {key for name in stages for key in stage(name).external}  # the stage table's outside inputs
     problems = unresolved_variables(cfg)
     bad_keys = {p.split(" = ", 1)[0] for p in problems}
     d = cfg.data
@@ -67,12 +69,12 @@ def input_problems(cfg, stages) -> list[str]:
             elif not Path(root).expanduser().is_dir():
                 problems.append(f"{src} = {root!r}: no such directory; point it at the directory holding the "
                                 f"{d.dataset} data")
-    if "evaluate" in stages and d.corruption_root and "data.corruption_root" not in bad_keys:
+    if "data.corruption_root" in external and d.corruption_root and "data.corruption_root" not in bad_keys:
         if not Path(d.corruption_root).expanduser().is_dir():
             problems.append(f"data.corruption_root = {d.corruption_root!r}: no such directory; download the "
                             f"corruption set there, or set data.corruption_root= and data.corruption_generate=true "
                             f"to build a re-generated set")
-    if "train" in stages and cfg.from_checkpoint and "from_checkpoint" not in bad_keys:
+    if "from_checkpoint" in external and cfg.from_checkpoint and "from_checkpoint" not in bad_keys:
         if not Path(cfg.from_checkpoint).expanduser().is_file():
             problems.append(f"from_checkpoint = {cfg.from_checkpoint!r}: no such file")
     return problems

@@ -243,6 +243,13 @@ def run(ctx: StageContext) -> dict:
     return outputs
 
 
+def run_or_import(ctx: StageContext) -> dict:
+    """The train stage of the table: :func:`run`, or :func:`import_checkpoint` when ``from_checkpoint`` is set."""
+    if ctx.cfg.from_checkpoint:
+        return import_checkpoint(ctx, ctx.cfg.from_checkpoint)
+    return run(ctx)
+
+
 def _eval_attack(cfg):
     from rift_dist.config import AttackConfig
 

@@ -27,33 +27,11 @@ from rift_dist import checkpoint
 from rift_dist.attacks import pgd, predict
 from rift_dist.config import AttackConfig, RunConfig, flatten
 from rift_dist.distributed import Runtime, seed_for
-from rift_dist.errors import RiftError
 from rift_dist.models import build_model
 from rift_dist.precision import Precision
+from rift_dist.stages import STAGES, StageError
+from rift_dist.stages import stage as stage_entry
 from rift_dist.tracking import Tracker
-
-STAGES = ("train", "mrc", "finetune", "interpolate", "evaluate")
-
-# Config sections each stage's result depends on (for the done marker).
-# A stage's signature is its own keys plus those of every stage before it.  Keys that change only speed or
-# bookkeeping (workers, loader, layout, caches, threads, tracking, the engine) are left out on purpose: a run may
-# resume on another machine or engine.  Keys that change numbers are in: training picks its best epoch with
-# ``eval.attack`` (and the selection split), the sweep attacks with ``eval.attack``, autocast and sync BN change
-# the trained weights, gradient accumulation changes the optimiser's steps.
-STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "train": ("seed", "selection_split", "from_checkpoint", "data.dataset", "data.train_subset", "data.val_size",
-              "data.split_seed", "data.batch_size", "data.order", "model.", "train.", "eval.attack.",
-              "precision.autocast", "distributed.sync_bn", "distributed.gradient_accumulation_steps"),
-    "mrc": ("mrc.",),
-    "finetune": ("finetune.", "mrc.top_k", "mrc.exclude"),
-    "interpolate": ("interpolation.", "eval.attack.", "eval.selection_attack_steps", "eval.selection_restarts",
-                    "data.test_subset"),
-    "evaluate": ("eval.", "data.test_subset", "data.corruption", "data.severities"),
-}
-
-
-class StageError(RiftError, RuntimeError):
-    """A stage cannot run: a missing input artefact, a stale artefact, or a bad module name."""
 
 
 @dataclass
@@ -101,11 +79,15 @@ class StageContext:
 
 
 def stage_signature(cfg: RunConfig, stage: str) -> dict[str, Any]:
-    """The config values that ``stage`` and every stage before it depend on."""
+    """The config values that ``stage`` and every stage before it depend on (the table's ``keys``).
+
+    Raises:
+        StageError: for an unknown stage name.
+    """
     flat = flatten(cfg)
     keys: list[str] = []
-    for name in STAGES[: STAGES.index(stage) + 1]:
-        keys.extend(STAGE_KEYS[name])
+    for name in STAGES[: STAGES.index(stage_entry(stage).name) + 1]:
+        keys.extend(stage_entry(name).keys)
     return {k: flat[k] for k in sorted(flat) if any(k == p or (p.endswith(".") and k.startswith(p)) or
                                                    (not p.endswith(".") and k.startswith(p)) for p in keys)}
 
@@ -132,6 +114,17 @@ def read_done(ctx: StageContext, stage: str) -> dict | None:
             + (" and the stages built on it." if later else ".")
         )
     return data
+
+
+def stage_done(cfg: RunConfig, run_dir: str | Path, stage: str) -> bool:
+    """Whether ``stage`` finished in ``run_dir`` with the same relevant config (its done marker).
+
+    Raises:
+        StageError: when it finished with a different config (names the changed keys and the fix).
+    """
+    from types import SimpleNamespace
+
+    return read_done(SimpleNamespace(cfg=cfg, run_dir=Path(run_dir)), stage) is not None
 
 
 def write_done(ctx: StageContext, stage: str, outputs: dict) -> None:

@@ -620,6 +620,44 @@ def mrc_caption(cfg, num_images: int) -> str:
             f"{cfg.model.arch} ({width})")
 
 
+def check_modules(names: list[str], valid: list[str]) -> None:
+    """Refuse module names the model lacks (``mrc.modules``, or an array task's group).
+
+    Raises:
+        StageError: naming the unknown modules and listing the valid ones.
+    """
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise StageError(f"mrc.modules names unknown module(s) {unknown}; valid modules: {', '.join(valid)}")
+
+
+def mrc_module_names(cfg) -> list[str]:
+    """The modules the MRC stage covers, in network order: ``mrc.modules`` or every Conv2d/Linear.
+
+    Raises:
+        StageError: when ``mrc.modules`` names an unknown module (lists the valid ones).
+    """
+    from rift_dist.models import build_model
+
+    every = module_names(build_model(cfg))
+    if not cfg.mrc.modules:
+        return every
+    check_modules(list(cfg.mrc.modules), every)
+    return [n for n in every if n in set(cfg.mrc.modules)]
+
+
+def log_rows(run_log, rows: list[dict]) -> None:
+    """Log each module's ``mrc.<module>`` and ``robust_accuracy_drop.<module>`` to an MLflow run."""
+    for r in rows:
+        run_log.log_metrics({f"mrc.{r['module']}": r["mrc"],
+                             f"robust_accuracy_drop.{r['module']}": r["robust_accuracy_drop"]})
+
+
+def module_file(run_dir: str | Path, name: str) -> Path:
+    """The per-module MRC result file ``mrc/modules/<name>.json`` (written by :func:`compute_modules`)."""
+    return Path(run_dir) / STAGE / "modules" / f"{name}.json"
+
+
 def compute_modules(ctx: StageContext, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                     names: list[str], progress_desc: str = "MRC") -> list[dict]:
     """MRC of ``names`` on this process (see :func:`iter_criticality`); results written per module.
@@ -628,11 +666,11 @@ def compute_modules(ctx: StageContext, model: nn.Module, images: torch.Tensor, l
     killed stage resumes with the modules not yet done.  Rows come back in the order of ``names``.
     """
     cfg = ctx.cfg.mrc
-    out_dir = ctx.run_dir / STAGE / "modules"
+    out_dir = module_file(ctx.run_dir, "-").parent
     out_dir.mkdir(parents=True, exist_ok=True)
     done = {}
     for name in names:
-        result_path = out_dir / f"{name}.json"
+        result_path = module_file(ctx.run_dir, name)
         if result_path.is_file():
             done[name] = json.loads(result_path.read_text())
     todo = [n for n in names if n not in done]
@@ -640,7 +678,7 @@ def compute_modules(ctx: StageContext, model: nn.Module, images: torch.Tensor, l
     if ctx.runtime.world_size == 1:
         rows = ctx.bar(rows, total=len(todo), desc=progress_desc)
     for name, row in rows:
-        write_json(out_dir / f"{name}.json", row)
+        write_json(module_file(ctx.run_dir, name), row)
         done[name] = row
         # per rank (ranks hold different numbers of modules): a signalled rank stops after this module
         interrupts.check(None, where=f"MRC of module {name} (saved; {len(done)} of {len(names)} on this rank)")
@@ -658,9 +696,7 @@ def run(ctx: StageContext) -> dict:
     model.eval()
     all_names = [n for n, _ in list_modules(model)]
     names = list(cfg.mrc.modules) or all_names
-    unknown = [n for n in names if n not in all_names]
-    if unknown:
-        raise StageError(f"mrc.modules names unknown module(s) {unknown}; valid modules: {', '.join(all_names)}")
+    check_modules(names, all_names)
     images, labels = build_adversarial_set(ctx, model)
     costs = module_costs(model, names, tuple(images.shape[1:]))
     groups = assign_modules(names, costs, ctx.runtime.world_size)
@@ -682,9 +718,7 @@ def run(ctx: StageContext) -> dict:
             write_json(ctx.run_dir / STAGE / "mrc.json", {"rows": rows, "chosen": chosen, "assignment": groups,
                                                           "rank_seconds": per_rank})
             plot_table(ctx.run_dir / STAGE / "mrc.png", rows, all_names, chosen, mrc_caption(cfg, len(images)))
-            for r in rows:
-                run_log.log_metrics({f"mrc.{r['module']}": r["mrc"],
-                                     f"robust_accuracy_drop.{r['module']}": r["robust_accuracy_drop"]})
+            log_rows(run_log, rows)
             run_log.log_metrics({"mrc_seconds": seconds})
             run_log.set_tags({"rift.chosen_modules": ",".join(chosen)})
             run_log.log_artifact(ctx.run_dir / "mrc.csv")
@@ -695,3 +729,4 @@ def run(ctx: StageContext) -> dict:
     write_done(ctx, STAGE, outputs)
     ctx.runtime.barrier()
     return outputs
+

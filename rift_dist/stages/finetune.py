@@ -16,8 +16,12 @@ Artefacts: ``finetune/model.pt``, ``finetune/history.json``, checkpoints.
 
 from __future__ import annotations
 
+import copy
 import json
+import os
+import shutil
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -188,3 +192,202 @@ def run(ctx: StageContext, modules: list[str] | None = None, all_parameters: boo
     write_done(ctx, STAGE, outputs)
     rt.barrier()
     return outputs
+
+
+# ------------------------------------------------------------------------------ fine-tuning candidates (SLURM)
+# With ``stages.finetune.candidates: k`` > 1 in a launch profile the MRC gather records the k lowest-MRC
+# modules (after ``mrc.exclude``) in ``finetune/candidates.json``; an array fine-tunes candidate j ALONE
+# in ``finetune/candidates/<module>/`` (this stage's own code on a sub-run directory); the
+# interpolation gather picks the candidate (:func:`rift_dist.stages.interpolation.choose_candidate`).
+
+
+def needs_not_needed(cfg, candidates: int) -> tuple[str, ...]:
+    """The stage's needs the config makes unnecessary: the MRC stage when ``finetune.modules`` names the
+    modules (and no candidates are fine-tuned)."""
+    return ("mrc",) if cfg.finetune.modules and candidates <= 1 else ()
+
+
+def candidates_file(run_dir: str | Path) -> Path:
+    """``finetune/candidates.json``: the candidate modules, lowest MRC first (written by the MRC gather)."""
+    return Path(run_dir) / STAGE / "candidates.json"
+
+
+def read_candidates(run_dir: str | Path) -> list[str]:
+    """The candidate modules of a run, lowest MRC first.
+
+    Raises:
+        StageError: when ``finetune/candidates.json`` is missing (the MRC gather has not run).
+    """
+    path = candidates_file(run_dir)
+    if not path.is_file():
+        raise StageError(f"{path} is missing: the MRC gather writes it (with finetune candidates > 1); run it first")
+    return list(json.loads(path.read_text())["candidates"])
+
+
+def candidate_modules(cfg, run_dir: str | Path, k: int, write: bool = False) -> list[str]:
+    """The k lowest-MRC modules after ``mrc.exclude`` (lowest first), from ``finetune/candidates.json`` when it
+    was made for the same k, else from the MRC stage's ``mrc/mrc.json`` (and saved there when ``write``).
+
+    Raises:
+        StageError: when the MRC stage has not finished (``mrc/mrc.json`` missing).
+    """
+    from rift_dist.models import build_model, module_names
+    from rift_dist.stages.criticality import choose_modules
+
+    path = candidates_file(run_dir)
+    if path.is_file():
+        data = json.loads(path.read_text())
+        if data.get("requested") == k:
+            return list(data["candidates"])
+    info = Path(run_dir) / "mrc" / "mrc.json"
+    if not info.is_file():
+        raise StageError(f"{info} is missing: the fine-tuning candidates come from the MRC stage; run it first")
+    rows = json.loads(info.read_text())["rows"]
+    chosen = choose_modules(rows, module_names(build_model(cfg)), cfg.mrc.exclude, k)
+    if write:
+        write_json(path, {"candidates": chosen, "requested": k})
+    return chosen
+
+
+def candidate_names(cfg, run_dir: str | Path, k: int) -> dict[int, str]:
+    """{candidate index: module} once the MRC stage has finished ({} before, or with k <= 1)."""
+    if k <= 1 or not (Path(run_dir) / "mrc" / "mrc.json").is_file():
+        return {}
+    return dict(enumerate(candidate_modules(cfg, run_dir, k)))
+
+
+def candidate_dir(run_dir: str | Path, module: str) -> Path:
+    """The sub-run directory where candidate ``module`` is fine-tuned: ``finetune/candidates/<module>``."""
+    return Path(run_dir) / STAGE / "candidates" / module
+
+
+def candidate_config(cfg, run_dir: str | Path, module: str):
+    """(config, run dir) of candidate ``module``: ``finetune.modules = [module]`` in its sub-run directory,
+    whose ``train/model.pt`` is a link to the run's AT model (a copy where links are not allowed).
+
+    Raises:
+        StageError: when the AT model is missing.
+    """
+    sub = candidate_dir(run_dir, module)
+    target = sub / "train" / "model.pt"
+    if not target.exists() and not target.is_symlink():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source = Path(run_dir) / "train" / "model.pt"
+        if not source.is_file():
+            raise StageError(f"the adversarially trained model {source} is missing; run the train stage first")
+        try:
+            os.symlink(os.path.relpath(source, target.parent), target)
+        except FileExistsError:
+            pass  # another rank made it
+        except OSError:
+            shutil.copyfile(source, target)
+    sub_cfg = copy.deepcopy(cfg)
+    sub_cfg.finetune.modules = [module]
+    sub_cfg.run_dir = str(sub)
+    return sub_cfg, sub
+
+
+def finetune_candidate_done(cfg, run_dir: str | Path, module: str) -> bool:
+    """Whether candidate ``module`` has been fine-tuned (its sub-run's ``finetune/done.json`` exists)."""
+    return (candidate_dir(run_dir, module) / STAGE / "done.json").is_file()
+
+
+def check_candidates(cfg, options: dict, selected: bool, profile_name: str) -> str:
+    """Why ``stages.finetune.candidates`` of the launch profile ``profile_name`` cannot work with ``cfg`` (""
+    when it can): with ``mrc.top_k`` > 1, or (stage planned) more candidates than MRC modules left after
+    ``mrc.exclude``."""
+    from rift_dist.models import build_model, module_names
+    from rift_dist.stages.criticality import mrc_module_names
+
+    k = int(options["candidates"])
+    if k > 1 and cfg.mrc.top_k > 1:
+        return (f"stages.finetune.candidates = {k} and mrc.top_k = {cfg.mrc.top_k}: candidates are "
+                f"fine-tuned one module each; set one of them to 1")
+    if not selected or k <= 1:
+        return ""
+    names = mrc_module_names(cfg)
+    every = module_names(build_model(cfg))
+    gone = {e for e in cfg.mrc.exclude if e not in ("first", "last")}
+    gone |= {every[0]} if "first" in cfg.mrc.exclude else set()
+    gone |= {every[-1]} if "last" in cfg.mrc.exclude else set()
+    n_eligible = len([n for n in names if n not in gone])
+    if k > max(n_eligible, 1):
+        return (f"stages.finetune.candidates = {k}, but the model has {len(names)} MRC module(s)"
+                f"{f' ({n_eligible} after mrc.exclude)' if cfg.mrc.exclude else ''}: set "
+                f"stages.finetune.candidates between 1 and {max(n_eligible, 1)} in the profile "
+                f"{profile_name} (or --profile-set stages.finetune.candidates=N)")
+    return ""
+
+
+def runs_as_array(cfg, options: dict, candidates: int) -> bool:
+    """Whether ``rift submit`` makes the stage an array: one task per candidate when k > 1."""
+    return candidates > 1
+
+
+def _matches(names: list[str], index: int, wanted: list[str]) -> bool:
+    """Whether ``--only finetune:W,...`` names this task (candidate index or module)."""
+    for w in wanted:
+        if w in names or (not names and w == str(index)):
+            return True
+        try:
+            if any(float(w) == float(n) for n in names):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def array_tasks(cfg, run_dir: Path, options: dict, candidates: int, wanted: list[str] | None):
+    """Task j fine-tunes candidate j (its module known once the MRC stage has finished); done candidates are
+    left out unless ``--only`` is given.  Returns (tasks, {})."""
+    known = candidate_names(cfg, run_dir, candidates)
+    tasks = []
+    for j in range(candidates):
+        module = known.get(j)
+        if module and finetune_candidate_done(cfg, run_dir, module) and wanted is None:
+            continue
+        names = [str(j)] + ([module] if module else [])
+        if wanted and not _matches(names, j, wanted):
+            continue
+        label = f"candidate {j}" + (f" ({module})" if module else "")
+        tasks.append({"index": j, "label": label, "names": names, "what": f"fine-tune {label}",
+                      "args": {"candidate": j, "candidates": candidates},
+                      "run_key": f"finetune@candidate-{j}", "run_name": f"finetune[candidate {j}]"})
+    return tasks, {}
+
+
+def candidate_task(ctx: StageContext, args: dict, run) -> dict:
+    """One array task: fine-tune candidate j alone in its sub-run directory (this stage, run by the pipeline's
+    :func:`~rift_dist.pipeline.run_stages` there), continuing the MLflow run ``rift submit`` created."""
+    from rift_dist.pipeline import make_context, run_stages
+
+    j = int(args["candidate"])
+    modules = candidate_modules(ctx.cfg, ctx.run_dir, int(args["candidates"]), write=ctx.is_main)
+    if j >= len(modules):
+        ctx.log(f"[finetune] candidate {j}: only {len(modules)} candidate module(s) after mrc.exclude; nothing to do")
+        return {"candidate": j, "module": None}
+    module = modules[j]
+    sub_cfg, sub = candidate_config(ctx.cfg, ctx.run_dir, module)
+    ctx.runtime.barrier()
+    key_file = ctx.tracker.key_file(f"finetune@candidate-{j}") if ctx.tracker.active else None
+    if key_file is not None and key_file.is_file():
+        target = sub / "mlflow" / f"{STAGE}.json"
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(key_file, target)  # the stage code continues the run created by rift submit
+    run.set_tags({"mlflow.runName": f"finetune[{module}]", "rift.candidate": module, "rift.candidate_index": j})
+    sub_ctx = make_context(sub_cfg, sub, ctx.runtime, False, ctx.tracker.parent.run_id)
+    try:
+        out = run_stages(sub_ctx, [STAGE])[STAGE]
+    finally:
+        sub_ctx.tracker.close()
+    return {"candidate": j, "module": module, **out}
+
+
+def candidate_task_done(run_dir: Path, args: dict) -> bool:
+    """Whether candidate j has been fine-tuned (or does not exist: fewer candidates than asked)."""
+    if not candidates_file(run_dir).is_file():
+        return False
+    modules = read_candidates(run_dir)
+    j = int(args.get("candidate", 0))
+    return j >= len(modules) or finetune_candidate_done(None, run_dir, modules[j])

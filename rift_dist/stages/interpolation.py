@@ -17,6 +17,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -27,7 +29,7 @@ from rift_dist.atomic import atomic_write_text
 from rift_dist.distributed import stream_seed
 from rift_dist.config import AttackConfig
 from rift_dist.stages.common import (
-    StageContext, at_state, evaluate_model, load_state, new_model, write_done, write_json,
+    StageContext, StageError, at_state, evaluate_model, load_state, new_model, write_done, write_json,
 )
 
 STAGE = "interpolate"
@@ -180,6 +182,21 @@ def log_alpha(ctx: StageContext, stage_run, alpha: float, row: dict, part: Path 
         part.with_suffix(".logged").touch()
 
 
+def alpha_file(run_dir: str | Path, alpha: float, candidate: str | None = None) -> Path:
+    """Result file of theta(alpha): ``interpolate/alphas/alpha-X.json``, or per fine-tuning candidate
+    ``interpolate/candidates/<module>/alpha-X.json`` (alpha 0 — the AT model — is shared: the stage's file)."""
+    name = f"alpha-{alpha:.4f}.json"
+    if candidate is None or alpha == 0.0:
+        return Path(run_dir) / STAGE / "alphas" / name
+    return Path(run_dir) / STAGE / "candidates" / candidate / name
+
+
+def log_result(ctx: StageContext, alpha: float, row: dict, candidate: str | None = None) -> None:
+    """The progress line of one alpha's result."""
+    ctx.log(f"[interpolate] {'candidate ' + candidate + ' ' if candidate else ''}alpha {alpha:.2f}: "
+            f"clean {100 * row['clean_accuracy']:.2f}% robust {100 * row['robust_accuracy']:.2f}%")
+
+
 def run(ctx: StageContext) -> dict:
     """Sweep alpha on the selection split, choose alpha*, save theta(alpha*) as the RiFT model."""
     from rift_dist.data.loaders import get_dataset
@@ -188,11 +205,10 @@ def run(ctx: StageContext) -> dict:
     theta_at = at_state(ctx)
     theta_ft = load_state(ctx.run_dir / "finetune" / "model.pt", "the fine-tuned model")
     selection = get_dataset(cfg, "selection")
-    done_dir = ctx.run_dir / STAGE / "alphas"
     rows = []
     with ctx.tracker.stage("interpolation") as parent:
         for alpha in cfg.interpolation.alphas:
-            part = done_dir / f"alpha-{alpha:.4f}.json"
+            part = alpha_file(ctx.run_dir, alpha)
             if part.is_file():
                 row = json.loads(part.read_text())
                 rows.append(row)
@@ -204,8 +220,7 @@ def run(ctx: StageContext) -> dict:
             if ctx.is_main:
                 write_json(part, row)
                 log_alpha(ctx, parent, alpha, row, part)
-            ctx.log(f"[interpolate] alpha {alpha:.2f}: clean {100 * row['clean_accuracy']:.2f}% "
-                    f"robust {100 * row['robust_accuracy']:.2f}%")
+            log_result(ctx, alpha, row)
             interrupts.check(ctx.runtime, where=f"interpolation alpha {alpha:g} (its result is saved)")
         at_row = next((r for r in rows if r["alpha"] == 0.0), None)
         if at_row is None:
@@ -239,3 +254,283 @@ def run(ctx: StageContext) -> dict:
     write_done(ctx, STAGE, outputs)
     ctx.runtime.barrier()
     return outputs
+
+
+# ------------------------------------------------------------------------------ SLURM array shards
+# The sweep as an array (the stage table's ``shards``): task i evaluates a contiguous run of alphas
+# (x fine-tuning candidate) and writes this stage's own per-alpha files; the gather job picks alpha*
+# (and the candidate) by running :func:`run`, which reads them back without re-evaluating.
+
+
+def ft_model_path(run_dir: str | Path, candidate: str | None = None) -> Path:
+    """The fine-tuned model theta_FT: ``finetune/model.pt`` or the candidate's own."""
+    from rift_dist.stages.finetune import candidate_dir
+
+    if candidate is None:
+        return Path(run_dir) / "finetune" / "model.pt"
+    return candidate_dir(run_dir, candidate) / "finetune" / "model.pt"
+
+
+def missing_alphas(run_dir: str | Path, alphas: list[float], candidate: str | None = None) -> list[float]:
+    """The alphas of ``alphas`` without a result file yet."""
+    return [a for a in alphas if not alpha_file(run_dir, a, candidate).is_file()]
+
+
+def results_on_disk(run_dir: str | Path) -> str:
+    """``"N alpha result(s)"`` for the per-alpha results on disk ("" when there are none)."""
+    folder = Path(run_dir) / STAGE
+    n = len(list(folder.rglob("alpha-*.json"))) if folder.is_dir() else 0
+    return f"{n} alpha result(s)" if n else ""
+
+
+def interpolate_alphas(ctx: StageContext, alphas: list[float], candidate: str | None = None,
+                       stage_run=None, run_tags: dict | None = None, candidate_index: int | None = None) -> list[dict]:
+    """Evaluate theta(alpha) = (1 - alpha) theta_AT + alpha theta_FT on the selection split for ``alphas``.
+
+    Exactly what :func:`run` computes per alpha (:func:`evaluate_alpha`), sharded over this job's ranks;
+    results go to :func:`alpha_file` and alphas already there are skipped (a requeued task resumes).
+    With an MLflow ``stage_run`` (the ``interpolation`` run), each alpha is logged by :func:`log_alpha`
+    to its child run ``alpha=<a>`` (``alpha=<a>@candidate-<j>`` for candidates) and to the stage run's
+    curve, as ``rift run`` does.  Returns the rows (alpha, clean_accuracy, robust_accuracy).
+
+    Raises:
+        StageError: a missing AT or fine-tuned model.
+    """
+    from rift_dist.data.loaders import get_dataset
+
+    todo = missing_alphas(ctx.run_dir, alphas, candidate)
+    rows = []
+    if todo:
+        theta_at = at_state(ctx)
+        if all(a == 0.0 for a in todo) and not ft_model_path(ctx.run_dir, candidate).is_file():
+            theta_ft = theta_at  # theta(0) is the AT model (shared by all candidates; none is chosen yet)
+        else:
+            theta_ft = load_state(ft_model_path(ctx.run_dir, candidate), "the fine-tuned model"
+                                  + (f" of candidate {candidate}" if candidate else ""))
+        selection = get_dataset(ctx.cfg, "selection")
+    for alpha in alphas:
+        path = alpha_file(ctx.run_dir, alpha, candidate)
+        if path.is_file():
+            rows.append(json.loads(path.read_text()))
+            continue
+        row = evaluate_alpha(ctx, theta_at, theta_ft, alpha, selection)
+        if candidate is not None and alpha != 0.0:
+            row["candidate"] = candidate
+        rows.append(row)
+        if ctx.is_main:
+            write_json(path, row)
+            if stage_run is not None:
+                log_alpha(ctx, stage_run, alpha, row, path, key=alpha_run_key(alpha, candidate_index if candidate else None),
+                          tags={**(run_tags or {}), **({"rift.candidate": candidate} if candidate else {})},
+                          curve=candidate is None)
+        log_result(ctx, alpha, row, candidate)
+    ctx.runtime.barrier()
+    return rows
+
+
+def alpha_run_key(alpha: float, candidate_index: int | None = None) -> str:
+    """The MLflow child run (and key file) of one alpha: ``alpha=<a>``, or ``alpha=<a>@candidate-<j>``."""
+    return f"alpha={alpha:g}" if candidate_index is None or alpha == 0.0 else f"alpha={alpha:g}@candidate-{candidate_index}"
+
+
+def choose_candidate(per_candidate: dict[str, list[dict]], at_row: dict, tolerance: float) -> tuple[str, dict]:
+    """The (candidate, row) the paper's alpha rule picks over every (candidate, alpha) pair.
+
+    Args:
+        per_candidate: {module: rows (alpha, clean_accuracy, robust_accuracy)} in candidate order
+            (lowest MRC first); at_row: the AT model's row (alpha 0); tolerance: allowed robust drop.
+
+    The best clean accuracy on the selection split among the pairs whose robust accuracy is at most
+    ``tolerance`` below the AT model's (:func:`choose_alpha`); ties go to the higher robust accuracy,
+    then the smaller alpha, then the earlier (lower-MRC) candidate.
+
+    Raises:
+        ValueError: no candidates.
+    """
+    if not per_candidate:
+        raise ValueError("no fine-tuning candidates to choose from")
+    best = None
+    for index, (module, rows) in enumerate(per_candidate.items()):
+        pool = rows + ([at_row] if not any(r["alpha"] == 0.0 for r in rows) else [])
+        row = choose_alpha(pool, at_row["robust_accuracy"], tolerance)
+        key = (row["clean_accuracy"], row["robust_accuracy"], -row["alpha"], -index)
+        if best is None or key > best[0]:
+            best = (key, module, row)
+    return best[1], best[2]
+
+
+def gather_interpolation(ctx: StageContext, candidates: int = 1) -> dict:
+    """Choose alpha* from the per-alpha files (and, with candidates, the candidate) and finish the stage.
+
+    Without candidates: checks every alpha has its file, then runs :func:`run`, which reads them back
+    (nothing is re-evaluated) and writes ``interpolation.csv``, the plot, ``interpolate/model.pt`` and
+    ``interpolate/alpha.json``.  With candidates: picks the candidate (:func:`choose_candidate`), makes
+    its fine-tuned model the run's ``finetune/model.pt`` (fine-tune stage marked done with that module),
+    copies its rows to the stage's per-alpha files, writes ``interpolate/candidates.json`` and runs the
+    stage as above.
+
+    Raises:
+        StageError: when result files are missing (names the alphas / candidates to re-submit).
+    """
+    from rift_dist.stages.finetune import candidate_dir, read_candidates
+
+    cfg = ctx.cfg
+    alphas = list(cfg.interpolation.alphas)
+    if ctx.runtime.world_size > 1:
+        raise StageError("the interpolation gather runs on one process; submit it with one task")
+    if candidates <= 1:
+        missing = missing_alphas(ctx.run_dir, alphas)
+        if missing:
+            raise StageError(f"interpolation results missing for alpha {', '.join(f'{a:g}' for a in missing)} — their "
+                             f"array task failed or has not run; re-submit it "
+                             f"(rift submit {ctx.run_dir} --only interpolate:{missing[0]:g})")
+        return run(ctx)
+    modules = read_candidates(ctx.run_dir)
+    at_path = alpha_file(ctx.run_dir, 0.0)
+    missing = [] if at_path.is_file() else ["alpha 0 (the AT model)"]
+    for m in modules:
+        missing += [f"{m} alpha {a:g}" for a in missing_alphas(ctx.run_dir, alphas, m)]
+    if missing:
+        raise StageError(f"interpolation results missing: {', '.join(missing)} — re-submit those array tasks "
+                         f"(rift submit {ctx.run_dir})")
+    at_row = json.loads(at_path.read_text())
+    per = {m: [json.loads(alpha_file(ctx.run_dir, a, m).read_text()) for a in alphas] for m in modules}
+    module, row = choose_candidate(per, at_row, cfg.interpolation.tolerance)
+    ctx.log(f"[interpolate] candidate {module} chosen (alpha {row['alpha']:g}: clean {100 * row['clean_accuracy']:.2f}%, "
+            f"robust {100 * row['robust_accuracy']:.2f}%; AT robust {100 * at_row['robust_accuracy']:.2f}%)")
+    if ctx.is_main:
+        sub = candidate_dir(ctx.run_dir, module)
+        done = json.loads((sub / "finetune" / "done.json").read_text())["outputs"]
+        checkpoint.save_atomic(checkpoint.load(ft_model_path(ctx.run_dir, module)), ft_model_path(ctx.run_dir))
+        if (sub / "finetune" / "history.json").is_file():
+            shutil.copyfile(sub / "finetune" / "history.json", ctx.run_dir / "finetune" / "history.json")
+        write_done(ctx, "finetune", {"model": str(ft_model_path(ctx.run_dir)), "modules": [module],
+                                     "best": done.get("best"), "candidates": modules,
+                                     "candidate_dir": str(sub)})
+        for a in alphas:
+            if a != 0.0:
+                write_json(alpha_file(ctx.run_dir, a), {k: v for k, v in per[module][alphas.index(a)].items()
+                                                        if k != "candidate"})
+        write_json(ctx.run_dir / STAGE / "candidates.json",
+                   {"chosen": module, "row": row, "at": at_row, "rows": per,
+                    "rule": "best clean accuracy among (candidate, alpha) with robust accuracy >= AT - tolerance; "
+                            "ties: robust accuracy, smaller alpha, lower MRC"})
+    ctx.runtime.barrier()
+    outputs = run(ctx)
+    return {**outputs, "candidate": module}
+
+
+def runs_as_array(cfg, options: dict, candidates: int) -> bool:
+    """Whether ``rift submit`` makes the sweep an array (``stages.interpolate.mode: array``, the default; always
+    with fine-tuning candidates)."""
+    return not (options["mode"] == "job" and candidates <= 1)
+
+
+def _split(items: list, n: int) -> list[list]:
+    """``items`` cut into ``n`` contiguous, nearly equal runs (no empty run)."""
+    n = max(1, min(n, len(items)))
+    base, extra = divmod(len(items), n)
+    out, start = [], 0
+    for i in range(n):
+        stop = start + base + (1 if i < extra else 0)
+        out.append(items[start:stop])
+        start = stop
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _alpha_label(pairs: list, names: dict[int, str]) -> str:
+    by: dict = {}
+    for j, a in pairs:
+        by.setdefault(j, []).append(a)
+    parts = []
+    for j, alphas in by.items():
+        who = "" if j is None else f"candidate {j}{' (' + names[j] + ')' if j in names else ''}: "
+        parts.append(who + "alpha=" + ",".join(f"{a:g}" for a in alphas))
+    return "; ".join(parts)
+
+
+def array_tasks(cfg, run_dir: Path, options: dict, candidates: int, wanted: list[str] | None):
+    """The sweep's tasks not done yet: (candidate, alpha) pairs (alpha 0, the AT model, once for all
+    candidates) cut into ``array_size`` contiguous runs (0 = one task per pair).  ``wanted`` (``--only
+    interpolate:A,...``): alpha values or task indices; [] = every pair.  Each task lists the per-alpha
+    MLflow runs ``rift submit`` creates ahead of time.  Returns (tasks, the gather's arguments)."""
+    from rift_dist.stages.finetune import candidate_names
+
+    alphas = list(cfg.interpolation.alphas)
+    if candidates <= 1:
+        pairs = [(None, a) for a in alphas]
+    else:
+        pairs = [(None, 0.0)] + [(j, a) for j in range(candidates) for a in alphas if a != 0.0]
+    size = int(options["array_size"]) or len(pairs)
+    known = candidate_names(cfg, run_dir, candidates)
+
+    def pair_done(j, a) -> bool:
+        if j is None:
+            return alpha_file(run_dir, a).is_file()
+        return j in known and alpha_file(run_dir, a, known[j]).is_file()
+
+    tasks = []
+    for i, group in enumerate(_split(pairs, size)):
+        if wanted:
+            todo = group if str(i) in wanted else [
+                (j, a) for j, a in group if any(_is_number(w) and float(w) == a for w in wanted)]
+        elif wanted is not None:
+            todo = list(group)
+        else:
+            todo = [(j, a) for j, a in group if not pair_done(j, a)]
+        if not todo:
+            continue
+        label = _alpha_label(todo, known)
+        tasks.append({"index": i, "label": label, "names": [f"{a:g}" for _, a in todo], "what": f"sweep part {i}: {label}",
+                      "args": {"pairs": [[j, a] for j, a in todo]},
+                      "child_runs": [{"key": alpha_run_key(a, j), "params": {"alpha": a}} for j, a in todo]})
+    return tasks, {"candidates": candidates}
+
+
+def alphas_task(ctx: StageContext, args: dict, run) -> dict:
+    """One array task: :func:`interpolate_alphas` for its (candidate, alpha) pairs, logged under the stage run
+    ``rift submit`` created (never created here: concurrent tasks would each make one)."""
+    from rift_dist.stages.finetune import read_candidates
+
+    pairs = [(None if j is None else int(j), float(a)) for j, a in args["pairs"]]
+    modules = read_candidates(ctx.run_dir) if any(j is not None for j, _ in pairs) else []
+    stage_run = ctx.tracker.child("interpolation") if ctx.tracker.active and ctx.tracker.key_file(
+        "interpolation").is_file() else None
+    tags = {k: v for k, v in {"slurm.job_id": os.environ.get("SLURM_JOB_ID"),
+                              "slurm.array_task": os.environ.get("SLURM_ARRAY_TASK_ID")}.items() if v}
+    rows = []
+    by: dict = {}
+    for j, a in pairs:
+        by.setdefault(j, []).append(a)
+    for j, alphas in by.items():
+        if j is not None and j >= len(modules):
+            ctx.log(f"[interpolate] candidate {j} does not exist (only {len(modules)}); skipped")
+            continue
+        rows += interpolate_alphas(ctx, alphas, None if j is None else modules[j], stage_run, tags, j)
+    return {"rows": rows}
+
+
+def alphas_task_done(run_dir: Path, args: dict) -> bool:
+    """Whether every (candidate, alpha) pair of the task has its result file."""
+    from rift_dist.stages.finetune import candidates_file, read_candidates
+
+    modules = read_candidates(run_dir) if candidates_file(run_dir).is_file() else []
+    for j, a in args.get("pairs", []):
+        if j is not None and int(j) >= len(modules):
+            return False
+        if not alpha_file(run_dir, a, None if j is None else modules[int(j)]).is_file():
+            return False
+    return True
+
+
+def gather_task(ctx: StageContext, args: dict, run) -> dict:
+    """The gather job: :func:`gather_interpolation`."""
+    return gather_interpolation(ctx, int(args.get("candidates", 1)))

@@ -82,7 +82,7 @@ def test_the_walker_finds_a_circle():
 
 def test_the_walker_sees_imports_inside_functions():
     graph = import_graph()
-    # rift_dist.pipeline imports its stage modules inside stage_function
+    # rift_dist.pipeline imports the evaluation stage inside run_pipeline (print_summary)
     assert "rift_dist.stages.evaluation" in graph["rift_dist.pipeline"]
 
 

@@ -11,7 +11,7 @@ import pytest
 from rift_dist import cluster
 from rift_dist.config import load_config
 from rift_dist.distributed import read_launch_env
-from rift_dist.stages import parts
+from rift_dist.stages import criticality, criticality_array, interpolation
 from rift_dist.stages.common import stage_signature
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -228,21 +228,21 @@ def test_full_plan_chains_every_job(tmp_path):
     mrc = plan[2]
     assert mrc.array and len(mrc.tasks) == 4
     names = [m for t in mrc.tasks for m in t.names]
-    assert names == parts.mrc_module_names(tiny()) and len(names) == 21  # each module once, network order
+    assert names == criticality.mrc_module_names(tiny()) and len(names) == 21  # each module once, network order
     assert [t.args["pairs"] for t in plan[5].tasks] == [[[None, 0.0]], [[None, 0.5]], [[None, 1.0]]]
     assert plan[3].tasks[0].args["assignment"] == [t.names for t in mrc.tasks]
 
 
 def test_array_groups_are_balanced_contiguous_assignments():
     cfg = tiny()
-    groups = parts.mrc_groups(cfg, 4)
+    groups = criticality_array.mrc_groups(cfg, 4)
     from rift_dist.models import build_model
     from rift_dist.stages.criticality import assign_modules, module_costs
 
-    names = parts.mrc_module_names(cfg)
+    names = criticality.mrc_module_names(cfg)
     costs = module_costs(build_model(cfg), names, (3, 32, 32))
     assert groups == assign_modules(names, costs, 4)
-    assert parts.mrc_groups(cfg, 100) == [[n] for n in names]  # more tasks than modules: one each
+    assert criticality_array.mrc_groups(cfg, 100) == [[n] for n in names]  # more tasks than modules: one each
 
 
 def test_plan_skips_what_is_done_and_checks_inputs(tmp_path):
@@ -253,7 +253,7 @@ def test_plan_skips_what_is_done_and_checks_inputs(tmp_path):
     mark_done(cfg, tmp_path, "train")
     (tmp_path / "mrc").mkdir()
     (tmp_path / "mrc" / "adversarial_set.pt").write_bytes(b"")
-    groups = parts.mrc_groups(cfg, 4)
+    groups = criticality_array.mrc_groups(cfg, 4)
     (tmp_path / "mrc" / "modules").mkdir()
     for name in groups[0] + groups[2]:
         (tmp_path / "mrc" / "modules" / f"{name}.json").write_text("{}")
@@ -273,12 +273,12 @@ def test_only_submits_single_tasks_without_what_follows(tmp_path):
     cfg = tiny()
     profile = cluster.load_profile(None, ["stages.mrc.array_size=4"])
     mark_done(cfg, tmp_path, "train")
-    module = parts.mrc_groups(cfg, 4)[2][1]
+    module = criticality_array.mrc_groups(cfg, 4)[2][1]
     plan = cluster.plan_jobs(cfg, profile, tmp_path, only=[f"mrc:{module}"])
     assert [j.name for j in plan] == ["mrc"] and [t.args["modules"] for t in plan[0].tasks] == [[module]]
     assert plan[0].depends_on == []
     plan = cluster.plan_jobs(cfg, profile, tmp_path, only=["mrc:2"])
-    assert plan[0].tasks[0].args["modules"] == parts.mrc_groups(cfg, 4)[2]
+    assert plan[0].tasks[0].args["modules"] == criticality_array.mrc_groups(cfg, 4)[2]
     plan = cluster.plan_jobs(cfg, profile, tmp_path, only=["interpolate:0.5", "mrc-gather"])
     assert [j.name for j in plan] == ["mrc-gather", "interpolate"]
     assert plan[1].tasks[0].args["pairs"] == [[None, 0.5]]
@@ -306,10 +306,10 @@ def test_choose_candidate_applies_the_alpha_rule_over_all_pairs():
         "layer3.0.conv1": [at, {"alpha": 0.5, "clean_accuracy": 0.83, "robust_accuracy": 0.4995},
                            {"alpha": 1.0, "clean_accuracy": 0.85, "robust_accuracy": 0.45}],
     }
-    module, row = parts.choose_candidate(per, at, 0.001)
+    module, row = interpolation.choose_candidate(per, at, 0.001)
     assert module == "layer3.0.conv1" and row["alpha"] == 0.5  # within 0.1 pp of AT's robust accuracy
     per["layer3.0.conv1"][1] = {"alpha": 0.5, "clean_accuracy": 0.82, "robust_accuracy": 0.50}
-    assert parts.choose_candidate(per, at, 0.001)[0] == "layer2.1.conv2"  # full tie: the lower-MRC candidate
+    assert interpolation.choose_candidate(per, at, 0.001)[0] == "layer2.1.conv2"  # full tie: the lower-MRC candidate
 
 
 # ------------------------------------------------------------------------------------------ launcher env
