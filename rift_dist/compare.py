@@ -221,7 +221,7 @@ def evaluate_point(ctx, model: nn.Module, dataset, corruption_sets: list, attack
         {"clean", "robust", "corruption" (None without sets), "n", "scores": {"clean", "robust",
         "corruption"} (numpy [n]: 0/1, and the fraction of corruption sets each image is right on)}.
     """
-    from rift_dist.stages.common import evaluate_model
+    from rift_dist.eval.protocol import evaluate_model
 
     ev = evaluate_model(ctx, model, dataset, attack, restarts, seed=seed, desc=desc, per_sample=True)
     scores = {"clean": ev["clean_correct"].astype(np.float64), "robust": ev["robust_correct"].astype(np.float64)}

@@ -591,7 +591,7 @@ def _validate(cfg: RunConfig, source: str) -> None:
 
     Runs inside :func:`from_dict` / :func:`load_config`, i.e. before any data, MLflow or run-directory work.
     (``eval.corruption_protocol`` and the AutoAttack names are checked by
-    ``rift_dist.robustness.validate_eval_config``.)
+    ``rift_dist.eval.protocol.validate_eval_config``.)
 
     Raises:
         ConfigError: ``"<file>: '<key>' is <value>; it must be <rule>; fix it in <file> or with --set <key>=..."``.

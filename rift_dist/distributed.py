@@ -142,6 +142,14 @@ def read_launch_env(environ: dict | None = None) -> LaunchEnv:
     return le
 
 
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of rank's contiguous shard of n items (np.array_split semantics: the first n % world_size
+    ranks get one item more).  The one rule for splitting evaluation sets, MRC's modules and examples across ranks."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``host`` right now (for single-node rendezvous in tests and one-process groups)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -530,6 +538,10 @@ class Runtime:
     def distributed(self) -> bool:
         """True with more than one process."""
         return self.world_size > 1
+
+    def shard(self, n: int) -> tuple[int, int]:
+        """[start, stop) of this rank's contiguous shard of ``n`` items (:func:`shard_bounds`)."""
+        return shard_bounds(n, self.rank, self.world_size)
 
     # ------------------------------------------------------------------ collectives
     def comm_error(self, what: str, exc: BaseException) -> DistributedError:

@@ -1,8 +1,8 @@
 """``rift evaluate CONFIG --checkpoint PATH``: the full robustness evaluation of a checkpoint made elsewhere.
 
 An entry point beside :mod:`rift_dist.pipeline` (it sets up a run the same way) that uses the evaluation
-stage's data helpers and :mod:`rift_dist.robustness`'s suite; kept out of ``robustness`` so that the
-evaluation library does not import the pipeline that uses it.
+stage's data helpers, :mod:`rift_dist.eval.protocol`'s suite and :mod:`rift_dist.eval.report`'s tables; kept
+out of ``eval`` so that the evaluator does not import the pipeline that uses it.
 """
 
 from __future__ import annotations
@@ -13,15 +13,8 @@ from rift_dist.config import dump_yaml, flatten
 from rift_dist.distributed import Runtime
 from rift_dist.models.convert import load_external_checkpoint
 from rift_dist.pipeline import configure_torch, make_context
-from rift_dist.robustness import (
-    report_markdown,
-    print_report,
-    result_csv_rows,
-    result_metrics,
-    robustness_suite,
-    validate_eval_config,
-    write_csv,
-)
+from rift_dist.eval.protocol import robustness_suite, validate_eval_config
+from rift_dist.eval.report import print_report, report_markdown, result_csv_rows, result_metrics, write_csv
 from rift_dist.stages.common import new_model, write_json
 from rift_dist.stages.evaluation import corruption_sets, evaluate_corruptions, test_dataset
 

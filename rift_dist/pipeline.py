@@ -242,7 +242,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path | None = None, stages=STAGE
             ctx.log(note)
         results = run_stages(ctx, list(stages))
         if print_table and runtime.is_main and (run_dir / "summary.json").is_file() and "evaluate" in stages:
-            from rift_dist.stages.evaluation import print_summary
+            from rift_dist.eval.report import print_summary
 
             print_summary(json.loads((run_dir / "summary.json").read_text()))
         if runtime.is_main and (link := mlflow_link(ctx.tracker)):

@@ -109,7 +109,7 @@ def check_config(cfg, world_size: int | None = None) -> None:
       be imported, ``data.order: quasi_random`` with more than one rank (``world_size``; None = from the
       launcher's environment), storage and JPEG quality.  Skipped when the FFCV module itself cannot be
       imported (then ``data.loader: ffcv`` fails in the loader with the install command).
-    * The ``eval`` section (:func:`rift_dist.robustness.validate_eval_config`): ``eval.corruption_protocol``,
+    * The ``eval`` section (:func:`rift_dist.eval.protocol.validate_eval_config`): ``eval.corruption_protocol``,
       the AutoAttack names, step counts - checked here, not first in the evaluation stage hours later.
     * Module names (:func:`check_module_names`): ``finetune.modules`` / ``mrc.modules`` exist in the model.
 
@@ -124,7 +124,7 @@ def check_config(cfg, world_size: int | None = None) -> None:
         check_ffcv_config = None
     if check_ffcv_config is not None:
         check_ffcv_config(cfg, world_size)
-    from rift_dist.robustness import validate_eval_config
+    from rift_dist.eval.protocol import validate_eval_config
 
     validate_eval_config(cfg)
     check_module_names(cfg)

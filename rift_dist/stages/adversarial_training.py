@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from rift_dist import checkpoint, interrupts
 from rift_dist.attacks import pgd
 from rift_dist.distributed import seed_for, stream_seed
+from rift_dist.eval.protocol import evaluate_model
 from rift_dist.stages.common import (
-    StageContext, evaluate_model, multistep_lr, new_model, set_lr, write_done, write_json,
+    StageContext, multistep_lr, new_model, set_lr, write_done, write_json,
 )
 
 STAGE = "train"

@@ -1,4 +1,4 @@
-"""What every stage shares: the context it runs in, artefact paths, done markers and evaluation.
+"""What every stage shares: the context it runs in, artefact paths, done markers and the LR schedule.
 
 A stage is a function ``run(ctx) -> dict`` of the config and the artefacts of
 earlier stages (read from the run directory); it writes its own artefacts
@@ -12,21 +12,18 @@ collectives) and to the engine that ``ctx.runtime.parallelize_with`` returns.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from rift_dist import checkpoint
-from rift_dist.attacks import pgd, predict
-from rift_dist.config import AttackConfig, RunConfig, flatten
-from rift_dist.distributed import Runtime, seed_for
+from rift_dist.config import RunConfig, flatten
+from rift_dist.distributed import Runtime
 from rift_dist.models import build_model
 from rift_dist.precision import Precision
 from rift_dist.stages import STAGES, StageError
@@ -180,111 +177,6 @@ def at_state(ctx: StageContext) -> dict:
     return load_state(Path(path), "the adversarially trained model")
 
 
-# ------------------------------------------------------------------------------ evaluation
-
-
-def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[start, stop) of rank's contiguous shard of n items (np.array_split semantics)."""
-    base, extra = divmod(n, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
-
-
-def index_noise(indices: torch.Tensor, shape: tuple[int, ...], seed: int, block: int = 256) -> torch.Tensor:
-    """Uniform [-1, 1] noise for samples identified by global index, the same whatever the batching.
-
-    Noise of global index i is row ``i % block`` of a tensor drawn from a generator
-    seeded by ``(seed, i // block)``, so sharded and single-process evaluations
-    use identical random starts.  Returns float32 [len(indices), *shape].
-    """
-    out = torch.empty((len(indices), *shape))
-    idx = indices.cpu().numpy()
-    for b in np.unique(idx // block):
-        g = torch.Generator().manual_seed(seed_for(seed, int(b)))
-        rows = torch.empty((block, *shape)).uniform_(-1, 1, generator=g)
-        sel = np.nonzero(idx // block == b)[0]
-        out[torch.from_numpy(sel)] = rows[torch.from_numpy(idx[sel] % block)]
-    return out
-
-
-def evaluate_model(
-    ctx: StageContext,
-    model: nn.Module,
-    dataset,
-    attack: AttackConfig | None,
-    restarts: int = 1,
-    seed: int = 0,
-    desc: str = "eval",
-    loss: str = "ce",
-    in_memory: bool = False,
-    per_sample: bool = False,
-) -> dict[str, float]:
-    """Clean (and PGD robust) accuracy of ``model`` on ``dataset`` (an ArrayDataset), sharded across ranks.
-
-    Each rank evaluates a contiguous shard in a fixed order; counts are
-    summed over ranks, so the result equals a one-process evaluation exactly.
-    Random starts come from :func:`index_noise` keyed on each sample's global index.
-    A sample is robust only if it survives every restart.
-
-    ``in_memory=True`` reads the arrays directly (torch loader) instead of through FFCV,
-    which would first write a .beton file: right for one-off sets such as the 75
-    corruption sets.
-
-    ``per_sample=True`` also returns which samples were right, in dataset order, gathered from every
-    rank (for paired statistics: ``rift compare``'s per-image paired differences).
-
-    Returns:
-        {"clean_accuracy", "robust_accuracy" (when attack is given), "num_examples"}; fractions in [0, 1].
-        With ``per_sample``: also "clean_correct" (and "robust_correct"), bool numpy arrays [len(dataset)].
-    """
-    from rift_dist.data.loaders import build_loader, build_torch_loader
-
-    make = build_torch_loader if in_memory else build_loader
-    loader = make(ctx.cfg, "eval", ctx.runtime.rank, ctx.runtime.world_size, train=False,
-                  dataset=dataset, device=ctx.device)
-    total = torch.zeros(3, dtype=torch.float64)
-    start, _ = shard_bounds(len(dataset), ctx.runtime.rank, ctx.runtime.world_size)
-    offset = start
-    correct = torch.zeros((2, len(dataset)), dtype=torch.float64) if per_sample else None
-    prep = ctx.precision.prepare_input
-    ac = ctx.precision.autocast
-    model = ctx.precision.frozen_model(model)  # eval mode; BatchNorm folded when precision.fold_bn (a copy)
-    for images, labels in ctx.bar(loader, total=len(loader), desc=desc):
-        images, labels = images.to(ctx.device), labels.to(ctx.device)
-        n = labels.numel()
-        clean = predict(model, prep(images), ac) == labels
-        total[0] += clean.sum().item()
-        total[2] += n
-        if attack is not None:
-            robust = clean.clone()
-            gidx = torch.arange(offset, offset + n)
-            for r in range(restarts):
-                idx = robust.nonzero().flatten()
-                if idx.numel() == 0:
-                    break
-                noise = index_noise(gidx[idx.cpu()], tuple(images.shape[1:]), seed_for(seed, r)).to(ctx.device)
-                x_adv = pgd(model, prep(images[idx]), labels[idx], attack.epsilon, attack.step_size,
-                            attack.num_steps, attack.random_start, loss=loss, noise=noise, autocast=ac)
-                robust[idx] &= predict(model, prep(x_adv), ac) == labels[idx]
-            total[1] += robust.sum().item()
-            if correct is not None:
-                correct[1, offset:offset + n] = robust.cpu().double()
-        if correct is not None:
-            correct[0, offset:offset + n] = clean.cpu().double()
-        offset += n
-    ctx.runtime.all_reduce_sum(total)
-    n = max(total[2].item(), 1)
-    out = {"clean_accuracy": total[0].item() / n, "num_examples": int(total[2].item())}
-    if attack is not None:
-        out["robust_accuracy"] = total[1].item() / n
-    if correct is not None:
-        ctx.runtime.all_reduce_sum(correct)  # each rank filled its own shard; the sum is the whole set
-        out["clean_correct"] = correct[0].numpy() > 0.5
-        if attack is not None:
-            out["robust_correct"] = correct[1].numpy() > 0.5
-    return out
-
-
 def multistep_lr(base: float, milestones: list[int], gamma: float, epoch: int) -> float:
     """Learning rate of ``epoch`` (0-based) under a multi-step schedule (decay after each milestone epoch)."""
     return base * gamma ** sum(epoch >= m for m in milestones)
@@ -294,10 +186,3 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every parameter group's learning rate."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-def fmt_pct(x: float | None) -> str:
-    """A fraction as a percentage with two decimals ('-' for None or NaN)."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return f"{100 * x:.2f}"

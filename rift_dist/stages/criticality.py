@@ -60,9 +60,10 @@ from rift_dist.plotting import save_figure
 from rift_dist import checkpoint, interrupts
 from rift_dist.attacks import eval_mode, pgd
 from rift_dist.distributed import seed_for, stream_seed
+from rift_dist.eval.protocol import index_noise
 from rift_dist.models import list_modules, module_names, unwrap
 from rift_dist.stages.common import (
-    StageContext, StageError, at_state, index_noise, new_model, shard_bounds, write_done, write_json,
+    StageContext, StageError, at_state, new_model, write_done, write_json,
 )
 
 STAGE = "mrc"
@@ -506,7 +507,7 @@ def build_adversarial_set(ctx: StageContext, model: nn.Module) -> tuple[torch.Te
     g = torch.Generator().manual_seed(stream_seed(cfg.seed, "mrc-examples"))
     chosen = torch.randperm(len(train), generator=g)[:n].sort().values.numpy()
     subset = train.subset(chosen)
-    start, stop = shard_bounds(n, ctx.runtime.rank, ctx.runtime.world_size)
+    start, stop = ctx.runtime.shard(n)
     a = cfg.mrc.attack
     attack_model = ctx.precision.frozen_model(model)  # eval mode, BatchNorm folded when precision.fold_bn
     chunks = []

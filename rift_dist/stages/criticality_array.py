@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from rift_dist.models import module_names
-from rift_dist.stages.common import StageContext, StageError, at_state, new_model, shard_bounds, write_json
+from rift_dist.stages.common import StageContext, StageError, at_state, new_model, write_json
 from rift_dist.stages.criticality import (
     STAGE, assign_modules, build_adversarial_set, check_modules, compute_modules, log_rows, module_costs, module_file,
     mrc_module_names, run,
@@ -102,7 +102,7 @@ def compute_mrc(ctx: StageContext, modules: list[str], run=None) -> list[dict]:
     images, labels = build_adversarial_set(ctx, model)
     todo = missing_modules(ctx.run_dir, modules)
     ctx.log(f"[mrc] task: {len(modules)} module(s) ({len(modules) - len(todo)} already done): {', '.join(modules)}")
-    start, stop = shard_bounds(len(modules), ctx.runtime.rank, ctx.runtime.world_size)
+    start, stop = ctx.runtime.shard(len(modules))
     rows = compute_modules(ctx, model, images, labels, modules[start:stop])
     if ctx.runtime.world_size > 1:
         rows = [r for part in ctx.runtime.all_gather_object(rows) for r in part]

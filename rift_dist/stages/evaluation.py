@@ -7,12 +7,12 @@ version, Croce & Hein 2020) with ``eval.autoattack``; corruption accuracy
 (mean over the corruptions and severities of a CIFAR-10-C style set, with
 per-corruption and per-severity tables; ``eval.corruption_protocol`` picks the
 standard set, the authors' code's 18 corruptions, or both); and the sanity
-checks against false robustness of :mod:`rift_dist.robustness`, whose failures
+checks against false robustness of :mod:`rift_dist.eval.sanity`, whose failures
 are flagged in the summary and in MLflow.  All on the test split (the first
 ``eval.n_examples`` images when set, recorded with the result), once, at the
 end.  Long evaluations keep per-sample progress in ``evaluate/progress`` and
-resume after a kill.  Writes ``summary.json``, ``summary.md``, ``summary.csv``
-and prints the table.
+resume after a kill.  Every figure comes from :mod:`rift_dist.eval.protocol`; writes ``summary.json``,
+``summary.md`` and ``summary.csv`` (tables of :mod:`rift_dist.eval.report`).
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ from pathlib import Path
 
 import torch
 
-from rift_dist.plotting import save_figure
 from rift_dist.atomic import atomic_write_text
-from rift_dist.stages.common import (
-    StageContext, at_state, evaluate_model, fmt_pct, load_state, new_model, write_done, write_json,
+from rift_dist.eval.protocol import evaluate_model, robustness_suite, state_fingerprint, validate_eval_config
+from rift_dist.eval.report import (
+    headline_metrics, headline_tags, result_csv_rows, result_metrics, summary_markdown, write_csv,
 )
+from rift_dist.plotting import save_figure
+from rift_dist.stages.common import StageContext, at_state, load_state, new_model, write_done, write_json
 
 STAGE = "evaluate"
 
@@ -99,8 +101,6 @@ def evaluate_corruptions(ctx: StageContext, model, sets, label: str = "", progre
     With ``progress_dir``, finished sets are recorded in ``<progress_dir>/<label>-corruptions.json``
     (keyed by the model's weights) and skipped when the evaluation is resumed.
     """
-    from rift_dist.robustness import state_fingerprint
-
     table: dict[str, float] = {}
     store = Path(progress_dir) / f"{label}-corruptions.json" if progress_dir is not None else None
     fp = state_fingerprint(model) if store is not None else ""
@@ -139,8 +139,6 @@ def evaluate_corruptions(ctx: StageContext, model, sets, label: str = "", progre
 
 def evaluate_one(ctx: StageContext, state: dict, test, sets, label: str) -> dict:
     """Clean, PGD (paper protocol and variants), optional AutoAttack, sanity checks and corruption accuracy."""
-    from rift_dist.robustness import robustness_suite
-
     model = new_model(ctx, state)
     t0 = time.time()
     progress = ctx.run_dir / STAGE / "progress"
@@ -168,8 +166,6 @@ def test_dataset(ctx: StageContext):
 
 def run(ctx: StageContext) -> dict:
     """Evaluate the AT and RiFT models on the test split; write ``summary.{json,md,csv}`` and log to MLflow."""
-    from rift_dist.robustness import result_csv_rows, result_metrics, validate_eval_config, write_csv
-
     cfg = ctx.cfg
     validate_eval_config(cfg)
     theta_at = at_state(ctx)
@@ -226,78 +222,6 @@ def run(ctx: StageContext) -> dict:
     return outputs
 
 
-def headline_metrics(summary: dict) -> dict[str, float]:
-    """The parent run's headline numbers in percent and deltas in points, e.g. ``at_clean_accuracy_pct``,
-    ``rift_robust_accuracy_pct``, ``delta_corruption_accuracy_pp``, and ``alpha_star``.
-
-    MLflow's runs table shows these without a click; the fractions stay on the evaluation child run.
-    """
-    out = {}
-    for key in ("clean_accuracy", "robust_accuracy", "corruption_accuracy"):
-        a, b = summary["at"].get(key), summary["rift"].get(key)
-        if a is None or b is None:
-            continue
-        out[f"at_{key}_pct"] = 100 * a
-        out[f"rift_{key}_pct"] = 100 * b
-        out[f"delta_{key}_pp"] = 100 * (b - a)
-    out["alpha_star"] = float(summary["alpha"])
-    return out
-
-
-def headline_tags(cfg, summary: dict) -> dict[str, str]:
-    """Tags of the parent run: module(s), alpha*, data set, architecture, seed, and the table as its description.
-
-    ``mlflow.note.content`` is the run's description in the MLflow UI (rendered Markdown).
-    """
-    table = ["| metric | AT | RiFT | delta (pp) |", "| --- | --- | --- | --- |"]
-    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(summary)]
-    same = " (alpha* = 0: the RiFT model is the AT model)" if summary["alpha"] == 0 else ""
-    note = (f"**RiFT on {cfg.data.dataset} / {cfg.model.arch}**, seed {cfg.seed}: fine-tuned module(s) "
-            f"`{', '.join(summary['modules'])}`, alpha* = {summary['alpha']:g}{same}, "
-            f"{summary['test_examples']} test images.\n\n" + "\n".join(table))
-    return {"rift.modules": ",".join(summary["modules"]), "rift.alpha_star": f"{summary['alpha']:g}",
-            "rift.dataset": cfg.data.dataset, "rift.arch": cfg.model.arch, "rift.seed": str(cfg.seed),
-            "mlflow.note.content": note}
-
-
-def summary_rows(summary: dict) -> list[tuple[str, str, str, str]]:
-    """(metric, AT, RiFT, delta) rows of the final table, accuracies in %."""
-    at, rift = summary["at"], summary["rift"]
-    rows = []
-
-    def add(label, a, b):
-        rows.append((label, fmt_pct(a), fmt_pct(b), f"{100 * (b - a):+.2f}" if a is not None and b is not None else "-"))
-
-    add("clean accuracy", at["clean_accuracy"], rift["clean_accuracy"])
-    p = summary["pgd"]
-    add(f"robust accuracy (PGD-{p['num_steps']}, worst of {p['restarts']})", at["robust_accuracy"], rift["robust_accuracy"])
-    main = f"pgd-{p['num_steps']}"
-    for name, r in at.get("pgd", {}).items():
-        if name == main or name not in rift.get("pgd", {}):
-            continue
-        s = r["attacks"][0]["settings"]
-        add(f"robust accuracy ({name.upper().replace('-MARGIN', ', margin loss')}, worst of {s['restarts']})",
-            r["robust_accuracy"], rift["pgd"][name]["robust_accuracy"])
-    if "autoattack_accuracy" in at:
-        add("AutoAttack accuracy (standard)", at["autoattack_accuracy"], rift.get("autoattack_accuracy"))
-    if "corruption_accuracy" in at:
-        add("corruption accuracy", at["corruption_accuracy"], rift["corruption_accuracy"])
-        for name, pr in at.get("corruption", {}).get("protocols", {}).items():
-            if len(at["corruption"]["protocols"]) > 1:
-                add(f"  corruption accuracy, {name} protocol", pr["mean"],
-                    rift["corruption"]["protocols"][name]["mean"])
-    return rows
-
-
-def _pair_table(title: str, left: dict, right: dict) -> list[str]:
-    lines = [f"| {title} | AT (%) | RiFT (%) | delta (pp) |", "| --- | --- | --- | --- |"]
-    for k, a in left.items():
-        b = right.get(k)
-        lines.append(f"| {k} | {fmt_pct(a)} | {fmt_pct(b)} | {100 * (b - a):+.2f} |" if b is not None
-                     else f"| {k} | {fmt_pct(a)} | - | - |")
-    return lines + [""]
-
-
 def same_weights(a: dict, b: dict) -> bool:
     """True when two state dicts hold the same keys and bitwise equal tensors."""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -342,103 +266,3 @@ def plot_at_vs_rift(path: Path, summary: dict) -> dict:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, ax, path)
-
-
-def summary_markdown(summary: dict) -> str:
-    """The AT-vs-RiFT table as Markdown, with settings, AutoAttack, corruption tables and sanity checks."""
-    from rift_dist.robustness import sanity_markdown
-
-    at, rift = summary["at"], summary["rift"]
-    lines = ["| metric | AT | RiFT | delta |", "| --- | --- | --- | --- |"]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(summary)]
-    lines.append("")
-    lines.append(f"Fine-tuned module(s): {', '.join(summary['modules'])}; alpha* = {summary['alpha']:g} "
-                 f"(chosen on the {summary['selection_split']} split); {summary['test_examples']} test images"
-                 + (f" (quick look: eval.n_examples = {summary['n_examples']})" if summary.get("n_examples") else "")
-                 + ".")
-    if rift.get("same_as_at"):
-        lines.append("")
-        lines.append("alpha* = 0: **the RiFT model is the AT model** (identical weights); its figures are the AT "
-                     "model's, evaluated once.")
-    lines.append("")
-    lines.append("Figures: ![AT vs RiFT](evaluate/at_vs_rift.png) ![MRC per module](mrc/mrc.png) "
-                 "![interpolation sweep](interpolate/interpolation.png) (paths in the run directory; in MLflow "
-                 "they are the evaluation run's figures/ artefacts)")
-    lines.append("")
-    lines.append("Attack settings (L-inf, pixels in [0, 1]):")
-    for name, r in at.get("pgd", {}).items():
-        s = r["attacks"][0]["settings"]
-        lines.append(f"- {name}: epsilon {255 * s['epsilon']:g}/255, step {255 * s['step_size']:g}/255, "
-                     f"{s['num_steps']} steps, random start, worst of {s['restarts']} restart(s), {s['loss']} loss")
-    if at.get("autoattack"):
-        aa = summary["autoattack"]
-        lines.append(f"- AutoAttack (standard, torchattacks classes): {', '.join(aa['attacks'])}; "
-                     f"{aa['steps']} iterations, Square {aa['queries']} queries, seed {aa['seed']}; a sample is robust "
-                     f"only if it survives every attack")
-        lines.append("")
-        lines += _pair_table("robust accuracy after attack", {x["name"]: x["robust_after"] for x in at["autoattack"]["attacks"]},
-                             {x["name"]: x["robust_after"] for x in rift["autoattack"]["attacks"]})
-        for note in at["autoattack"].get("notes", []):
-            lines.append(f"Note: {note}")
-    lines.append("")
-    if at.get("epsilon_sweep"):
-        p = summary["pgd"]
-        lines.append(f"Epsilon sweep (sanity check): {255 * p['epsilon']:g}/255 is the paper's PGD above; the other "
-                     f"epsilons use PGD-{p['num_steps']} with step epsilon/4.")
-        lines.append("")
-        lines += _pair_table("PGD robust accuracy at epsilon",
-                             {f"{255 * q['epsilon']:g}/255": q["robust_accuracy"] for q in at["epsilon_sweep"]},
-                             {f"{255 * q['epsilon']:g}/255": q["robust_accuracy"] for q in rift["epsilon_sweep"]})
-    if summary.get("corruption_set"):
-        cs = summary["corruption_set"]
-        lines.append(f"Corruptions: {cs['label']}; protocol {cs.get('protocol', 'standard')}; "
-                     f"{len(cs['corruptions'])} corruptions x severities {cs['severities']}, "
-                     f"{cs.get('images_per_set', '?')} images each.")
-        lines.append("")
-        if "corruption" in at:
-            lines += _pair_table("corruption", at["corruption"]["per_corruption"], rift["corruption"]["per_corruption"])
-            lines += _pair_table("severity", at["corruption"]["per_severity"], rift["corruption"]["per_severity"])
-            protos = at["corruption"].get("protocols", {})
-            if protos:
-                lines += _pair_table("protocol (mean)", {k: v["mean"] for k, v in protos.items()},
-                                     {k: v["mean"] for k, v in rift["corruption"]["protocols"].items()})
-    for key, title in (("at", "AT"), ("rift", "RiFT")):
-        if summary[key].get("sanity"):
-            lines += sanity_markdown(summary[key]["sanity"], title)
-    return "\n".join(lines) + "\n"
-
-
-def print_summary(summary: dict) -> None:
-    """Print the AT-vs-RiFT table to the terminal (rich), with failed sanity checks in red."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="RiFT: adversarially trained (AT) vs RiFT model, test split")
-    for col in ("metric", "AT (%)", "RiFT (%)", "delta (pp)"):
-        table.add_column(col, justify="right" if col != "metric" else "left")
-    for row in summary_rows(summary):
-        table.add_row(*row)
-    console = Console()
-    console.print(table)
-    console.print(f"fine-tuned module(s): [bold]{', '.join(summary['modules'])}[/bold]   "
-                  f"alpha* = [bold]{summary['alpha']:g}[/bold] (chosen on the {summary['selection_split']} split)   "
-                  f"test images: {summary['test_examples']}")
-    if summary.get("corruption_set"):
-        console.print(f"corruptions: {summary['corruption_set']['label']}")
-    corr_at, corr_rift = summary["at"].get("corruption"), summary["rift"].get("corruption")
-    if corr_at and corr_rift:
-        ct = Table(title="corruption accuracy (%) by corruption and severity")
-        for col in ("corruption / severity", "AT", "RiFT"):
-            ct.add_column(col, justify="left" if col.startswith("corr") else "right")
-        for c, v in corr_at["per_corruption"].items():
-            ct.add_row(c, fmt_pct(v), fmt_pct(corr_rift["per_corruption"].get(c)))
-        for s, v in corr_at["per_severity"].items():
-            ct.add_row(f"severity {s}", fmt_pct(v), fmt_pct(corr_rift["per_severity"].get(s)))
-        console.print(ct)
-    sanity = summary.get("sanity", {})
-    if sanity.get("enabled"):
-        if sanity.get("passed"):
-            console.print("[green]robustness sanity checks: all passed[/green]")
-        else:
-            console.print(f"[bold red]robustness sanity checks FAILED: {', '.join(sanity['failed'])} — "
-                          f"do not trust the robust accuracy (see summary.md)[/bold red]")

@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from rift_dist import checkpoint, interrupts
+from rift_dist.eval.protocol import evaluate_model
 from rift_dist.models import get_module
 from rift_dist.stages.common import (
-    StageContext, StageError, at_state, evaluate_model, multistep_lr, new_model, set_lr, write_done, write_json,
+    StageContext, StageError, at_state, multistep_lr, new_model, set_lr, write_done, write_json,
 )
 
 STAGE = "finetune"

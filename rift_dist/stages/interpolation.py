@@ -28,8 +28,9 @@ from rift_dist import checkpoint, interrupts
 from rift_dist.atomic import atomic_write_text
 from rift_dist.distributed import stream_seed
 from rift_dist.config import AttackConfig
+from rift_dist.eval.protocol import evaluate_model
 from rift_dist.stages.common import (
-    StageContext, StageError, at_state, evaluate_model, load_state, new_model, write_done, write_json,
+    StageContext, StageError, at_state, load_state, new_model, write_done, write_json,
 )
 
 STAGE = "interpolate"

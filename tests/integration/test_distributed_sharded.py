@@ -21,7 +21,8 @@ def _worker(rank, world, cfg_path, root):
     from rift_dist.distributed import Runtime
     from rift_dist.pipeline import configure_torch, make_context, run_stages
     from rift_dist.stages import criticality
-    from rift_dist.stages.common import evaluate_model, new_model
+    from rift_dist.eval.protocol import evaluate_model
+    from rift_dist.stages.common import new_model
 
     run_dir = Path(root) / f"world{world}"
     computed = []

@@ -14,11 +14,13 @@ from rift_dist.data.sources import ArrayDataset
 from rift_dist.distributed import Runtime
 from rift_dist.models import build_model_from
 from rift_dist.precision import resolve_precision
-from rift_dist.robustness import (
-    CLEAN_WRONG, NOT_DONE, ROBUST, PGDAttack, ProgressFile, autoattack_steps, evaluate_sequence,
-    robustness_suite, run_attack_sequence, sanity_checks, validate_eval_config,
+from rift_dist.eval.autoattack import autoattack_steps
+from rift_dist.eval.protocol import (
+    CLEAN_WRONG, NOT_DONE, ROBUST, PGDAttack, ProgressFile, evaluate_model, evaluate_sequence, robustness_suite,
+    run_attack_sequence, validate_eval_config,
 )
-from rift_dist.stages.common import StageContext, evaluate_model
+from rift_dist.eval.sanity import sanity_checks
+from rift_dist.stages.common import StageContext
 from rift_dist.tracking import Tracker
 
 EPS = 8 / 255

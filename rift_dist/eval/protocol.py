@@ -1,42 +1,35 @@
-"""Evaluation a reviewer can trust: AutoAttack, the paper's PGD protocol, resumable and sharded, with checks.
+"""One evaluator: the attack protocol behind every accuracy a run reports (RiFT §5.1; Croce & Hein 2020, §4).
 
-What is here
-------------
+Training's best-epoch selection, fine-tuning's selection, the interpolation sweep, the corruption sets,
+``rift compare`` and the final numbers all go through the same per-batch core and the same accounting:
+
 - :func:`run_attack_sequence` — the per-sample core.  A sample is *robust* only if the
   model classifies it correctly on the clean input and after EVERY attack of a
   sequence; each attack runs only on the samples still robust after the ones
-  before it (AutoAttack's protocol, Croce & Hein 2020, §4).  The verdict is
-  always the model's own prediction on the returned image, after that image is
-  projected into the threat model (pixels in [0, 1], L-inf distance <= epsilon);
-  an attack that returns a point outside it, or NaN, is counted (and the point
-  clamped), never trusted.
-- Attacks: :class:`PGDAttack` (RiFT §5.1: PGD-10, 8/255, step 2/255, worst case
-  over restarts; also PGD-20/50 and the CW margin loss) and the four attacks of
-  standard AutoAttack through torchattacks' own classes (:func:`autoattack_steps`:
-  APGD-CE, APGD-T, FAB-T, Square, 100 iterations / 5000 queries, min(9, K - 1)
-  target classes, an explicit seed).
-- :func:`evaluate_sequence` — runs a sequence over a data set, sharded across
-  ranks (``shard_bounds``; counts summed with ``ctx.runtime.all_reduce_sum``),
-  writing every sample's outcome to a progress file after each batch, so a
-  killed or preempted evaluation resumes where it stopped.
-- :func:`sanity_checks` — checks against false robustness (Carlini et al. 2019,
-  "On evaluating adversarial robustness", §5; Croce & Hein 2020 §5): robust <=
-  clean accuracy; robust accuracy falls as epsilon grows; epsilon 0 gives the
-  clean accuracy; the gradient-free Square attack does not beat the gradient
-  attacks by a wide margin; every attack stays inside the threat model.
-- :func:`robustness_suite` (used by the evaluation stage), :func:`autoattack_accuracy`
-  and :func:`evaluate_checkpoint` (``rift evaluate CONFIG --checkpoint PATH``).
+  before it (AutoAttack's protocol).  The verdict is always the model's own
+  prediction on the returned image, after that image is projected into the threat
+  model (pixels in [0, 1], L-inf distance <= epsilon); an attack that returns a
+  point outside it, or NaN, is counted (and the point clamped), never trusted.
+- :class:`PGDAttack` (RiFT §5.1: PGD-10, 8/255, step 2/255, worst case over restarts; also PGD-20/50 and
+  the CW margin loss), random starts keyed on each sample's global index (:func:`index_noise`), so a result
+  does not depend on batching, sharding or resuming.  AutoAttack's attacks: :mod:`rift_dist.eval.autoattack`.
+- Two drivers over a data set, sharded across ranks (``shard_bounds``; counts summed with
+  ``runtime.all_reduce_sum``, so the result equals a one-process run), sharing :func:`_account`:
+  :func:`evaluate_model` (the run's data loader; clean accuracy and PGD robust accuracy, optionally per
+  sample) and :func:`evaluate_sequence` (any attack sequence on the arrays, writing every sample's outcome
+  to a progress file after each batch, so a killed or preempted evaluation resumes where it stopped).
+- :func:`robustness_suite` — every figure of one model for the final table (the paper's PGD, PGD-20/50, the
+  margin PGD, AutoAttack, the sanity attacks), judged by :func:`rift_dist.eval.sanity.sanity_checks`.
 
-Units: pixels in [0, 1]; epsilons and step sizes are fractions of that range;
-accuracies are fractions in [0, 1].  Stage code never imports torch.distributed.
+Units: pixels in [0, 1]; epsilons and step sizes are fractions of that range; accuracies are fractions in
+[0, 1].  ``ctx`` arguments are a :class:`rift_dist.stages.common.StageContext` (config, runtime, precision,
+progress bars); nothing here imports torch.distributed or the stages.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
-import io
 import json
 import os
 import tempfile
@@ -51,8 +44,9 @@ from torch import nn
 
 from rift_dist.attacks import eval_mode, pgd
 from rift_dist.config import ConfigError
-from rift_dist.distributed import seed_for, stream_seed
-from rift_dist.stages.common import StageContext, fmt_pct, index_noise, shard_bounds
+from rift_dist.distributed import seed_for, shard_bounds, stream_seed
+from rift_dist.eval.autoattack import AUTOATTACK_STANDARD, autoattack_steps
+from rift_dist.eval.sanity import sanity_checks
 
 # Per-sample outcome codes in progress files; an outcome k >= 0 means "broken by attack k".
 NOT_DONE = -3
@@ -62,8 +56,6 @@ CLEAN_WRONG = -2
 ROBUST = -1
 """Outcome code: survived every attack of the sequence."""
 
-AUTOATTACK_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
-"""The four attacks of standard AutoAttack, in order (Croce & Hein 2020)."""
 CORRUPTION_PROTOCOLS = ("standard", "authors", "both")
 """Values of ``eval.corruption_protocol``."""
 
@@ -124,13 +116,30 @@ def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x).argmax(1)
 
 
+def index_noise(indices: torch.Tensor, shape: tuple[int, ...], seed: int, block: int = 256) -> torch.Tensor:
+    """Uniform [-1, 1] noise for samples identified by global index, the same whatever the batching.
+
+    Noise of global index i is row ``i % block`` of a tensor drawn from a generator
+    seeded by ``(seed, i // block)``, so sharded and single-process evaluations
+    use identical random starts.  Returns float32 [len(indices), *shape].
+    """
+    out = torch.empty((len(indices), *shape))
+    idx = indices.cpu().numpy()
+    for b in np.unique(idx // block):
+        g = torch.Generator().manual_seed(seed_for(seed, int(b)))
+        rows = torch.empty((block, *shape)).uniform_(-1, 1, generator=g)
+        sel = np.nonzero(idx // block == b)[0]
+        out[torch.from_numpy(sel)] = rows[torch.from_numpy(idx[sel] % block)]
+    return out
+
+
 @dataclass
 class PGDAttack:
     """L-inf PGD as one attack of a sequence, worst case over ``restarts`` per sample (Madry et al. 2018; RiFT §5.1).
 
-    Random starts are drawn with :func:`rift_dist.stages.common.index_noise` from each sample's
-    global index and ``seed_for(noise_seed, restart)``, exactly as ``evaluate_model`` does, so the
-    result does not depend on batching, sharding or resuming, and equals ``evaluate_model``'s.
+    Random starts are drawn with :func:`index_noise` from each sample's global index and
+    ``seed_for(noise_seed, restart)``, so the result does not depend on batching, sharding or resuming;
+    :func:`evaluate_model` and :func:`evaluate_sequence` both run this class.
 
     Attributes:
         epsilon: L-inf radius, fraction of the pixel range (8/255).
@@ -179,105 +188,9 @@ class PGDAttack:
             x_adv = pgd(model, images[idx], labels[idx], self.epsilon, self.step_size, self.num_steps,
                         self.random_start, loss=self.loss, noise=noise)
             x_best[idx] = x_adv
-            alive[idx[_predict(model, x_adv) != labels[idx]]] = False
+            if r + 1 < self.restarts:  # after the last restart the caller's verdict on x_best is the only one needed
+                alive[idx[_predict(model, x_adv) != labels[idx]]] = False
         return x_best
-
-
-class TorchattacksAttack:
-    """One torchattacks attack as a step of a sequence, seeded and side-effect free.
-
-    torchattacks re-seeds the GLOBAL torch RNG inside every call and seeds from the
-    clock when given no seed; here each call gets an explicit seed derived from the
-    run's seed, the attack's position and the batch's first global index, and the
-    global RNG state is restored afterwards.  The model's mode (every submodule's),
-    parameters' ``requires_grad`` and ``.grad`` are left as they were (the caller
-    wraps the call in eval mode with frozen parameters; torchattacks alone would
-    call ``model.train()`` afterwards, flattening a mixed mode).
-
-    Args:
-        name: label in reports ("apgd-ce", ...).
-        build: ``build(model) -> torchattacks.Attack`` for a float32-logit model.
-        epsilon: the attack's L-inf radius (used to check its output).
-        settings: JSON-able settings recorded with the result.
-    """
-
-    def __init__(self, name: str, build: Callable[[nn.Module], Any], epsilon: float, settings: dict):
-        self.name = name
-        self.build = build
-        self.epsilon = epsilon
-        self.settings = settings
-        self._cache: tuple[nn.Module, Any] | None = None
-
-    def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
-                 seed: int) -> torch.Tensor:
-        """Adversarial images float32 [B, C, H, W] in [0, 1] (see :func:`run_attack_sequence` for the arguments)."""
-        if self._cache is None or self._cache[0] is not model:
-            self._cache = (model, self.build(model))
-        attack = self._cache[1]
-        attack.seed = int(seed)
-        devices = [images.device.index or 0] if images.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            return attack(images.contiguous(), labels).detach().float()
-
-
-def autoattack_steps(epsilon: float, num_classes: int, names: Sequence[str] = AUTOATTACK_STANDARD,
-                     steps: int = 100, queries: int = 5000) -> tuple[list, list[str]]:
-    """The attacks of standard AutoAttack as torchattacks instances (Croce & Hein 2020, §4 and their code).
-
-    APGD-CE (cross-entropy, 1 restart), APGD-T (targeted DLR loss), FAB-T (targeted), each
-    ``steps`` iterations (100), and Square (``queries`` queries, 5000; margin loss, p_init 0.8).
-    The targeted attacks use min(9, K - 1) target classes, so models with few classes work.
-    torchattacks' own ``AutoAttack`` class is not used: it runs 10 iterations, not 100.
-
-    Args:
-        epsilon: L-inf radius, fraction of the pixel range (8/255).
-        num_classes: K, the number of model outputs.
-        names: which of apgd-ce, apgd-t, fab-t, square to run, in order.
-
-    Returns:
-        (attacks, notes): the attack objects and notes about skipped ones (APGD-T's DLR loss
-        needs K >= 4; it is skipped, with a note, for fewer classes).
-
-    Raises:
-        ConfigError: for an unknown attack name.
-        ImportError: when torchattacks is not installed (names the package to install).
-    """
-    try:
-        import torchattacks
-    except ImportError as exc:  # pragma: no cover - a dependency of the package
-        raise ImportError("AutoAttack needs the torchattacks package: pip install 'torchattacks>=3.3'") from exc
-    targets = max(1, min(9, num_classes - 1))
-    attacks, notes = [], []
-    for name in names:
-        if name == "apgd-ce":
-            s = {"attack": "APGD", "loss": "ce", "steps": steps, "n_restarts": 1, "rho": 0.75, "eot_iter": 1}
-            build = lambda m, s=s: torchattacks.APGD(m, norm="Linf", eps=epsilon, steps=s["steps"], n_restarts=1,
-                                                     loss="ce", rho=0.75, eot_iter=1)
-        elif name == "apgd-t":
-            if num_classes < 4:
-                notes.append(f"apgd-t skipped: its DLR loss needs at least 4 classes, the model has {num_classes}")
-                continue
-            s = {"attack": "APGD-T", "loss": "dlr-targeted", "steps": steps, "n_restarts": 1,
-                 "n_target_classes": targets, "rho": 0.75}
-            build = lambda m, s=s: torchattacks.APGDT(m, norm="Linf", eps=epsilon, steps=s["steps"], n_restarts=1,
-                                                      n_classes=targets + 1, rho=0.75, eot_iter=1)
-        elif name == "fab-t":
-            s = {"attack": "FAB-T", "steps": steps, "n_restarts": 1, "n_target_classes": targets,
-                 "alpha_max": 0.1, "eta": 1.05, "beta": 0.9}
-            build = lambda m, s=s: torchattacks.FAB(m, norm="Linf", eps=epsilon, steps=s["steps"], n_restarts=1,
-                                                    multi_targeted=True, n_classes=targets + 1, alpha_max=0.1,
-                                                    eta=1.05, beta=0.9)
-        elif name == "square":
-            s = {"attack": "Square", "n_queries": queries, "n_restarts": 1, "p_init": 0.8, "loss": "margin"}
-            build = lambda m, s=s: torchattacks.Square(m, norm="Linf", eps=epsilon, n_queries=s["n_queries"],
-                                                       n_restarts=1, p_init=0.8, loss="margin", resc_schedule=True)
-        else:
-            raise ConfigError(f"unknown AutoAttack attack {name!r} in eval.autoattack_attacks; "
-                              f"choose from {', '.join(AUTOATTACK_STANDARD)}")
-        s = {**s, "norm": "Linf", "epsilon": epsilon, "library": f"torchattacks {torchattacks.__version__}"}
-        attacks.append(TorchattacksAttack(name, build, epsilon, s))
-    return attacks, notes
-
 
 # ============================================================================ the per-sample core
 
@@ -341,7 +254,123 @@ def run_attack_sequence(model: nn.Module, images: torch.Tensor, labels: torch.Te
     return outcome, outside
 
 
-# ============================================================================ progress files
+# ============================================================================ accounting
+
+
+def _account(runtime, outcome: np.ndarray, outside: np.ndarray, resumed: int, attacks: Sequence) -> dict:
+    """Counts of this rank's outcomes summed over ranks, as fractions: the one accounting of both drivers.
+
+    Args:
+        runtime: the run's runtime (``all_reduce_sum``; a collective: every rank calls it).
+        outcome: int8 [n] outcome codes of this rank's samples (CLEAN_WRONG, ROBUST or k = broken by attack k).
+        outside: int64 [n] threat-model violations of those samples; resumed: how many came from progress files.
+        attacks: the sequence (names and settings label the per-attack rows).
+
+    Returns:
+        {"clean_accuracy", "robust_accuracy", "num_examples", "attacks": [{"name", "settings", "broken",
+        "robust_after"}], "threat_model_violations", "resumed_examples"}; fractions of every rank's samples.
+    """
+    k = len(attacks)
+    counts = torch.zeros(5 + k, dtype=torch.float64)
+    counts[0] = len(outcome)
+    counts[1] = float((outcome != CLEAN_WRONG).sum())
+    counts[2] = float((outcome == ROBUST).sum())
+    counts[3] = float(outside.sum())
+    counts[4] = resumed
+    for j in range(k):
+        counts[5 + j] = float((outcome == j).sum())
+    runtime.all_reduce_sum(counts)
+    total = max(counts[0].item(), 1.0)
+    clean = counts[1].item()
+    rows, left = [], clean
+    for j, a in enumerate(attacks):
+        left -= counts[5 + j].item()
+        rows.append({"name": a.name, "settings": getattr(a, "settings", {}), "broken": counts[5 + j].item() / total,
+                     "robust_after": left / total})
+    return {"clean_accuracy": clean / total, "robust_accuracy": counts[2].item() / total,
+            "num_examples": int(counts[0].item()), "attacks": rows,
+            "threat_model_violations": int(counts[3].item()), "resumed_examples": int(counts[4].item())}
+
+
+# ============================================================================ driver 1: the run's data loader
+
+
+def evaluate_model(
+    ctx,
+    model: nn.Module,
+    dataset,
+    attack,
+    restarts: int = 1,
+    seed: int = 0,
+    desc: str = "eval",
+    loss: str = "ce",
+    in_memory: bool = False,
+    per_sample: bool = False,
+) -> dict[str, float]:
+    """Clean (and PGD robust) accuracy of ``model`` on ``dataset`` (an ArrayDataset), sharded across ranks.
+
+    The selection of training and fine-tuning, the interpolation sweep, the corruption sets and
+    ``rift compare`` use it.  Each rank reads its contiguous shard through the run's eval loader, in a fixed
+    order; every batch goes through :func:`run_attack_sequence` with one :class:`PGDAttack` (or none, for
+    clean accuracy only) and the counts through :func:`_account`, the code path of the final numbers, so
+    the result equals a one-process evaluation and :func:`evaluate_sequence` with the same attack exactly.
+    Random starts come from :func:`index_noise` keyed on each sample's global index and
+    ``seed_for(seed, restart)``.  A sample is robust only if it survives every restart.
+
+    Args:
+        ctx: the stage context.
+        model: the classifier (unwrapped) on ``ctx.device``; evaluated as ``ctx.precision.frozen_model(model)``.
+        dataset: an ArrayDataset (uint8 [N, H, W, 3], int64 labels).
+        attack: an ``AttackConfig`` (epsilon, step_size, num_steps, random_start) or None for clean accuracy.
+        restarts: PGD restarts (worst case per sample); seed: base seed of the random starts.
+        loss: "ce" or "margin".
+        in_memory: read the arrays directly (torch loader) instead of through FFCV, which would first
+            write a .beton file: right for one-off sets such as the 75 corruption sets.
+        per_sample: also return which samples were right, in dataset order, gathered from every rank
+            (for paired statistics: ``rift compare``'s per-image paired differences).
+
+    Returns:
+        {"clean_accuracy", "robust_accuracy" (when attack is given), "num_examples"}; fractions in [0, 1].
+        With ``per_sample``: also "clean_correct" (and "robust_correct"), bool numpy arrays [len(dataset)].
+    """
+    from rift_dist.data.loaders import build_loader, build_torch_loader
+
+    make = build_torch_loader if in_memory else build_loader
+    loader = make(ctx.cfg, "eval", ctx.runtime.rank, ctx.runtime.world_size, train=False,
+                  dataset=dataset, device=ctx.device)
+    attacks = [] if attack is None else [PGDAttack(attack.epsilon, attack.step_size, attack.num_steps, restarts,
+                                                   loss, seed, attack.random_start)]
+    start, _ = shard_bounds(len(dataset), ctx.runtime.rank, ctx.runtime.world_size)
+    offset = start
+    outcomes, violations = [], []
+    prep, ac = ctx.precision.prepare_input, ctx.precision.autocast
+    model = ctx.precision.frozen_model(model)  # eval mode; BatchNorm folded when precision.fold_bn (a copy)
+    for images, labels in ctx.bar(loader, total=len(loader), desc=desc):
+        images, labels = images.to(ctx.device), labels.to(ctx.device)
+        n = labels.numel()
+        out, bad = run_attack_sequence(model, images, labels, attacks, torch.arange(offset, offset + n), seed,
+                                       prep, ac)
+        outcomes.append(out.cpu().numpy())
+        violations.append(bad.cpu().numpy())
+        offset += n
+    outcome = np.concatenate(outcomes) if outcomes else np.zeros(0, dtype=np.int8)
+    outside = np.concatenate(violations) if violations else np.zeros(0, dtype=np.int64)
+    res = _account(ctx.runtime, outcome, outside, 0, attacks)
+    out = {"clean_accuracy": res["clean_accuracy"], "num_examples": res["num_examples"]}
+    if attack is not None:
+        out["robust_accuracy"] = res["robust_accuracy"]
+    if per_sample:
+        correct = torch.zeros((2, len(dataset)), dtype=torch.float64)
+        correct[0, start:offset] = torch.from_numpy(outcome != CLEAN_WRONG).double()
+        correct[1, start:offset] = torch.from_numpy(outcome == ROBUST).double()
+        ctx.runtime.all_reduce_sum(correct)  # each rank filled its own shard; the sum is the whole set
+        out["clean_correct"] = correct[0].numpy() > 0.5
+        if attack is not None:
+            out["robust_correct"] = correct[1].numpy() > 0.5
+    return out
+
+
+# ============================================================================ driver 2: resumable, any sequence
 
 
 def state_fingerprint(model: nn.Module) -> str:
@@ -421,12 +450,12 @@ def _batch_tensors(dataset, idx: np.ndarray, device) -> tuple[torch.Tensor, torc
     return images.permute(0, 3, 1, 2).float().div_(255.0).contiguous(), labels
 
 
-def evaluate_sequence(ctx: StageContext, model: nn.Module, dataset, attacks: Sequence, name: str, seed: int = 0,
+def evaluate_sequence(ctx, model: nn.Module, dataset, attacks: Sequence, name: str, seed: int = 0,
                       progress_dir: str | Path | None = None, desc: str = "",
                       on_batch: Callable[[int], None] | None = None) -> dict:
     """Robust accuracy of ``model`` on ``dataset`` under a sequence of attacks, sharded, resumable.
 
-    Each rank takes its contiguous shard (``shard_bounds``), skips the samples whose outcome
+    Each rank takes its contiguous shard (:func:`rift_dist.distributed.shard_bounds`), skips the samples whose outcome
     the progress files already hold, attacks the rest in batches of ``data.eval_batch_size``
     with :func:`run_attack_sequence`, and saves its progress after every batch.  Counts are
     summed over ranks with ``ctx.runtime.all_reduce_sum``, so the result equals a one-process run.
@@ -479,124 +508,8 @@ def evaluate_sequence(ctx: StageContext, model: nn.Module, dataset, attacks: Seq
         if on_batch is not None:
             on_batch(b + 1)
     mine = outcome[start:stop]
-    k = len(attacks)
-    counts = torch.zeros(5 + k, dtype=torch.float64)
-    counts[0] = len(mine)
-    counts[1] = float((mine != CLEAN_WRONG).sum())
-    counts[2] = float((mine == ROBUST).sum())
-    counts[3] = float(outside[start:stop].sum())
-    counts[4] = resumed
-    for j in range(k):
-        counts[5 + j] = float((mine == j).sum())
-    rt.all_reduce_sum(counts)
-    total = max(counts[0].item(), 1.0)
-    clean = counts[1].item()
-    rows, left = [], clean
-    for j, a in enumerate(attacks):
-        left -= counts[5 + j].item()
-        rows.append({"name": a.name, "settings": getattr(a, "settings", {}), "broken": counts[5 + j].item() / total,
-                     "robust_after": left / total})
-    return {"name": name, "clean_accuracy": clean / total, "robust_accuracy": counts[2].item() / total,
-            "num_examples": int(counts[0].item()), "attacks": rows,
-            "threat_model_violations": int(counts[3].item()), "resumed_examples": int(counts[4].item()),
-            "seconds": time.time() - t0}
-
-
-# ============================================================================ sanity checks
-
-
-def _pct(x: float | None) -> str:
-    return fmt_pct(x) + ("%" if x is not None else "")
-
-
-def sanity_checks(figures: dict, tolerance: float = 0.005, square_margin: float = 0.02, loss_gap: float = 0.02) -> dict:
-    """Checks against false robustness on already measured figures (Carlini et al. 2019 §5; Croce & Hein 2020 §5).
-
-    Args:
-        figures: {"clean_accuracy": float, "robust": {attack name: robust accuracy},
-            "epsilon_sweep": [(epsilon, robust accuracy), ...] (PGD, including the main epsilon),
-            "epsilon0_accuracy": float or None, "square_gain": float or None (fraction of samples
-            that Square broke after the gradient attacks failed on them), "square_source": str,
-            "autoattack_accuracy": float or None, "pgd_accuracy": float, "violations": int,
-            "margin_accuracy": float or None (PGD with the CW margin loss)}.
-        tolerance: slack of the monotonicity and AutoAttack-vs-PGD checks (fraction of samples).
-        square_margin: the most Square may add over the gradient attacks before masking is flagged.
-        loss_gap: the most the margin-loss PGD may fall below the cross-entropy PGD before the
-            cross-entropy attack is flagged as weak (a gap means the CE gradients are uninformative,
-            e.g. saturated softmax; Carlini & Wagner 2017 §V, Croce & Hein 2020 §3).
-
-    Returns:
-        {"passed": bool, "failed": [names], "checks": [{"name", "passed" (True/False/None = not run),
-        "detail"}]}.
-    """
-    checks = []
-    fmt_pct = _pct
-
-    def add(name: str, passed, detail: str):
-        checks.append({"name": name, "passed": passed, "detail": detail})
-
-    clean = figures["clean_accuracy"]
-    over = {k: v for k, v in figures.get("robust", {}).items() if v > clean + 1e-12}
-    add("robust_le_clean", not over,
-        "every robust accuracy <= clean accuracy " + fmt_pct(clean) if not over else
-        "robust accuracy above clean accuracy " + fmt_pct(clean) + ": " +
-        ", ".join(f"{k} {fmt_pct(v)}" for k, v in over.items()))
-
-    sweep = sorted(figures.get("epsilon_sweep", []))
-    if len(sweep) >= 2:
-        rises = [(e1, a1, e2, a2) for (e1, a1), (e2, a2) in zip(sweep, sweep[1:]) if a2 > a1 + tolerance]
-        text = ", ".join(f"{255 * e:g}/255: {fmt_pct(a)}" for e, a in sweep)
-        add("falls_with_epsilon", not rises,
-            f"PGD robust accuracy by epsilon: {text}" + (" — rises with epsilon" if rises else ""))
-        e_max, a_max = sweep[-1]
-        broke = a_max < clean or clean == 0
-        add("largest_epsilon_breaks", broke,
-            f"at {255 * e_max:g}/255 the attack breaks {fmt_pct(clean - a_max)} of the samples"
-            + ("" if broke else " — nothing; the attack is not working (gradient masking?)"))
-    else:
-        add("falls_with_epsilon", None, "not run (eval.sanity_epsilons is empty)")
-
-    e0 = figures.get("epsilon0_accuracy")
-    if e0 is None:
-        add("epsilon0_equals_clean", None, "not run")
-    else:
-        add("epsilon0_equals_clean", abs(e0 - clean) < 1e-12,
-            f"accuracy at epsilon 0: {fmt_pct(e0)}, clean: {fmt_pct(clean)}"
-            + ("" if abs(e0 - clean) < 1e-12 else " — the model is not deterministic, or the attack moves the input"))
-
-    gain = figures.get("square_gain")
-    if gain is None:
-        add("square_not_better_than_gradients", None, "not run")
-    else:
-        ok = gain <= square_margin
-        add("square_not_better_than_gradients", ok,
-            f"Square broke {fmt_pct(gain)} of the samples after the gradient attacks "
-            f"({figures.get('square_source', '')}; limit {fmt_pct(square_margin)})"
-            + ("" if ok else " — gradient-free beats gradient attacks: gradients are masked or broken"))
-
-    aa, pgd_acc = figures.get("autoattack_accuracy"), figures.get("pgd_accuracy")
-    if aa is not None and pgd_acc is not None:
-        ok = aa <= pgd_acc + tolerance
-        add("autoattack_le_pgd", ok, f"AutoAttack {fmt_pct(aa)} vs PGD {fmt_pct(pgd_acc)}"
-            + ("" if ok else " — AutoAttack weaker than PGD: check the attack settings"))
-
-    margin_acc, pgd_acc = figures.get("margin_accuracy"), figures.get("pgd_accuracy")
-    if margin_acc is None or pgd_acc is None:
-        add("margin_pgd_agrees_with_ce_pgd", None, "not run (eval.margin_pgd_steps is 0)")
-    else:
-        ok = margin_acc >= pgd_acc - loss_gap
-        add("margin_pgd_agrees_with_ce_pgd", ok,
-            f"PGD with the margin loss {fmt_pct(margin_acc)} vs cross-entropy PGD {fmt_pct(pgd_acc)} "
-            f"(limit {fmt_pct(loss_gap)} below)"
-            + ("" if ok else " — the cross-entropy attack is weak here: report the margin-loss figure (or "
-                             "AutoAttack) as the robust accuracy"))
-
-    viol = int(figures.get("violations", 0))
-    add("attacks_in_threat_model", viol == 0,
-        "every attack output inside [0, 1] and the epsilon ball" if viol == 0 else
-        f"{viol} attack outputs left the threat model (clamped before scoring)")
-    failed = [c["name"] for c in checks if c["passed"] is False]
-    return {"passed": not failed, "failed": failed, "checks": checks}
+    res = _account(rt, mine, outside[start:stop], resumed, attacks)
+    return {"name": name, **res, "seconds": time.time() - t0}
 
 
 # ============================================================================ the suite
@@ -643,7 +556,7 @@ def main_pgd(cfg) -> PGDAttack:
                      name=f"pgd-{a.num_steps}")
 
 
-def autoattack_accuracy(ctx: StageContext, model: nn.Module, test_dataset, label: str,
+def autoattack_accuracy(ctx, model: nn.Module, test_dataset, label: str,
                         progress_dir: str | Path | None = None) -> dict:
     """Standard AutoAttack robust accuracy (Croce & Hein 2020) of ``model`` on ``test_dataset``, resumable.
 
@@ -666,7 +579,7 @@ def autoattack_accuracy(ctx: StageContext, model: nn.Module, test_dataset, label
     return res
 
 
-def robustness_suite(ctx: StageContext, model: nn.Module, dataset, label: str,
+def robustness_suite(ctx, model: nn.Module, dataset, label: str,
                      progress_dir: str | Path | None = None) -> dict:
     """Every robustness figure of one model, with settings and sanity checks (RiFT §5.1; Croce & Hein 2020).
 
@@ -740,168 +653,3 @@ def robustness_suite(ctx: StageContext, model: nn.Module, dataset, label: str,
     out["sanity"] = sanity_checks(figures, e.sanity_tolerance, e.sanity_square_margin)
     return out
 
-
-# ============================================================================ reports
-
-
-def robustness_rows(result: dict) -> list[tuple[str, float, str]]:
-    """(metric, accuracy, settings) rows of one model's suite result, for tables and CSV."""
-    rows = [("clean accuracy", result["clean_accuracy"], "")]
-    for name, r in result.get("pgd", {}).items():
-        s = r["attacks"][0]["settings"]
-        rows.append((f"robust accuracy, {name}", r["robust_accuracy"],
-                     f"eps {255 * s['epsilon']:g}/255, step {255 * s['step_size']:g}/255, "
-                     f"{s['num_steps']} steps, worst of {s['restarts']}, loss {s['loss']}"))
-    aa = result.get("autoattack")
-    if aa:
-        rows.append(("AutoAttack accuracy", aa["robust_accuracy"],
-                     f"standard ({', '.join(x['name'] for x in aa['attacks'])}), seed {aa.get('seed')}"))
-        for x in aa["attacks"]:
-            rows.append((f"  after {x['name']}", x["robust_after"],
-                         ", ".join(f"{k} {v}" for k, v in x["settings"].items() if k not in ("norm", "epsilon", "library", "attack"))))
-    for p in result.get("epsilon_sweep", []):
-        rows.append((f"PGD at eps {255 * p['epsilon']:g}/255", p["robust_accuracy"], "epsilon sweep"))
-    if "corruption_accuracy" in result:
-        rows.append(("corruption accuracy", result["corruption_accuracy"], result.get("corruption_label", "")))
-    return rows
-
-
-def sanity_markdown(sanity: dict, title: str = "") -> list[str]:
-    """Markdown lines of a sanity-check result (a table; failures in bold)."""
-    lines = [f"Sanity checks{(' — ' + title) if title else ''}: "
-             + ("**all passed**" if sanity["passed"] else f"**FAILED: {', '.join(sanity['failed'])}**"), "",
-             "| check | result | detail |", "| --- | --- | --- |"]
-    for c in sanity["checks"]:
-        verdict = {True: "pass", False: "**FAIL**", None: "not run"}[c["passed"]]
-        lines.append(f"| {c['name']} | {verdict} | {c['detail']} |")
-    return lines + [""]
-
-
-def corruption_markdown(corr: dict, title: str = "") -> list[str]:
-    """Markdown per-corruption and per-severity tables (accuracy in %) of ``evaluate_corruptions`` output."""
-    lines = [f"Corruption accuracy{(' — ' + title) if title else ''}", ""]
-    protocols = corr.get("protocols", {})
-    if protocols:
-        lines += ["| protocol | mean accuracy (%) | corruptions | severities |", "| --- | --- | --- | --- |"]
-        for name, p in protocols.items():
-            lines.append(f"| {name} | {fmt_pct(p['mean'])} | {len(p['corruptions'])} | "
-                         f"{', '.join(map(str, p['severities']))} |")
-        lines.append("")
-    lines += ["| corruption | accuracy (%) |", "| --- | --- |"]
-    lines += [f"| {c} | {fmt_pct(v)} |" for c, v in corr.get("per_corruption", {}).items()]
-    lines += ["", "| severity | accuracy (%) |", "| --- | --- |"]
-    lines += [f"| {s} | {fmt_pct(v)} |" for s, v in corr.get("per_severity", {}).items()]
-    return lines + [""]
-
-
-def write_csv(path: Path, rows: list[dict]) -> Path:
-    """Write dict rows as CSV atomically (columns from the first row)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    if rows:
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
-    return path
-
-
-def result_metrics(prefix: str, result: dict) -> dict[str, float]:
-    """MLflow metrics of one model's result: accuracies, per-attack, corruption tables, sanity flags (1 = pass)."""
-    m = {f"{prefix}.clean_accuracy": result["clean_accuracy"], f"{prefix}.robust_accuracy": result["robust_accuracy"]}
-    for name, r in result.get("pgd", {}).items():
-        m[f"{prefix}.{name}_accuracy"] = r["robust_accuracy"]
-    aa = result.get("autoattack")
-    if aa:
-        m[f"{prefix}.autoattack_accuracy"] = aa["robust_accuracy"]
-        for x in aa["attacks"]:
-            m[f"{prefix}.autoattack.after_{x['name']}"] = x["robust_after"]
-    for p in result.get("epsilon_sweep", []):
-        m[f"{prefix}.pgd_eps{255 * p['epsilon']:g}"] = p["robust_accuracy"]
-    if "corruption_accuracy" in result:
-        m[f"{prefix}.corruption_accuracy"] = result["corruption_accuracy"]
-        corr = result.get("corruption", {})
-        for c, v in corr.get("per_corruption", {}).items():
-            m[f"{prefix}.corruption.{c}"] = v
-        for s, v in corr.get("per_severity", {}).items():
-            m[f"{prefix}.corruption.severity{s}"] = v
-        for name, p in corr.get("protocols", {}).items():
-            m[f"{prefix}.corruption_accuracy.{name}"] = p["mean"]
-    sanity = result.get("sanity")
-    if sanity:
-        m[f"{prefix}.sanity.passed"] = float(sanity["passed"])
-        for c in sanity["checks"]:
-            if c["passed"] is not None:
-                m[f"{prefix}.sanity.{c['name']}"] = float(c["passed"])
-    return m
-
-
-def result_csv_rows(label: str, result: dict) -> list[dict]:
-    """CSV rows (model, metric, accuracy_percent, settings) of one model's result, corruption tables included."""
-    rows = [{"model": label, "metric": m.strip(), "accuracy_percent": round(100 * v, 4), "settings": s}
-            for m, v, s in robustness_rows(result)]
-    corr = result.get("corruption", {})
-    for key, v in corr.get("per_set", {}).items():
-        rows.append({"model": label, "metric": f"corruption {key}", "accuracy_percent": round(100 * v, 4),
-                     "settings": "corruption/severity"})
-    return rows
-
-
-# ============================================================================ rift evaluate --checkpoint
-
-
-def report_markdown(report: dict) -> str:
-    """The markdown report (`report.md`) of a checkpoint evaluation: the result table, the sanity checks, the import notes."""
-    r = report["result"]
-    lines = [f"# Evaluation of {report['checkpoint']}", "",
-             f"{r['num_examples']} test images"
-             + (f" (quick look: eval.n_examples = {report['n_examples']})" if report["n_examples"] else "")
-             + f"; {report['precision']}.", "",
-             "| metric | accuracy (%) | settings |", "| --- | --- | --- |"]
-    lines += [f"| {m} | {fmt_pct(v)} | {s} |" for m, v, s in robustness_rows(r)]
-    lines.append("")
-    if r.get("autoattack", {}) and r["autoattack"].get("notes"):
-        lines += [f"Note: {n}" for n in r["autoattack"]["notes"]] + [""]
-    if "corruption" in r:
-        lines += corruption_markdown(r["corruption"], report.get("corruption_set", {}).get("label", ""))
-    if r.get("sanity"):
-        lines += sanity_markdown(r["sanity"])
-    imp = report.get("import", {})
-    if imp:
-        lines += ["Checkpoint import: " + imp.get("summary", ""), ""]
-    return "\n".join(lines) + "\n"
-
-
-def print_report(report: dict) -> None:
-    """Print one checkpoint's evaluation as a rich table, failed sanity checks in red."""
-    from rich.console import Console
-    from rich.table import Table
-
-    r = report["result"]
-    table = Table(title=f"Evaluation of {report['checkpoint']} ({r['num_examples']} test images)")
-    for col in ("metric", "accuracy (%)", "settings"):
-        table.add_column(col, justify="right" if col == "accuracy (%)" else "left")
-    for m, v, s in robustness_rows(r):
-        table.add_row(m, fmt_pct(v), s)
-    console = Console()
-    console.print(table)
-    corr = r.get("corruption")
-    if corr:
-        ct = Table(title="corruption accuracy (%)")
-        ct.add_column("corruption")
-        ct.add_column("accuracy", justify="right")
-        for c, v in corr.get("per_corruption", {}).items():
-            ct.add_row(c, fmt_pct(v))
-        for s, v in corr.get("per_severity", {}).items():
-            ct.add_row(f"severity {s}", fmt_pct(v))
-        console.print(ct)
-    sanity = r.get("sanity")
-    if sanity:
-        for c in sanity["checks"]:
-            mark = {True: "[green]pass[/green]", False: "[bold red]FAIL[/bold red]", None: "[dim]not run[/dim]"}
-            console.print(f"  sanity {c['name']}: {mark[c['passed']]} — {c['detail']}")
-        if not sanity["passed"]:
-            console.print(f"[bold red]robustness sanity checks FAILED: {', '.join(sanity['failed'])} — "
-                          f"do not trust the robust accuracy above[/bold red]")
