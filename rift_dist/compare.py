@@ -80,7 +80,7 @@ def method_modules(method: str, mrc_rows: list[dict], names_in_order: list[str],
     Raises:
         CompareError: an unknown method, or top-k with k above the number of candidate modules.
     """
-    from rift_dist.distributed import stream_seed
+    from rift_dist.seeding import stream_seed
     from rift_dist.stages.criticality import choose_modules
 
     if method in ("all-layers", "logit-mix"):
@@ -198,7 +198,7 @@ def val_corruption_sets(cfg: RunConfig, val) -> list:
     from rift_dist.data.corruptions import CIFAR_CORRUPTIONS
     from rift_dist.data.corruptions.kernels import corrupt_batch
     from rift_dist.data.sources import ArrayDataset
-    from rift_dist.distributed import stream_seed
+    from rift_dist.seeding import stream_seed
 
     d = cfg.data
     if not d.corruption_root and not d.corruption_generate:
@@ -290,7 +290,7 @@ def run_seed(top, cfg: RunConfig, seed_dir: Path, runtime, progress: bool, test_
     from rift_dist.stages.common import StageContext, load_state, new_model, read_done, stage_signature
     from rift_dist.stages.evaluation import test_dataset
     from rift_dist.stages.interpolation import choose_alpha, interpolate_state_dicts, selection_attack
-    from rift_dist.distributed import stream_seed
+    from rift_dist.seeding import stream_seed
     from rift_dist.tracking import Tracker
 
     s = cfg.seed

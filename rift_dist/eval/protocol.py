@@ -44,9 +44,10 @@ from torch import nn
 
 from rift_dist.attacks import eval_mode, pgd
 from rift_dist.config import ConfigError
-from rift_dist.distributed import seed_for, shard_bounds, stream_seed
+from rift_dist.distributed import shard_bounds
 from rift_dist.eval.autoattack import AUTOATTACK_STANDARD, autoattack_steps
 from rift_dist.eval.sanity import sanity_checks
+from rift_dist.seeding import seed_for, stream_seed
 
 # Per-sample outcome codes in progress files; an outcome k >= 0 means "broken by attack k".
 NOT_DONE = -3

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from rift_dist import checkpoint, interrupts
 from rift_dist.attacks import pgd
-from rift_dist.distributed import seed_for, stream_seed
+from rift_dist.seeding import seed_for, stream_seed
 from rift_dist.eval.protocol import evaluate_model
 from rift_dist.stages.common import (
     StageContext, multistep_lr, new_model, set_lr, write_done, write_json,

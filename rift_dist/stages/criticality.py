@@ -59,7 +59,7 @@ from torch import nn
 from rift_dist.plotting import save_figure
 from rift_dist import checkpoint, interrupts
 from rift_dist.attacks import eval_mode, pgd
-from rift_dist.distributed import seed_for, stream_seed
+from rift_dist.seeding import seed_for, stream_seed
 from rift_dist.eval.protocol import index_noise
 from rift_dist.models import list_modules, module_names, unwrap
 from rift_dist.stages.common import (

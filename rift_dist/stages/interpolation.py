@@ -26,7 +26,7 @@ import torch
 from rift_dist.plotting import save_figure
 from rift_dist import checkpoint, interrupts
 from rift_dist.atomic import atomic_write_text
-from rift_dist.distributed import stream_seed
+from rift_dist.seeding import stream_seed
 from rift_dist.config import AttackConfig
 from rift_dist.eval.protocol import evaluate_model
 from rift_dist.stages.common import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rift_dist.distributed import RANDOM_STREAMS, stream_seed
+from rift_dist.seeding import RANDOM_STREAMS, stream_seed
 
 
 def test_every_stream_of_every_seed_is_its_own():
