@@ -113,7 +113,7 @@ def read_launch_env(environ: dict | None = None) -> LaunchEnv:
     ``SLURM_JOB_NODELIST``, port = ``MASTER_PORT`` or 20000 + (full ``SLURM_JOB_ID``) mod 40000.  Jobs
     started by ``rift submit`` always have MASTER_PORT set: the profile's ``master_port``, or a port
     derived from the job id, checked free on rank 0's node and shared through the run directory
-    (``rift_dist.cluster.rendezvous_port``); the fallback here is for other sbatch scripts.
+    (``rift_dist.cluster.job.rendezvous_port``); the fallback here is for other sbatch scripts.
 
     Raises:
         DistributedError: when the variables are inconsistent (e.g. RANK >= WORLD_SIZE) or not integers.

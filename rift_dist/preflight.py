@@ -7,7 +7,7 @@ reading the data (nothing is unpacked, decoded or written), and returns one line
 key, the value and the fix; :func:`check_inputs` raises them all at once.
 
 :func:`check_run` is the one set of checks every entry point makes before any work: ``rift run`` / the
-stage commands (:func:`rift_dist.pipeline.run_pipeline`) and ``rift submit`` (:func:`rift_dist.cluster.submit`,
+stage commands (:func:`rift_dist.pipeline.run_pipeline`) and ``rift submit`` (:func:`rift_dist.cluster.submission.submit`,
 before the first job is queued).  It refuses config errors the loader cannot see (:func:`check_config`:
 FFCV settings and availability, the ``eval`` section, module names) and the input paths above;
 ``rift submit --dry-run`` (and a profile with ``check_paths: false``) prints the path problems as warnings

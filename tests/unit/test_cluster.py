@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 from rift_dist import cluster
+from rift_dist.cluster import job as cluster_job
+from rift_dist.cluster import monitor as cluster_monitor
+from rift_dist.cluster import submission as cluster_submission
 from rift_dist.config import load_config
 from rift_dist.distributed import read_launch_env
 from rift_dist.stages import criticality, criticality_array, interpolation
@@ -77,14 +80,14 @@ def test_missing_profile_says_where_profiles_live(tmp_path):
 
 def test_sbatch_script_carries_resources_dependency_and_array(tmp_path):
     p = cluster.load_profile(ROOT / "launch" / "example_cluster.yaml")
-    text = cluster.sbatch_script(p.resources("mrc"), "mrc", tmp_path, "/venv/bin/python", ["123"], array_size=8)
+    text = cluster_submission.sbatch_script(p.resources("mrc"), "mrc", tmp_path, "/venv/bin/python", ["123"], array_size=8)
     for flag in ("--partition=gpu", "--account=myproject", "--constraint=a100", "--gpus-per-node=1",
                  "--ntasks-per-node=1", "--cpus-per-task=8", "--mem=64GB", "--time=60", "--array=0-7%8",
                  "--dependency=afterok:123", "--kill-on-invalid-dep=yes", "--signal=USR2@180", "--mail-type=FAIL"):
         assert flag in text, flag
     assert "module load cuda/13.0" in text and "/venv/bin/python -u -m submitit.core._submit" in text
     assert text.index("export NCCL_DEBUG=WARN") < text.index("module load")  # env: first, then setup:
-    train = cluster.sbatch_script(p.resources("train"), "train", tmp_path, "python")
+    train = cluster_submission.sbatch_script(p.resources("train"), "train", tmp_path, "python")
     assert "--nodes=2" in train and "--ntasks-per-node=4" in train and "dependency" not in train
 
 
@@ -107,7 +110,7 @@ def _flags(text: str) -> dict[str, str]:
 
 def test_gpu_job_asks_for_one_rank_per_gpu_and_exports_the_profile_env(tmp_path):
     p = cluster.profile_from_dict(GPU_PROFILE, "gpu.yaml")
-    train = cluster.sbatch_script(p.resources("train"), "train", tmp_path, "python")
+    train = cluster_submission.sbatch_script(p.resources("train"), "train", tmp_path, "python")
     flags = _flags(train)
     assert (flags["nodes"], flags["gpus-per-node"], flags["ntasks-per-node"], flags["cpus-per-task"]) == (
         "2", "4", "4", "6")
@@ -119,16 +122,16 @@ def test_gpu_job_asks_for_one_rank_per_gpu_and_exports_the_profile_env(tmp_path)
     assert p.resources("evaluate").env == {"NCCL_SOCKET_IFNAME": "ib0", "NCCL_IB_DISABLE": 1, "NCCL_DEBUG": "INFO"}
     # --gres for clusters without cons_tres, with a GPU model
     old = cluster.profile_from_dict({**GPU_PROFILE, "gpu_request": "gres", "gpu_type": "a100"}, "gpu.yaml")
-    flags = _flags(cluster.sbatch_script(old.resources("train"), "train", tmp_path, "python"))
+    flags = _flags(cluster_submission.sbatch_script(old.resources("train"), "train", tmp_path, "python"))
     assert flags["gres"] == "gpu:a100:4" and "gpus-per-node" not in flags and flags["ntasks-per-node"] == "4"
     typed = cluster.profile_from_dict({**GPU_PROFILE, "gpu_type": "h100"}, "gpu.yaml")
-    assert _flags(cluster.sbatch_script(typed.resources("mrc"), "mrc", tmp_path, "python"))["gpus-per-node"] == "h100:1"
+    assert _flags(cluster_submission.sbatch_script(typed.resources("mrc"), "mrc", tmp_path, "python"))["gpus-per-node"] == "h100:1"
 
 
 def test_jobs_without_gpus_go_to_the_cpu_partition_and_inherit_no_gpu_option(tmp_path):
     p = cluster.profile_from_dict(GPU_PROFILE, "gpu.yaml")
     gather = p.resources("gather")
-    flags = _flags(cluster.sbatch_script(gather, "mrc-gather", tmp_path, "python"))
+    flags = _flags(cluster_submission.sbatch_script(gather, "mrc-gather", tmp_path, "python"))
     assert flags["partition"] == "cpu" and flags["ntasks-per-node"] == "1" and flags["mail-type"] == "FAIL"
     for gpu_only in ("constraint", "gpus-per-node", "gres", "gpu-bind"):
         assert gpu_only not in flags, gpu_only
@@ -178,8 +181,8 @@ def test_script_header_says_stage_config_run_dir_and_array_task_mapping(tmp_path
     p = cluster.profile_from_dict({**GPU_PROFILE, "stages": {**GPU_PROFILE["stages"], "mrc": {
         "gpus_per_node": 1, "array_size": 4}}}, "gpu.yaml")
     jobs = {j.name: j for j in cluster.plan_jobs(cfg, p, tmp_path / "run")}
-    script = cluster.sbatch_script(jobs["mrc"].resources, "mrc", tmp_path, "python", ["<mrc-prepare>"], 4,
-                                   cluster.script_header(jobs["mrc"], tmp_path / "run", "/cfg/tiny.yaml"))
+    script = cluster_submission.sbatch_script(jobs["mrc"].resources, "mrc", tmp_path, "python", ["<mrc-prepare>"], 4,
+                                   cluster_submission.script_header(jobs["mrc"], tmp_path / "run", "/cfg/tiny.yaml"))
     lines = script.splitlines()
     assert lines[0] == "#!/bin/bash" and lines[1].startswith("# rift mrc: job mrc - MRC of a group of modules")
     assert f"# config:  /cfg/tiny.yaml" in lines and f"# run dir: {tmp_path / 'run'}" in lines
@@ -190,15 +193,15 @@ def test_script_header_says_stage_config_run_dir_and_array_task_mapping(tmp_path
     for i, (line, task) in enumerate(zip(mapping, jobs["mrc"].tasks)):
         assert line == f"#   {i:>3} -> MRC group {task.index}: {', '.join(task.names)}"
     assert _flags(script)["job-name"] == "rift-mrc"
-    interp = "\n".join(cluster.script_header(jobs["interpolate"], tmp_path / "run"))
+    interp = "\n".join(cluster_submission.script_header(jobs["interpolate"], tmp_path / "run"))
     assert "#     1 -> sweep part 1: alpha=0.5" in interp and "3 tasks; SLURM_ARRAY_TASK_ID" in interp
-    train = "\n".join(cluster.script_header(jobs["train"], tmp_path / "run", "/cfg/tiny.yaml"))
+    train = "\n".join(cluster_submission.script_header(jobs["train"], tmp_path / "run", "/cfg/tiny.yaml"))
     assert "2 node(s) x 4 rank(s) = 8 ranks" in train and "cuda:LOCAL_RANK" in train and "WORLD_SIZE = 8" in train
-    gather = "\n".join(cluster.script_header(jobs["mrc-gather"], tmp_path / "run"))
+    gather = "\n".join(cluster_submission.script_header(jobs["mrc-gather"], tmp_path / "run"))
     assert "no GPU" in gather and "cuda" not in gather and "after:   mrc succeeded" in gather
     assert "# shape:   1 node(s) x 1 rank(s), 6 CPU(s) per rank, no GPU" in gather
     # the script submitit submits carries the same header (RiftSlurmExecutor)
-    ex = cluster.RiftSlurmExecutor.__new__(cluster.RiftSlurmExecutor)
+    ex = cluster_submission.RiftSlurmExecutor.__new__(cluster_submission.RiftSlurmExecutor)
     ex.folder, ex.parameters, ex.header = tmp_path, {"job_name": "rift-mrc"}, ["# rift mrc: a test header"]
     text = ex._make_submission_file_text("python -m x", "uid")
     assert text.splitlines()[:2] == ["#!/bin/bash", "# rift mrc: a test header"] and "#SBATCH --job-name=rift-mrc" in text
@@ -320,7 +323,7 @@ def test_submitit_slurm_multitask_variables_give_the_rank_layout():
            "SLURM_JOB_ID": "31337", "SLURM_JOB_NODELIST": "gpu[07-08]"}
     le = read_launch_env(env)
     assert (le.rank, le.local_rank, le.world_size, le.source) == (1, 1, 2, "slurm")
-    assert (le.master_addr, le.master_port) == ("gpu07", cluster.derived_port(31337))
+    assert (le.master_addr, le.master_port) == ("gpu07", cluster_job.derived_port(31337))
 
 
 def test_inherited_launcher_variables_are_dropped_and_local_tasks_mapped(monkeypatch, tmp_path):
@@ -332,8 +335,8 @@ def test_inherited_launcher_variables_are_dropped_and_local_tasks_mapped(monkeyp
     monkeypatch.setenv("SUBMITIT_LOCAL_GLOBALID", "1")
     monkeypatch.setenv("SUBMITIT_LOCAL_LOCALID", "1")
     monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", "4242")
-    chosen = cluster.rendezvous_port(tmp_path, "local-4242", 0, 4242)  # what rank 0 of the job writes
-    cluster._prepare_environment({"submit_env": {"MASTER_PORT": "29500", "RANK": "3"}, "run_dir": str(tmp_path)})
+    chosen = cluster_job.rendezvous_port(tmp_path, "local-4242", 0, 4242)  # what rank 0 of the job writes
+    cluster_job._prepare_environment({"submit_env": {"MASTER_PORT": "29500", "RANK": "3"}, "run_dir": str(tmp_path)})
     import os
 
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("1", "2", "1")
@@ -344,8 +347,8 @@ def test_inherited_launcher_variables_are_dropped_and_local_tasks_mapped(monkeyp
 
 
 def test_expand_array_ids():
-    assert cluster._expand_array_id("12_[0-2,5%4]") == ["12_0", "12_1", "12_2", "12_5"]
-    assert cluster._expand_array_id("12_3") == ["12_3"] and cluster._expand_array_id("9") == ["9"]
+    assert cluster_monitor._expand_array_id("12_[0-2,5%4]") == ["12_0", "12_1", "12_2", "12_5"]
+    assert cluster_monitor._expand_array_id("12_3") == ["12_3"] and cluster_monitor._expand_array_id("9") == ["9"]
 
 
 def test_status_names_failed_tasks_and_how_to_resubmit(tmp_path):
@@ -363,7 +366,7 @@ def test_status_names_failed_tasks_and_how_to_resubmit(tmp_path):
               "submissions": [{"time": "now", "only": [], "jobs": [
                   {"name": "mrc", "stage": "mrc", "part": "mrc_modules", "array": True, "job_id": "101",
                    "folder": str(folder), "depends_on": [], "dependency": "", "tasks": tasks}]}]}
-    cluster.write_submission(run_dir, record)
+    cluster_monitor.write_submission(run_dir, record)
     lines = []
     result = cluster.status(run_dir, log=lines.append)
     text = "\n".join(lines)
@@ -384,7 +387,7 @@ def test_status_without_submission_says_so(tmp_path):
 def test_slurm_executor_unavailable_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no srun
     with pytest.raises(cluster.ClusterError, match="--local"):
-        cluster._executor("slurm", tmp_path / "jobs", cluster.Resources(), "train", "python", [])
+        cluster_submission._executor("slurm", tmp_path / "jobs", cluster.Resources(), "train", "python", [])
 
 
 def test_cli_parses_the_cluster_commands():
@@ -395,3 +398,12 @@ def test_cli_parses_the_cluster_commands():
     assert (args.command, args.local, args.only, args.profile_overrides) == ("submit", True, ["mrc:conv1"],
                                                                            ["stages.mrc.array_size=4"])
     assert build_parser().parse_args(["report", "rift", "--out", "r"]).out == "r"
+
+
+def test_jobs_submitted_before_the_split_still_unpickle():
+    """submitit pickles the StageJob of every submitted job; jobs queued before rift_dist.cluster became a
+    package name it rift_dist.cluster.StageJob (protocol-0 GLOBAL opcode below), which must still load."""
+    old = b"crift_dist.cluster\nStageJob\n)\x81."
+    job = pickle.loads(old)
+    assert isinstance(job, cluster.StageJob) and type(job).__module__ == "rift_dist.cluster.job"
+    assert callable(pickle.loads(pickle.dumps(job)))

@@ -11,6 +11,9 @@ import pytest
 import yaml
 
 from rift_dist import cluster
+from rift_dist.cluster import job as cluster_job
+from rift_dist.cluster import plan as cluster_plan
+from rift_dist.cluster import submission as cluster_submission
 from rift_dist.config import load_config
 from rift_dist.distributed import read_launch_env
 
@@ -52,7 +55,7 @@ def wrn_cfg():
 
 
 def test_scontrol_config_and_partitions_are_parsed():
-    conf = cluster.parse_scontrol_config(SCONTROL_CONFIG)
+    conf = cluster_plan.parse_scontrol_config(SCONTROL_CONFIG)
     assert conf["MaxArraySize"] == "16" and conf["MinJobAge"] == "300 sec"
     limits = cluster.query_cluster_limits(fake_runner())
     assert (limits.max_array_size, limits.max_job_count, limits.default_partition) == (16, 40, "debug")
@@ -195,10 +198,10 @@ def test_failed_sbatch_cancels_what_was_queued_and_writes_nothing(tmp_path, monk
     run_dir = tmp_path / "run"
     queued: list[str] = []
     cancelled: list[list[str]] = []
-    monkeypatch.setattr(cluster, "query_cluster_limits", lambda runner=None: cluster.ClusterLimits())
-    monkeypatch.setattr(cluster, "_executor", lambda kind, folder, *a: (folder.mkdir(parents=True, exist_ok=True),
+    monkeypatch.setattr(cluster_submission, "query_cluster_limits", lambda runner=None: cluster.ClusterLimits())
+    monkeypatch.setattr(cluster_submission, "_executor", lambda kind, folder, *a: (folder.mkdir(parents=True, exist_ok=True),
                                                                          FakeExecutor(queued, 3))[1])
-    monkeypatch.setattr(cluster, "_scancel", lambda ids: (cancelled.append(list(ids)), (list(ids), ""))[1])
+    monkeypatch.setattr(cluster_submission, "_scancel", lambda ids: (cancelled.append(list(ids)), (list(ids), ""))[1])
     with pytest.raises(cluster.ClusterError) as err:
         cluster.submit(cfg, cluster.load_profile(None), run_dir, executor="slurm")
     text = str(err.value)
@@ -223,15 +226,15 @@ def test_refused_plan_queues_and_writes_nothing(tmp_path, monkeypatch):
     cfg = load_config(None, ["model.width=4", "interpolation.alphas=[0.0,0.5,1.0]", "tracking.enabled=false",
                              f"data.root={tmp_path}"])
     real = cluster.query_cluster_limits
-    monkeypatch.setattr(cluster, "query_cluster_limits", lambda runner=None: real(fake_runner()))
-    monkeypatch.setattr(cluster, "_executor", lambda *a: pytest.fail("sbatch must not run"))
+    monkeypatch.setattr(cluster_submission, "query_cluster_limits", lambda runner=None: real(fake_runner()))
+    monkeypatch.setattr(cluster_submission, "_executor", lambda *a: pytest.fail("sbatch must not run"))
     with pytest.raises(cluster.ClusterError, match="nothing was submitted or written:\n  job train: partition 'nope'"):
         cluster.submit(cfg, cluster.load_profile(None, ["partition=nope"]), tmp_path / "run", executor="slurm")
     assert not (tmp_path / "run").exists()
 
 
 def test_dry_run_splits_without_slurm(tmp_path, monkeypatch, wrn_cfg):
-    monkeypatch.setattr(cluster, "query_cluster_limits",
+    monkeypatch.setattr(cluster_submission, "query_cluster_limits",
                         lambda runner=None: cluster.ClusterLimits(max_array_size=16))
     lines: list[str] = []
     out = cluster.submit(wrn_cfg, cluster.load_profile(None), tmp_path / "run", executor="slurm",
@@ -249,8 +252,8 @@ def _tiny(tmp_path, *overrides):
 
 
 def _no_sbatch(monkeypatch):
-    monkeypatch.setattr(cluster, "query_cluster_limits", lambda runner=None: cluster.ClusterLimits())
-    monkeypatch.setattr(cluster, "_executor", lambda *a, **k: pytest.fail("no job may be queued"))
+    monkeypatch.setattr(cluster_submission, "query_cluster_limits", lambda runner=None: cluster.ClusterLimits())
+    monkeypatch.setattr(cluster_submission, "_executor", lambda *a, **k: pytest.fail("no job may be queued"))
 
 
 @pytest.mark.parametrize("override, message", [
@@ -301,7 +304,7 @@ def test_submit_checks_ffcv_against_the_largest_job(tmp_path, monkeypatch):
     _no_sbatch(monkeypatch)
     cfg = _tiny(tmp_path, "data.order=quasi_random")
     two_ranks = cluster.load_profile(None, ["stages.train.tasks_per_node=2"])
-    assert cluster.max_ranks(two_ranks) == 2 and cluster.max_ranks(two_ranks, "debug") == 1
+    assert cluster_submission.max_ranks(two_ranks) == 2 and cluster_submission.max_ranks(two_ranks, "debug") == 1
     with pytest.raises(ConfigError, match="quasi_random with 2 processes"):
         cluster.submit(cfg, two_ranks, tmp_path / "run", executor="slurm", dry_run=True, log=lambda _: None)
     monkeypatch.setattr(ffcv_loader, "ffcv_available", lambda: (False, "ffcv is not installed (test)"))
@@ -327,7 +330,7 @@ def test_missing_inputs_warn_in_a_dry_run_and_refuse_a_submit(tmp_path, monkeypa
     assert "data.corruption_root" in str(err.value) and "check_paths: false" in str(err.value)
     assert not (tmp_path / "run").exists()
     # the corruption set matters only to the evaluation job: a submit of train + mrc does not need it
-    monkeypatch.setattr(cluster, "_executor", lambda kind, folder, *a: (folder.mkdir(parents=True, exist_ok=True),
+    monkeypatch.setattr(cluster_submission, "_executor", lambda kind, folder, *a: (folder.mkdir(parents=True, exist_ok=True),
                                                                          FakeExecutor([], 99))[1])
     record = cluster.submit(cfg, cluster.load_profile(None), tmp_path / "run", executor="slurm",
                             stages=["train", "mrc"], log=lambda _: None)
@@ -343,13 +346,13 @@ def test_missing_inputs_warn_in_a_dry_run_and_refuse_a_submit(tmp_path, monkeypa
 
 
 def test_ports_of_jobs_4123_and_24123_differ():
-    assert cluster.derived_port(4123) != cluster.derived_port(24123)
+    assert cluster_job.derived_port(4123) != cluster_job.derived_port(24123)
     ports = []
     for job_id in ("4123", "24123"):
         env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": job_id, "SLURM_JOB_NODELIST": "n1"}
         ports.append(read_launch_env(env).master_port)
     assert ports[0] != ports[1]
-    assert all(cluster.PORT_BASE <= p < cluster.PORT_BASE + cluster.PORT_SPAN for p in ports)
+    assert all(cluster_job.PORT_BASE <= p < cluster_job.PORT_BASE + cluster_job.PORT_SPAN for p in ports)
 
 
 def test_rendezvous_port_taken_falls_back_and_is_shared_through_the_run_dir(tmp_path):
@@ -357,13 +360,13 @@ def test_rendezvous_port_taken_falls_back_and_is_shared_through_the_run_dir(tmp_
         other.bind(("", 0))  # another job's rendezvous holds the port this job would derive
         other.listen()
         busy = other.getsockname()[1]
-        job_id = busy - cluster.PORT_BASE if busy >= cluster.PORT_BASE else busy + cluster.PORT_SPAN - cluster.PORT_BASE
-        assert cluster.derived_port(job_id) == busy
-        port0 = cluster.rendezvous_port(tmp_path, f"{job_id}-r0", 0, job_id)
-        assert port0 != busy and cluster.port_is_free(port0)
-        assert cluster.rendezvous_port(tmp_path, f"{job_id}-r0", 1, job_id, timeout_s=5) == port0
+        job_id = busy - cluster_job.PORT_BASE if busy >= cluster_job.PORT_BASE else busy + cluster_job.PORT_SPAN - cluster_job.PORT_BASE
+        assert cluster_job.derived_port(job_id) == busy
+        port0 = cluster_job.rendezvous_port(tmp_path, f"{job_id}-r0", 0, job_id)
+        assert port0 != busy and cluster_job.port_is_free(port0)
+        assert cluster_job.rendezvous_port(tmp_path, f"{job_id}-r0", 1, job_id, timeout_s=5) == port0
     with pytest.raises(cluster.ClusterError, match="did not write its rendezvous port"):
-        cluster.rendezvous_port(tmp_path, "7-r1", 1, 7, timeout_s=0.3)
+        cluster_job.rendezvous_port(tmp_path, "7-r1", 1, 7, timeout_s=0.3)
 
 
 def test_slurm_ranks_get_the_shared_port_and_the_profile_overrides_it(tmp_path, monkeypatch):
@@ -376,9 +379,9 @@ def test_slurm_ranks_get_the_shared_port_and_the_profile_overrides_it(tmp_path, 
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     import os
 
-    cluster._prepare_environment({"run_dir": str(tmp_path)})
+    cluster_job._prepare_environment({"run_dir": str(tmp_path)})
     assert int(os.environ["MASTER_PORT"]) == int((tmp_path / "jobs/rendezvous/24123-r0.port").read_text())
     monkeypatch.delenv("MASTER_PORT")
-    cluster._prepare_environment({"run_dir": str(tmp_path), "master_port": 31555})
+    cluster_job._prepare_environment({"run_dir": str(tmp_path), "master_port": 31555})
     assert os.environ["MASTER_PORT"] == "31555"
     assert cluster.load_profile(None, ["master_port=31555"]).resources("train").master_port == 31555

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from rift_dist import cluster
+from rift_dist.cluster import submission as cluster_submission
 from rift_dist.config import load_config
 from tests.integration.multinode.conftest import diagnostics, wait_run
 from tests.integration.multinode.test_multinode import _compare, one_process  # noqa: F401 - fixture
@@ -63,9 +64,9 @@ def test_two_node_gpu_scripts_pass_sbatch_test_only(healthy_nodes, tmp_path):
     for job in jobs:
         folder = run_dir / "jobs" / job.name
         folder.mkdir(parents=True)
-        script = cluster.sbatch_script(job.resources, job.name, folder, sys.executable, [],
+        script = cluster_submission.sbatch_script(job.resources, job.name, folder, sys.executable, [],
                                        len(job.tasks) if job.array and len(job.tasks) > 1 else None,
-                                       cluster.script_header(job, run_dir, "tiny.yaml"))
+                                       cluster_submission.script_header(job, run_dir, "tiny.yaml"))
         proc = _test_only(mn, script, tmp_path / f"{job.name}.sh")
         text = proc.stdout + proc.stderr
         partition = "high" if job.part.endswith("gather") else "debug"
@@ -81,11 +82,11 @@ def test_two_node_gpu_scripts_pass_sbatch_test_only(healthy_nodes, tmp_path):
 
     # the controller really checks: 3 GPUs per node (nodes have 2) and 4 nodes (there are 3) are refused
     three = _profile(tmp_path, gpus_per_node=3).resources("train")
-    proc = _test_only(mn, cluster.sbatch_script(three, "train", run_dir / "jobs" / "train", sys.executable),
+    proc = _test_only(mn, cluster_submission.sbatch_script(three, "train", run_dir / "jobs" / "train", sys.executable),
                       tmp_path / "three.sh")
     assert proc.returncode != 0 and "node configuration is not available" in proc.stderr, proc.stderr
     four = _profile(tmp_path, stages={**GPU_PROFILE["stages"], "train": {"nodes": 4}}).resources("train")
-    proc = _test_only(mn, cluster.sbatch_script(four, "train", run_dir / "jobs" / "train", sys.executable),
+    proc = _test_only(mn, cluster_submission.sbatch_script(four, "train", run_dir / "jobs" / "train", sys.executable),
                       tmp_path / "four.sh")
     assert proc.returncode != 0 and "node configuration is not available" in proc.stderr, proc.stderr
 

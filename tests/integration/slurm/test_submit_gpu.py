@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from rift_dist import cluster
+from rift_dist.cluster import submission as cluster_submission
 from rift_dist.config import load_config
 from tests.integration.pipeline_helpers import shared_data, tiny_config
 
@@ -60,9 +61,9 @@ def test_every_generated_gpu_script_passes_sbatch_test_only(slurm_cluster, tmp_p
     for job in jobs:
         folder = run_dir / "jobs" / job.name
         folder.mkdir(parents=True)
-        script = cluster.sbatch_script(job.resources, job.name, folder, sys.executable, [],
+        script = cluster_submission.sbatch_script(job.resources, job.name, folder, sys.executable, [],
                                        len(job.tasks) if job.array and len(job.tasks) > 1 else None,
-                                       cluster.script_header(job, run_dir, "tiny.yaml"))
+                                       cluster_submission.script_header(job, run_dir, "tiny.yaml"))
         proc = _test_only(slurm_cluster, script, tmp_path / f"{job.name}.sh")
         text = proc.stdout + proc.stderr
         partition = "high" if job.part.endswith("gather") else "debug"
@@ -74,22 +75,22 @@ def test_every_generated_gpu_script_passes_sbatch_test_only(slurm_cluster, tmp_p
     train = next(j for j in jobs if j.name == "train")
     # --gres=gpu:4 (clusters without cons_tres) is accepted the same way
     gres = _profile(tmp_path, gpu_request="gres").resources("train")
-    script = cluster.sbatch_script(gres, "train", run_dir / "jobs" / "train", sys.executable)
+    script = cluster_submission.sbatch_script(gres, "train", run_dir / "jobs" / "train", sys.executable)
     assert "#SBATCH --gres=gpu:4" in script and "gpus-per-node" not in script
     proc = _test_only(slurm_cluster, script, tmp_path / "gres.sh")
     assert proc.returncode == 0 and "to start at" in proc.stderr + proc.stdout, proc.stderr
 
     # the controller really checks the GPUs: 5 per node is refused (the node has 4)
     five = _profile(tmp_path, gpus_per_node=5).resources("train")
-    proc = _test_only(slurm_cluster, cluster.sbatch_script(five, "train", run_dir / "jobs" / "train",
+    proc = _test_only(slurm_cluster, cluster_submission.sbatch_script(five, "train", run_dir / "jobs" / "train",
                                                            sys.executable), tmp_path / "five.sh")
     assert proc.returncode != 0 and "Requested node configuration is not available" in proc.stderr
 
     # 2 nodes x 4 GPUs: refused here only for the node count (one node); with --nodes=1 on the command line
     # (which overrides #SBATCH) every other option of the same script is accepted
     two = _profile(tmp_path, stages={**GPU_PROFILE["stages"], "train": {"nodes": 2}}).resources("train")
-    script = cluster.sbatch_script(two, "train", run_dir / "jobs" / "train", sys.executable, [], None,
-                                   cluster.script_header(train, run_dir, "tiny.yaml"))
+    script = cluster_submission.sbatch_script(two, "train", run_dir / "jobs" / "train", sys.executable, [], None,
+                                   cluster_submission.script_header(train, run_dir, "tiny.yaml"))
     assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=4" in script
     proc = _test_only(slurm_cluster, script, tmp_path / "two.sh")
     assert proc.returncode != 0 and "node configuration is not available" in proc.stderr
