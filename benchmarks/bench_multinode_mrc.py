@@ -125,7 +125,7 @@ def main() -> int:
     if not archive.is_file():
         print(f"bench_multinode_mrc: {archive} not found; nothing measured")
         return 0
-    from rift_dist.testing.slurm_cluster import missing_binaries
+    from tests.harness.slurm_cluster import missing_binaries
     from tests.integration.multinode.netns_cluster import (
         NetnsSlurmCluster,
         namespaces_unavailable,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the Debian packages needed by rift_dist.testing.slurm_cluster.LocalSlurmCluster:
+# Install the Debian packages needed by tests.harness.slurm_cluster.LocalSlurmCluster:
 # MUNGE, SLURM (slurmctld, slurmd, slurmdbd, clients; Debian 12 ships 22.05) and MariaDB; iproute2 and
 # util-linux (ip, nsenter, unshare) for the multi-node cluster of tests/integration/multinode/.
 #

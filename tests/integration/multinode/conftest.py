@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from rift_dist import cluster as rift_cluster
-from rift_dist.testing.slurm_cluster import missing_binaries
+from tests.harness.slurm_cluster import missing_binaries
 from tests.integration.multinode.netns_cluster import (
     NetnsSlurmCluster,
     namespaces_unavailable,

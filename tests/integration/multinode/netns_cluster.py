@@ -1,6 +1,6 @@
 """A real multi-node SLURM cluster on one machine: one ``slurmd`` per network + UTS namespace.
 
-:class:`NetnsSlurmCluster` extends :class:`rift_dist.testing.slurm_cluster.LocalSlurmCluster` (MariaDB,
+:class:`NetnsSlurmCluster` extends :class:`tests.harness.slurm_cluster.LocalSlurmCluster` (MariaDB,
 ``munged``, ``slurmdbd`` and ``slurmctld`` in the root namespace, as there) with ``nodes`` compute nodes
 ``node1 .. nodeN``.  Each node is
 
@@ -41,7 +41,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from rift_dist.testing.slurm_cluster import LocalSlurmCluster, SlurmClusterError, _which
+from tests.harness.slurm_cluster import LocalSlurmCluster, SlurmClusterError, _which
 
 __all__ = ["NetnsSlurmCluster", "namespaces_unavailable", "remove_stale_networks"]
 

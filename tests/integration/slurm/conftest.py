@@ -1,4 +1,4 @@
-"""Fixtures for tests against a real local SLURM cluster (see rift_dist.testing.slurm_cluster).
+"""Fixtures for tests against a real local SLURM cluster (see tests.harness.slurm_cluster).
 
 The cluster needs the Debian packages installed by ``scripts/slurm/install.sh``
 and root. Without the binaries the tests are skipped, unless the environment
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from rift_dist.testing.slurm_cluster import LocalSlurmCluster, missing_binaries
+from tests.harness.slurm_cluster import LocalSlurmCluster, missing_binaries
 
 
 # Filled by the slurm_cluster fixture, printed by pytest_terminal_summary.
@@ -76,10 +76,10 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSlu
 
 
 def _package_root() -> Path:
-    """Directory that contains the ``rift_dist`` package (for PYTHONPATH in jobs)."""
-    import rift_dist.testing
+    """The repository root: holds the ``rift_dist`` package and ``tests.harness`` (for PYTHONPATH in jobs)."""
+    import tests.harness
 
-    return Path(rift_dist.testing.__file__).resolve().parents[2]
+    return Path(tests.harness.__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def slurm_executor(
     Each executor gets its own folder ``tmp_path / name`` (job ids restart with
     every cluster, so folders must not be shared). ``params`` go to
     ``update_parameters``; jobs get ``PYTHONPATH`` pointing at this checkout so
-    ``rift_dist.testing.slurm_jobs`` is importable even if not installed.
+    ``tests.harness.slurm_jobs`` is importable even if not installed.
     """
     import submitit
 

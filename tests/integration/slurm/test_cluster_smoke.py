@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import submitit
 
-from rift_dist.testing import slurm_jobs
+from tests.harness import slurm_jobs
 
 pytestmark = pytest.mark.slurm
 

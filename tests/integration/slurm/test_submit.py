@@ -197,11 +197,13 @@ def test_preempted_training_checkpoints_requeues_and_matches_uninterrupted(slurm
     -> the same weights and history as an uninterrupted run."""
     import submitit
 
-    from rift_dist.testing import slurm_jobs
+    from tests.harness import slurm_jobs
 
     def preempt(job_id):
         ex = submitit.AutoExecutor(folder=tmp_path / "high", cluster="slurm")
-        ex.update_parameters(slurm_partition="high", timeout_min=5, cpus_per_task=slurm_cluster.cpus)
+        root = Path(slurm_jobs.__file__).resolve().parents[2]  # tests.harness is not installed: the job needs the repo
+        ex.update_parameters(slurm_partition="high", timeout_min=5, cpus_per_task=slurm_cluster.cpus,
+                             slurm_setup=[f'export PYTHONPATH="{root}${{PYTHONPATH:+:$PYTHONPATH}}"'])
         high = ex.submit(slurm_jobs.hold_cpus, 1.0)
         assert high.result() == slurm_cluster.cpus
 
