@@ -730,5 +730,7 @@ def to_dict(cfg: Any) -> dict:
 
 
 def dump_yaml(cfg: RunConfig, path: str | Path) -> None:
-    """Write the resolved config tree to ``path`` as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config tree to ``path`` as YAML (atomically: a reader sees the old file or the new one)."""
+    from rift_dist.atomic import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -17,12 +17,14 @@ where the row exists in the paper).
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import statistics
 import sys
 from pathlib import Path
 
+from rift_dist.atomic import atomic_write_text
 from rift_dist.data.datasets import DATASETS
 from rift_dist.errors import RiftError
 
@@ -232,18 +234,19 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     fields = ["dataset", "arch", "method", "n_seeds", "seeds"]
     for _, k in COLUMNS:
         fields += [f"{k}_mean", f"{k}_std"]
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            line = {"dataset": r["dataset"], "arch": r["arch"], "method": r.get("method", "rift"),
-                    "n_seeds": len(r["seeds"]),
-                    "seeds": " ".join(map(str, r["seeds"]))}
-            for _, k in COLUMNS:
-                mean, std = r[k]
-                line[f"{k}_mean"] = "" if mean is None else f"{mean:.4f}"
-                line[f"{k}_std"] = "" if std is None else f"{std:.4f}"
-            w.writerow(line)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    for r in rows:
+        line = {"dataset": r["dataset"], "arch": r["arch"], "method": r.get("method", "rift"),
+                "n_seeds": len(r["seeds"]),
+                "seeds": " ".join(map(str, r["seeds"]))}
+        for _, k in COLUMNS:
+            mean, std = r[k]
+            line[f"{k}_mean"] = "" if mean is None else f"{mean:.4f}"
+            line[f"{k}_std"] = "" if std is None else f"{std:.4f}"
+        w.writerow(line)
+    atomic_write_text(path, buf.getvalue())  # the table in memory, then one atomic write
 
 
 def report(experiment: str, tracking_uri: str | None = None, out_dir: str | Path = "reports",
@@ -265,7 +268,7 @@ def report(experiment: str, tracking_uri: str | None = None, out_dir: str | Path
     csv_path, md_path = out / f"{safe}-table1.csv", out / f"{safe}-table1.md"
     write_csv(csv_path, rows)
     md = to_markdown(rows, experiment, notes, paper)
-    md_path.write_text(md)
+    atomic_write_text(md_path, md)
     echo(md)
     echo(f"saved {csv_path} and {md_path}")
     return rows, csv_path, md_path

@@ -62,6 +62,8 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from rift_dist.atomic import atomic_write_text
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -230,7 +232,7 @@ class RunHandle(_Null):
         if full:
             path = self.tracker.run_dir / "mlflow" / f"params_full-{self.run_id}" / "params_full.json"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(full, indent=1, sort_keys=True))
+            atomic_write_text(path, json.dumps(full, indent=1, sort_keys=True))
             self.log_artifact(path)
         try:
             # only when the store answered last time: a buffered queue means it is down (no 10 s wait)
