@@ -1,4 +1,4 @@
-"""Atomic writes for the text files a stage writes (tables, summaries, markers).
+"""Atomic writes for the text files a stage writes (tables, summaries, markers), and JSON with a checksum.
 
 A file is written to a temporary name in its own directory, flushed, fsync'ed and renamed over the
 real name, so a reader (a resumed stage, ``rift report``, a gather job on another node) sees the old
@@ -8,9 +8,14 @@ file or the new one, never half of one.  Checkpoints use the same scheme in
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
+
+from rift_dist.errors import RiftError
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -37,3 +42,83 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
     """Write ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
     return atomic_write_bytes(path, text.encode(encoding))
+
+
+# ------------------------------------------------------------------------------ JSON with a checksum
+
+CHECKSUM_KEY = "_sha256"
+"""Key of the checksum that :func:`write_json` adds to a JSON object (issue 13: every artefact carries one)."""
+
+
+class CorruptFileError(RiftError, ValueError):
+    """A JSON artefact does not parse, or its content does not match the checksum written with it.
+
+    Attributes:
+        path: the file.
+    """
+
+    def __init__(self, path: str | Path, why: str):
+        self.path = Path(path)
+        super().__init__(f"{path}: corrupt ({why}). Delete it and re-run the same command: the piece it holds is "
+                         f"computed again")
+
+
+def _canonical_digest(data: dict) -> str:
+    # over the parsed-back form, so what write_json hashes is exactly what read_json will see
+    plain = json.loads(json.dumps({k: v for k, v in data.items() if k != CHECKSUM_KEY}, default=str))
+    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
+
+
+def write_json(path: str | Path, data: Any, indent: int = 1) -> Path:
+    """Write ``data`` as JSON, atomically; a JSON object gets a ``_sha256`` key, the sha256 of its content.
+
+    The checksum is over the object's canonical JSON (sorted keys, without ``_sha256``; values that are not
+    JSON types written as ``str``); :func:`read_json` verifies it, so a flipped byte that still parses is
+    found.  Lists and scalars are written without one.
+
+    Raises:
+        OSError: from the filesystem (``path`` keeps its old content).
+    """
+    if isinstance(data, dict):
+        data = {**{k: v for k, v in data.items() if k != CHECKSUM_KEY}, CHECKSUM_KEY: _canonical_digest(data)}
+    return atomic_write_text(path, json.dumps(data, indent=indent, default=str))
+
+
+def read_json(path: str | Path) -> Any:
+    """Read JSON written by :func:`write_json` (or any JSON file), verifying a ``_sha256`` key when present.
+
+    Returns the data without the ``_sha256`` key (files written before checksums existed are read as they are).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CorruptFileError: the text does not parse as JSON, or the object does not match its checksum.
+    """
+    text = Path(path).read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CorruptFileError(path, f"not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    if isinstance(data, dict) and CHECKSUM_KEY in data:
+        stored = data.pop(CHECKSUM_KEY)
+        if stored != _canonical_digest(data):
+            raise CorruptFileError(path, "its content does not match the sha256 checksum written with it")
+    return data
+
+
+def read_json_piece(path: str | Path) -> Any | None:
+    """A resumable piece (one alpha's row, one module's MRC, an evaluated point): its data, or None when the file
+    is missing or corrupt -- a corrupt piece is reported on stderr and then computed again like a missing one.
+
+    Raises:
+        nothing for a missing or corrupt file; OSError for other read failures.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return read_json(path)
+    except CorruptFileError as exc:
+        import sys
+
+        print(f"rift: WARNING: {exc}; computing it again", file=sys.stderr, flush=True)
+        return None

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rift_dist.atomic import atomic_write_text
+from rift_dist.atomic import atomic_write_text, read_json_piece
 from rift_dist.config import RunConfig, flatten
 from rift_dist.errors import RiftError
 
@@ -252,7 +252,9 @@ def load_point(path: Path) -> dict | None:
     """A point written by :func:`save_point` (scores included), or None when it is not there."""
     if not path.is_file() or not path.with_suffix(".npz").is_file():
         return None
-    point = json.loads(path.read_text())
+    point = read_json_piece(path)
+    if point is None:  # corrupt (reported): evaluated again
+        return None
     with np.load(path.with_suffix(".npz")) as z:
         point["scores"] = {k: z[k] for k in z.files}
     return point

@@ -12,7 +12,6 @@ collectives) and to the engine that ``ctx.runtime.parallelize_with`` returns.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rift_dist import checkpoint
+from rift_dist import atomic, checkpoint
+from rift_dist.atomic import CorruptFileError, read_json
 from rift_dist.config import RunConfig, flatten
 from rift_dist.distributed import Runtime
 from rift_dist.models import build_model
@@ -98,7 +98,12 @@ def read_done(ctx: StageContext, stage: str) -> dict | None:
     marker = ctx.run_dir / stage / "done.json"
     if not marker.is_file():
         return None
-    data = json.loads(marker.read_text())
+    try:
+        data = read_json(marker)
+    except CorruptFileError as exc:  # a flipped byte: the stage is redone (from its checkpoints where it has them)
+        print(f"rift: WARNING: {exc.path} is corrupt (checksum); stage '{stage}' is run again", file=sys.stderr,
+              flush=True)
+        return None
     now = json.loads(json.dumps(stage_signature(ctx.cfg, stage), default=str))
     before = data.get("signature", {})
     changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
@@ -128,18 +133,12 @@ def write_done(ctx: StageContext, stage: str, outputs: dict) -> None:
     """Record that ``stage`` finished (main process only), atomically."""
     if not ctx.is_main:
         return
-    marker = ctx.path(stage, "done.json")
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"outputs": outputs, "signature": stage_signature(ctx.cfg, stage)}, indent=1, default=str))
-    os.replace(tmp, marker)
+    write_json(ctx.path(stage, "done.json"), {"outputs": outputs, "signature": stage_signature(ctx.cfg, stage)})
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    """Write JSON atomically, a JSON object with its sha256 (:func:`rift_dist.atomic.write_json`)."""
+    atomic.write_json(path, data)
 
 
 # ------------------------------------------------------------------------------ models

@@ -58,6 +58,7 @@ from torch import nn
 
 from rift_dist.plotting import save_figure
 from rift_dist import checkpoint, interrupts
+from rift_dist.atomic import read_json_piece
 from rift_dist.attacks import eval_mode, pgd
 from rift_dist.seeding import seed_for, stream_seed
 from rift_dist.eval.protocol import index_noise
@@ -671,9 +672,9 @@ def compute_modules(ctx: StageContext, model: nn.Module, images: torch.Tensor, l
     out_dir.mkdir(parents=True, exist_ok=True)
     done = {}
     for name in names:
-        result_path = module_file(ctx.run_dir, name)
-        if result_path.is_file():
-            done[name] = json.loads(result_path.read_text())
+        result = read_json_piece(module_file(ctx.run_dir, name))
+        if result is not None:
+            done[name] = result
     todo = [n for n in names if n not in done]
     rows = iter_criticality(model, todo, images, labels, cfg, ctx.precision, seed=ctx.cfg.seed, log=ctx.log)
     if ctx.runtime.world_size == 1:

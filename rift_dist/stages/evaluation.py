@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from rift_dist.atomic import atomic_write_text
+from rift_dist.atomic import atomic_write_text, read_json_piece
 from rift_dist.eval.protocol import evaluate_model, robustness_suite, state_fingerprint, validate_eval_config
 from rift_dist.eval.report import (
     headline_metrics, headline_tags, result_csv_rows, result_metrics, summary_markdown, write_csv,
@@ -104,8 +104,8 @@ def evaluate_corruptions(ctx: StageContext, model, sets, label: str = "", progre
     table: dict[str, float] = {}
     store = Path(progress_dir) / f"{label}-corruptions.json" if progress_dir is not None else None
     fp = state_fingerprint(model) if store is not None else ""
-    if store is not None and ctx.cfg.eval.resume and store.is_file():
-        saved = json.loads(store.read_text())
+    saved = read_json_piece(store) if store is not None and ctx.cfg.eval.resume else None
+    if saved is not None:
         if saved.get("model") == fp and saved.get("n") == [len(ds) for _, _, ds in sets]:
             table.update(saved["per_set"])
     ctx.runtime.barrier()

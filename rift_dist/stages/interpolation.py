@@ -25,7 +25,7 @@ import torch
 
 from rift_dist.plotting import save_figure
 from rift_dist import checkpoint, interrupts
-from rift_dist.atomic import atomic_write_text
+from rift_dist.atomic import atomic_write_text, read_json_piece
 from rift_dist.seeding import stream_seed
 from rift_dist.config import AttackConfig
 from rift_dist.eval.protocol import evaluate_model
@@ -210,8 +210,8 @@ def run(ctx: StageContext) -> dict:
     with ctx.tracker.stage("interpolation") as parent:
         for alpha in cfg.interpolation.alphas:
             part = alpha_file(ctx.run_dir, alpha)
-            if part.is_file():
-                row = json.loads(part.read_text())
+            row = read_json_piece(part)
+            if row is not None:
                 rows.append(row)
                 if ctx.is_main and not part.with_suffix(".logged").is_file():
                     log_alpha(ctx, parent, alpha, row, part)
@@ -311,8 +311,9 @@ def interpolate_alphas(ctx: StageContext, alphas: list[float], candidate: str | 
         selection = get_dataset(ctx.cfg, "selection")
     for alpha in alphas:
         path = alpha_file(ctx.run_dir, alpha, candidate)
-        if path.is_file():
-            rows.append(json.loads(path.read_text()))
+        row = read_json_piece(path)
+        if row is not None:
+            rows.append(row)
             continue
         row = evaluate_alpha(ctx, theta_at, theta_ft, alpha, selection)
         if candidate is not None and alpha != 0.0:

@@ -10,7 +10,7 @@ CIFAR-10 training images, every stage):
   executor: the same planner, job runtime and gathers as on a cluster).
 
 From each run this module keeps what a refactor must not change: ``mrc.csv``, ``interpolation.csv``,
-``summary.json`` (timing fields removed), a digest of every model's tensors (``train`` / ``finetune`` /
+``summary.json`` (timing fields and its checksum removed), a digest of every model's tensors (``train`` / ``finetune`` /
 ``interpolate`` model files: key, dtype, shape and bytes of each tensor, so a change of the file container
 does not count, a change of one weight does) and the MLflow run tree (run names under their parents, status,
 params and ``rift.*`` tags with paths masked, every non-timing metric's (step, value) history).
@@ -96,7 +96,7 @@ def run_kind(kind: str, tmp: Path) -> Path:
 
 def _strip_timing(value):
     if isinstance(value, dict):
-        return {k: _strip_timing(v) for k, v in value.items() if not _TIMING.search(str(k))}
+        return {k: _strip_timing(v) for k, v in value.items() if not _TIMING.search(str(k)) and k != "_sha256"}
     if isinstance(value, list):
         return [_strip_timing(v) for v in value]
     if isinstance(value, str) and value.startswith("/"):

@@ -382,8 +382,15 @@ def test_corruption_protocols_and_resume(tmp_path):
     assert res["corruption_accuracy"] == res["protocols"]["standard"]["mean"]
     saved = json.loads((tmp_path / "progress" / "m-corruptions.json").read_text())
     assert saved["per_set"] == table
-    saved["per_set"]["fog/1"] = 0.123  # a resumed run takes finished sets from the progress file
+    real = table["fog/1"]
+    saved["per_set"]["fog/1"] = 0.123
+    # an edit that does not match the file's checksum (a flipped byte) is found: the sets are evaluated again
     (tmp_path / "progress" / "m-corruptions.json").write_text(json.dumps(saved))
+    assert evaluate_corruptions(ctx, model, sets, "m", tmp_path / "progress")["per_set"]["fog/1"] == real
+    # a resumed run takes finished sets from a valid progress file
+    from rift_dist.atomic import write_json
+
+    write_json(tmp_path / "progress" / "m-corruptions.json", saved)
     assert evaluate_corruptions(ctx, model, sets, "m", tmp_path / "progress")["per_set"]["fog/1"] == 0.123
 
 
