@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rift_dist.atomic import atomic_write_text, read_json_piece
+from rift_dist.atomic import atomic_write_text, read_json, read_json_piece
 from rift_dist.config import RunConfig, flatten
 from rift_dist.errors import RiftError
 
@@ -270,7 +270,7 @@ def _check_folder(folder: Path, signature: dict, is_main: bool) -> None:
     marker = folder / "compare.json"
     now = json.loads(json.dumps(signature, default=str))
     if marker.is_file():
-        before = json.loads(marker.read_text())
+        before = read_json(marker)
         changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
         if changed:
             raise CompareError(f"{folder} was made with a different config (changed: {', '.join(changed)}); "
@@ -303,7 +303,7 @@ def run_seed(top, cfg: RunConfig, seed_dir: Path, runtime, progress: bool, test_
         run_stages(ctx, list(STAGES[: STAGES.index("mrc") + 1]))  # the AT model and its MRC table
     finally:
         ctx.tracker.finish("FINISHED", end_parent=False)
-    mrc_rows = json.loads((seed_dir / "mrc" / "mrc.json").read_text())["rows"]
+    mrc_rows = read_json(seed_dir / "mrc" / "mrc.json")["rows"]
     names = module_names(build_model(cfg))
     at_path = seed_dir / "train" / "model.pt"
     theta_at = load_state(at_path, "the adversarially trained model")

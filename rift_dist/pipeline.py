@@ -9,7 +9,6 @@ under torchrun, or inside a SLURM job.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from types import SimpleNamespace
 
 import torch
 
+from rift_dist.atomic import read_json
 from rift_dist import interrupts
 from rift_dist.config import RunConfig, dump_yaml, flatten
 from rift_dist.distributed import Runtime
@@ -244,7 +244,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path | None = None, stages=STAGE
         if print_table and runtime.is_main and (run_dir / "summary.json").is_file() and "evaluate" in stages:
             from rift_dist.eval.report import print_summary
 
-            print_summary(json.loads((run_dir / "summary.json").read_text()))
+            print_summary(read_json(run_dir / "summary.json"))
         if runtime.is_main and (link := mlflow_link(ctx.tracker)):
             print(link, flush=True)
         status = "FINISHED"

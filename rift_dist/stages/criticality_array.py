@@ -18,10 +18,10 @@ run gives the same numbers as ``rift run``.  Kept apart from ``criticality.py`` 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
+from rift_dist.atomic import read_json
 from rift_dist.models import module_names
 from rift_dist.stages.common import StageContext, StageError, at_state, new_model, write_json
 from rift_dist.stages.criticality import (
@@ -138,7 +138,7 @@ def gather_mrc(ctx: StageContext, candidates: int = 1, assignment: list[list[str
     outputs = run(ctx)
     info_path = ctx.run_dir / STAGE / "mrc.json"
     if assignment is not None:
-        write_json(info_path, {**json.loads(info_path.read_text()), "array_assignment": assignment})
+        write_json(info_path, {**read_json(info_path), "array_assignment": assignment})
     if candidates > 1:
         chosen = candidate_modules(ctx.cfg, ctx.run_dir, candidates, write=ctx.is_main)
         outputs = {**outputs, "candidates": chosen}

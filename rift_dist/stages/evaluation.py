@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from rift_dist.atomic import atomic_write_text, read_json_piece
+from rift_dist.atomic import atomic_write_text, read_json, read_json_piece
 from rift_dist.eval.protocol import evaluate_model, robustness_suite, state_fingerprint, validate_eval_config
 from rift_dist.eval.report import (
     headline_metrics, headline_tags, result_csv_rows, result_metrics, summary_markdown, write_csv,
@@ -170,8 +169,8 @@ def run(ctx: StageContext) -> dict:
     validate_eval_config(cfg)
     theta_at = at_state(ctx)
     theta_rift = load_state(ctx.run_dir / "interpolate" / "model.pt", "the RiFT (interpolated) model")
-    alpha_info = json.loads((ctx.run_dir / "interpolate" / "alpha.json").read_text())
-    ft_done = json.loads((ctx.run_dir / "finetune" / "done.json").read_text())["outputs"]
+    alpha_info = read_json(ctx.run_dir / "interpolate" / "alpha.json")
+    ft_done = read_json(ctx.run_dir / "finetune" / "done.json")["outputs"]
     test = test_dataset(ctx)
     sets, cinfo = corruption_sets(ctx)
     with ctx.tracker.stage("evaluation") as run_log:

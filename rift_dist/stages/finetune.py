@@ -17,7 +17,6 @@ Artefacts: ``finetune/model.pt``, ``finetune/history.json``, checkpoints.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from rift_dist.atomic import read_json
 from rift_dist import checkpoint, interrupts
 from rift_dist.eval.protocol import evaluate_model
 from rift_dist.models import get_module
@@ -47,7 +47,7 @@ def chosen_modules(ctx: StageContext) -> list[str]:
     path = ctx.run_dir / "mrc" / "mrc.json"
     if not path.is_file():
         raise StageError(f"no module to fine-tune: {path} is missing (run the mrc stage, or set finetune.modules)")
-    return json.loads(path.read_text())["chosen"]
+    return read_json(path)["chosen"]
 
 
 def freeze_all_but(model: torch.nn.Module, names: list[str]) -> list[torch.nn.Parameter]:
@@ -222,7 +222,7 @@ def read_candidates(run_dir: str | Path) -> list[str]:
     path = candidates_file(run_dir)
     if not path.is_file():
         raise StageError(f"{path} is missing: the MRC gather writes it (with finetune candidates > 1); run it first")
-    return list(json.loads(path.read_text())["candidates"])
+    return list(read_json(path)["candidates"])
 
 
 def candidate_modules(cfg, run_dir: str | Path, k: int, write: bool = False) -> list[str]:
@@ -237,13 +237,13 @@ def candidate_modules(cfg, run_dir: str | Path, k: int, write: bool = False) -> 
 
     path = candidates_file(run_dir)
     if path.is_file():
-        data = json.loads(path.read_text())
+        data = read_json(path)
         if data.get("requested") == k:
             return list(data["candidates"])
     info = Path(run_dir) / "mrc" / "mrc.json"
     if not info.is_file():
         raise StageError(f"{info} is missing: the fine-tuning candidates come from the MRC stage; run it first")
-    rows = json.loads(info.read_text())["rows"]
+    rows = read_json(info)["rows"]
     chosen = choose_modules(rows, module_names(build_model(cfg)), cfg.mrc.exclude, k)
     if write:
         write_json(path, {"candidates": chosen, "requested": k})

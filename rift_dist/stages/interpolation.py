@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import shutil
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 
 from rift_dist.plotting import save_figure
 from rift_dist import checkpoint, interrupts
-from rift_dist.atomic import atomic_write_text, read_json_piece
+from rift_dist.atomic import atomic_write_text, read_json, read_json_piece
 from rift_dist.seeding import stream_seed
 from rift_dist.config import AttackConfig
 from rift_dist.eval.protocol import evaluate_model
@@ -395,14 +394,14 @@ def gather_interpolation(ctx: StageContext, candidates: int = 1) -> dict:
     if missing:
         raise StageError(f"interpolation results missing: {', '.join(missing)} — re-submit those array tasks "
                          f"(rift submit {ctx.run_dir})")
-    at_row = json.loads(at_path.read_text())
-    per = {m: [json.loads(alpha_file(ctx.run_dir, a, m).read_text()) for a in alphas] for m in modules}
+    at_row = read_json(at_path)
+    per = {m: [read_json(alpha_file(ctx.run_dir, a, m)) for a in alphas] for m in modules}
     module, row = choose_candidate(per, at_row, cfg.interpolation.tolerance)
     ctx.log(f"[interpolate] candidate {module} chosen (alpha {row['alpha']:g}: clean {100 * row['clean_accuracy']:.2f}%, "
             f"robust {100 * row['robust_accuracy']:.2f}%; AT robust {100 * at_row['robust_accuracy']:.2f}%)")
     if ctx.is_main:
         sub = candidate_dir(ctx.run_dir, module)
-        done = json.loads((sub / "finetune" / "done.json").read_text())["outputs"]
+        done = read_json(sub / "finetune" / "done.json")["outputs"]
         checkpoint.save_atomic(checkpoint.load(ft_model_path(ctx.run_dir, module)), ft_model_path(ctx.run_dir))
         if (sub / "finetune" / "history.json").is_file():
             shutil.copyfile(sub / "finetune" / "history.json", ctx.run_dir / "finetune" / "history.json")
