@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rift_dist.config import dump_yaml, flatten
-from rift_dist.distributed import Runtime
 from rift_dist.models.convert import load_external_checkpoint
-from rift_dist.pipeline import configure_torch, make_context
-from rift_dist.eval.protocol import robustness_suite, validate_eval_config
+from rift_dist.pipeline import open_run
+from rift_dist.eval.protocol import robustness_suite
 from rift_dist.eval.report import print_report, report_markdown, result_csv_rows, result_metrics, write_csv
 from rift_dist.stages.common import new_model, write_json
 from rift_dist.stages.evaluation import corruption_sets, evaluate_corruptions, test_dataset
@@ -22,7 +20,8 @@ from rift_dist.stages.evaluation import corruption_sets, evaluate_corruptions, t
 def evaluate_checkpoint(cfg, path: str | Path, progress: bool = True) -> int:
     """``rift evaluate CONFIG --checkpoint PATH``: load an external checkpoint and evaluate it fully.
 
-    Builds the runtime and context as the pipeline does, loads ``path`` through
+    Opens the run as ``rift run`` does (:func:`rift_dist.pipeline.open_run`: the same config and input
+    checks, runtime, tracker and teardown), loads ``path`` through
     :func:`rift_dist.models.convert.load_external_checkpoint` (``weights_only``; the layouts
     people have), runs :func:`robustness_suite` on the test split (first ``eval.n_examples``
     images when set) and the corruption sets when configured, prints the table and writes
@@ -35,24 +34,15 @@ def evaluate_checkpoint(cfg, path: str | Path, progress: bool = True) -> int:
 
     Raises:
         CheckpointError: unreadable checkpoint or one that does not fit the configured model.
-        ConfigError: bad ``eval`` settings.
+        ConfigError: bad ``eval`` settings (or any config problem ``rift run`` refuses).
+        PreflightError: missing data or corruption-set paths (before anything is written).
         DataError: missing data or corruption files (the message lists what is missing).
     """
-    validate_eval_config(cfg)
-    run_dir = Path(cfg.run_dir)
-    configure_torch(cfg)
-    runtime = Runtime(cfg)
-    ctx = None
-    status = "FAILED"
-    try:
-        out_dir = run_dir / "checkpoint_eval"
-        if runtime.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            dump_yaml(cfg, out_dir / "config.yaml")
-        runtime.barrier()
-        ctx = make_context(cfg, run_dir, runtime, progress)
-        if runtime.is_main:
-            ctx.tracker.parent.log_params(flatten(cfg))
+    out_dir = Path(cfg.run_dir) / "checkpoint_eval"
+    # the checks of `rift run` (config, eval section, data and corruption paths); no lock: it writes only
+    # checkpoint_eval/, which no stage touches
+    with open_run(cfg, stages=("evaluate",), progress=progress, exclusive=False,
+                  config_copy="checkpoint_eval/config.yaml") as ctx:
         model = new_model(ctx)
         _, imported = load_external_checkpoint(path, model)
         ctx.log(f"[evaluate] {path}: {imported.get('summary', '')}")
@@ -80,9 +70,4 @@ def evaluate_checkpoint(cfg, path: str | Path, progress: bool = True) -> int:
                 for name in ("report.json", "report.md", "report.csv", "import_report.json"):
                     run_log.log_artifact(out_dir / name)
                 print_report(report)
-        status = "FINISHED"
         return 0
-    finally:
-        if ctx is not None:
-            ctx.tracker.finish(status)
-        runtime.close()

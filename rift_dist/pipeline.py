@@ -9,10 +9,12 @@ under torchrun, or inside a SLURM job.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Iterator
 
 import torch
 
@@ -186,17 +188,96 @@ def check_stages_current(cfg: RunConfig, run_dir: Path, stages) -> None:
         read_done(probe, name)
 
 
+@contextlib.contextmanager
+def open_run(cfg: RunConfig, run_dir: str | Path | None = None, *, stages=(), progress: bool = True,
+             parent_run_id: str | None = None, exclusive: bool = True, config_copy: str | None = "config.yaml",
+             check: bool = True, log_config: bool = True) -> Iterator[StageContext]:
+    """Open one run for any entry point: config -> checks -> run directory and its lock -> runtime -> tracker,
+    torn down in ``finally``.  ``rift run`` and every stage command (:func:`run_pipeline`), ``rift evaluate
+    --checkpoint`` (:mod:`rift_dist.evaluate_checkpoint`) and every SLURM job (:func:`rift_dist.cluster.job.run_task`)
+    use it.
+
+    Validate, then write: with ``check``, :func:`rift_dist.preflight.check_run` (config errors, and the input
+    paths ``stages`` read) runs before anything; with ``exclusive`` the main process takes the run directory's
+    lock (:class:`rift_dist.run_lock.RunDirLock`: a second process on the directory is refused at once,
+    naming the holder) and checks the done marker of each of ``stages`` against ``cfg`` before ``config_copy``
+    (relative to the run directory) is written or MLflow is touched, so a refused command changes nothing.
+    Then the tracker: continued or created parent run (``parent_run_id``: the parent of a pipeline submitted
+    with ``rift submit``, whose status stays with its owner), stale child runs of a dead process closed
+    (exclusive runs only), the config logged as the parent's params (``log_config``; a job of a submitted
+    pipeline leaves that to ``rift submit``).
+
+    Yields:
+        the :class:`~rift_dist.stages.common.StageContext`.  When the body ends the tracker is finished:
+        FINISHED, KILLED (:class:`~rift_dist.interrupts.Interrupted`, KeyboardInterrupt, SystemExit) or
+        FAILED; the parent run is marked so only without ``parent_run_id``.  The lock is released and the
+        process group torn down.
+
+    Raises:
+        ConfigError / PreflightError: the checks (nothing written).
+        RunDirLockedError: another process holds the run directory.
+        StageError: a finished stage was produced with a different config (nothing is written).
+    """
+    run_dir = Path(run_dir or cfg.run_dir)
+    cfg.run_dir = str(run_dir)
+    if check:
+        check_run(cfg, stages)  # config checks (FFCV, eval, modules) and every input path, before anything is written
+    note = cap_num_workers(cfg)
+    configure_torch(cfg)
+    runtime = Runtime(cfg)
+    lock = RunDirLock(run_dir) if exclusive else None
+    status = "FAILED"
+    ctx = None
+    try:
+        if lock is not None:
+            refusal = None
+            if runtime.is_main:
+                try:
+                    lock.acquire()
+                    check_stages_current(cfg, run_dir, list(stages))
+                except StageError as exc:
+                    refusal = (type(exc).__name__, str(exc))
+            refusal = runtime.broadcast_object(refusal)
+            if refusal is not None:
+                cls = RunDirLockedError if refusal[0] == RunDirLockedError.__name__ else StageError
+                raise cls(refusal[1])
+        if runtime.is_main:
+            if lock is not None:
+                lock.record_holder()
+            if config_copy:
+                (run_dir / config_copy).parent.mkdir(parents=True, exist_ok=True)
+                dump_yaml(cfg, run_dir / config_copy)
+        runtime.barrier()
+        ctx = make_context(cfg, run_dir, runtime, progress, parent_run_id)
+        if runtime.is_main and parent_run_id is None and lock is not None:
+            close_stale_runs(ctx.tracker)  # we hold the run directory's lock: a RUNNING child's process is dead
+        if runtime.is_main and log_config:
+            ctx.tracker.parent.log_params(flatten(cfg))
+            ctx.tracker.parent.set_tags({"rift.run_dir": str(run_dir.resolve())})
+        if note:
+            ctx.log(note)
+        yield ctx
+        status = "FINISHED"
+    except (interrupts.Interrupted, KeyboardInterrupt, SystemExit):
+        status = "KILLED"
+        raise
+    finally:
+        try:
+            if ctx is not None:
+                ctx.tracker.finish(status, end_parent=parent_run_id is None)
+        finally:
+            if lock is not None:
+                lock.release()
+            runtime.close()
+
+
 def run_pipeline(cfg: RunConfig, run_dir: str | Path | None = None, stages=STAGES, progress: bool = True,
                  parent_run_id: str | None = None, print_table: bool = True) -> dict:
     """Run the RiFT stage graph for ``cfg`` in ``run_dir`` (default ``cfg.run_dir``) on this process's runtime.
 
-    Sets up the process group from the environment (torchrun / SLURM / single
-    process) and tears it down in ``finally``.  Returns {stage: outputs}.
-
-    Validate, then write: the main process takes the run directory's exclusive lock
-    (:class:`rift_dist.run_lock.RunDirLock`; a second pipeline on the same directory is refused at
-    once, naming the holder) and checks every requested stage's done marker against ``cfg`` before
-    ``config.yaml`` is written or MLflow is touched, so a refused command changes nothing.
+    The run is opened by :func:`open_run` (checks, the run directory's lock, the stages' done markers against
+    ``cfg``, then ``config.yaml`` and MLflow; teardown in ``finally``), then :func:`run_stages`.  Sets up the
+    process group from the environment (torchrun / SLURM / single process).  Returns {stage: outputs}.
 
     With ``parent_run_id`` (a run of a pipeline submitted with ``rift submit``) the stages log into
     that MLflow parent run and leave its status to its owner; without it, the run directory's own
@@ -206,40 +287,9 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path | None = None, stages=STAGE
         RunDirLockedError: another process holds the run directory.
         StageError: a finished stage was produced with a different config (nothing is written).
     """
-    run_dir = Path(run_dir or cfg.run_dir)
-    cfg.run_dir = str(run_dir)
-    check_run(cfg, stages)  # config checks (FFCV, eval, modules) and every input path, before anything is written
-    note = cap_num_workers(cfg)
-    configure_torch(cfg)
-    runtime = Runtime(cfg)
-    lock = RunDirLock(run_dir)
-    status = "FAILED"
-    ctx = None
-    try:
-        refusal = None
-        if runtime.is_main:
-            try:
-                lock.acquire()
-                check_stages_current(cfg, run_dir, list(stages))
-            except StageError as exc:
-                refusal = (type(exc).__name__, str(exc))
-        refusal = runtime.broadcast_object(refusal)
-        if refusal is not None:
-            cls = RunDirLockedError if refusal[0] == RunDirLockedError.__name__ else StageError
-            raise cls(refusal[1])
-        if runtime.is_main:
-            lock.record_holder()
-            dump_yaml(cfg, run_dir / "config.yaml")
-        runtime.barrier()
-        ctx = make_context(cfg, run_dir, runtime, progress, parent_run_id)
-        if runtime.is_main and parent_run_id is None:
-            close_stale_runs(ctx.tracker)  # we hold the run directory's lock: a RUNNING child's process is dead
-        if runtime.is_main:
-            ctx.tracker.parent.log_params(flatten(cfg))
-            ctx.tracker.parent.set_tags({"rift.run_dir": str(run_dir.resolve())})
+    with open_run(cfg, run_dir, stages=stages, progress=progress, parent_run_id=parent_run_id) as ctx:
+        runtime, run_dir = ctx.runtime, ctx.run_dir
         ctx.log(f"rift: run {run_dir} — {runtime.world_size} process(es) on {runtime.device}, {ctx.precision.describe()}")
-        if note:
-            ctx.log(note)
         results = run_stages(ctx, list(stages))
         if print_table and runtime.is_main and (run_dir / "summary.json").is_file() and "evaluate" in stages:
             from rift_dist.eval.report import print_summary
@@ -247,15 +297,4 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path | None = None, stages=STAGE
             print_summary(read_json(run_dir / "summary.json"))
         if runtime.is_main and (link := mlflow_link(ctx.tracker)):
             print(link, flush=True)
-        status = "FINISHED"
         return results
-    except interrupts.Interrupted:
-        status = "KILLED"
-        raise
-    finally:
-        try:
-            if ctx is not None:
-                ctx.tracker.finish(status, end_parent=parent_run_id is None)
-        finally:
-            lock.release()
-            runtime.close()

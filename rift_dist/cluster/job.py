@@ -215,9 +215,10 @@ def torch_threads_from_slurm() -> None:
 def run_task(spec: dict) -> dict:
     """Run one task of a submitted job in this process (every rank of the job runs it).
 
-    Sets up the launcher environment, the config (from the submission), torch, the process group
-    (``Runtime``: torchrun / SLURM / submitit-local variables) and the stage context attached to the
-    pipeline's MLflow parent run; runs the part; tears down in ``finally``.  Global rank 0 records
+    Sets up the launcher environment and the config (from the submission), then opens the run as every
+    entry point does (:func:`rift_dist.pipeline.open_run`: torch, the process group from torchrun / SLURM /
+    submitit-local variables, the stage context attached to the pipeline's MLflow parent run, teardown in
+    ``finally``; the checks were made by ``rift submit``); runs the part.  Global rank 0 records
     start / end / failure in ``jobs/events.jsonl`` and logs to the task's MLflow run.
 
     Returns:
@@ -229,53 +230,51 @@ def run_task(spec: dict) -> dict:
     if spec.get("executor") != "debug":
         _prepare_environment(spec)
     from rift_dist.config import from_dict
-    from rift_dist.distributed import Runtime
-    from rift_dist.pipeline import configure_torch, make_context
+    from rift_dist.pipeline import open_run
 
     cfg = from_dict(spec["config"], source=f"{spec['run_dir']}/config.yaml (as submitted)")
-    run_dir = Path(spec["run_dir"])
-    configure_torch(cfg)
     if not cfg.precision.threads:
         torch_threads_from_slurm()
-    runtime = Runtime(cfg)
-    ctx = None
     run = None
     status = "FAILED"
-    try:
-        ctx = make_context(cfg, run_dir, runtime, progress=False, parent_run_id=spec.get("parent_run_id"))
-        if runtime.is_main:
-            record_event(spec, "start", progress=progress_on_disk(spec), world_size=runtime.world_size,
-                         device=str(runtime.device), visible_gpus=os.environ.get("CUDA_VISIBLE_DEVICES"),
-                         nccl_env={k: v for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")})
-            print(f"[rift] job {spec['job']} task {spec['index']} ({spec['label']}) starts: {runtime.world_size} "
-                  f"rank(s) on {runtime.device}; on disk: {progress_on_disk(spec)}", flush=True)
-        tags = {k: v for k, v in {
-            "slurm.job_id": os.environ.get("SLURM_JOB_ID"), "slurm.array_job_id": os.environ.get("SLURM_ARRAY_JOB_ID"),
-            "slurm.array_task": os.environ.get("SLURM_ARRAY_TASK_ID"), "slurm.restart_count":
-            os.environ.get("SLURM_RESTART_COUNT"), "slurm.node": os.environ.get("SLURMD_NODENAME"),
-            "rift.job": spec["job"], "rift.task": spec["index"], "rift.world_size": runtime.world_size}.items()
-            if v is not None}
-        if spec.get("run_key") and ctx.tracker.active:
-            run = ctx.tracker.child(spec.get("run_name") or spec["run_key"], key=spec["run_key"], tags=tags)
-        else:
-            from rift_dist.tracking import _Null
+    # rift submit made the checks of `rift run` before the first sbatch and wrote config.yaml and the params;
+    # the tasks of an array share the run directory, so no lock (each writes its own files)
+    with open_run(cfg, spec["run_dir"], progress=False, parent_run_id=spec.get("parent_run_id"), exclusive=False,
+                  config_copy=None, check=False, log_config=False) as ctx:
+        runtime = ctx.runtime
+        try:
+            if runtime.is_main:
+                record_event(spec, "start", progress=progress_on_disk(spec), world_size=runtime.world_size,
+                             device=str(runtime.device), visible_gpus=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                             nccl_env={k: v for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")})
+                print(f"[rift] job {spec['job']} task {spec['index']} ({spec['label']}) starts: {runtime.world_size} "
+                      f"rank(s) on {runtime.device}; on disk: {progress_on_disk(spec)}", flush=True)
+            tags = {k: v for k, v in {
+                "slurm.job_id": os.environ.get("SLURM_JOB_ID"), "slurm.array_job_id": os.environ.get("SLURM_ARRAY_JOB_ID"),
+                "slurm.array_task": os.environ.get("SLURM_ARRAY_TASK_ID"), "slurm.restart_count":
+                os.environ.get("SLURM_RESTART_COUNT"), "slurm.node": os.environ.get("SLURMD_NODENAME"),
+                "rift.job": spec["job"], "rift.task": spec["index"], "rift.world_size": runtime.world_size}.items()
+                if v is not None}
+            if spec.get("run_key") and ctx.tracker.active:
+                run = ctx.tracker.child(spec.get("run_name") or spec["run_key"], key=spec["run_key"], tags=tags)
+            else:
+                from rift_dist.tracking import _Null
 
-            run = _Null()
-        out = run_part(ctx, spec, run)
-        status = "FINISHED"
-        if runtime.is_main:
-            record_event(spec, "end", progress=progress_on_disk(spec))
-        return {"job": spec["job"], "task": spec["index"], "outputs": out}
-    except (SystemExit, KeyboardInterrupt):
-        status = "KILLED"
-        raise
-    except Exception as exc:
-        if runtime.is_main:
-            record_event(spec, "failed", error=f"{type(exc).__name__}: {str(exc)[:500]}")
-        raise
-    finally:
-        if ctx is not None:
-            tracker = ctx.tracker
+                run = _Null()
+            out = run_part(ctx, spec, run)
+            status = "FINISHED"
+            if runtime.is_main:
+                record_event(spec, "end", progress=progress_on_disk(spec))
+            return {"job": spec["job"], "task": spec["index"], "outputs": out}
+        except (SystemExit, KeyboardInterrupt):
+            status = "KILLED"
+            raise
+        except Exception as exc:
+            if runtime.is_main:
+                record_event(spec, "failed", error=f"{type(exc).__name__}: {str(exc)[:500]}")
+            raise
+        finally:
+            tracker = ctx.tracker  # its writes are sent (or saved) and the process group closed by open_run
             if run is not None and owns_run(spec["part"]):
                 tracker.end(run, status)
             if status == "FAILED":
@@ -283,8 +282,6 @@ def run_task(spec: dict) -> dict:
                 tracker.end(tracker.parent, "FAILED")
             elif status == "FINISHED" and spec.get("last"):
                 tracker.end(tracker.parent, "FINISHED")
-            tracker.close()
-        runtime.close()
 
 
 class StageJob(submitit.helpers.Checkpointable):

@@ -105,3 +105,14 @@ def test_existing_runs_keep_their_names():
 def test_an_unknown_stage_is_refused_with_the_list():
     with pytest.raises(StageError, match="stages are train, mrc, finetune, interpolate, evaluate"):
         stages.stage("mcr")
+
+
+def test_runs_are_opened_in_one_place():
+    """Entry points open a run through pipeline.open_run (issue 12): the process group is made only there
+    (and in rift compare, which opens one per seed and method; not yet moved)."""
+    makers = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Runtime":
+                makers.append(str(path.relative_to(PACKAGE.parent)))
+    assert sorted(makers) == ["rift_dist/compare.py", "rift_dist/pipeline.py"]
