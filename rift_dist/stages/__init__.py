@@ -15,8 +15,8 @@ rest of the package needs to know about a stage:
   done marker of a stage records the values of its own keys and those of every stage before it, so
   a changed setting redoes that stage and the ones after it; keys that change only speed or
   bookkeeping (workers, loader, caches, threads, tracking, the engine) are left out on purpose, so a
-  run may resume on another machine.  ``tests/unit/test_stage_contract.py`` runs each stage on a
-  config that records every field read and fails on a read field that is not declared here.
+  run may resume on another machine.  ``tests/unit/test_stage_contract.py`` checks which changed
+  settings make which stages stale.
 * ``shards``: how ``rift submit`` splits the stage into SLURM jobs and job arrays (prepare / tasks /
   compute / gather; see :class:`Shards`); None = always one job running ``run`` on all its ranks.
 
@@ -88,7 +88,8 @@ class Shards:
             (tasks, gather_args)``: the array's tasks not yet done (``wanted``: the names ``--only``
             gives this job, [] = the whole job, None = no ``--only``); each task a dict with index,
             label, names, args and optionally run_key, run_name, child_runs ([{key, params}] created
-            ahead of time).  ``gather_args``: the gather job's arguments.
+            ahead of time) and what (its line in the sbatch script's array map).  ``gather_args``: the
+            gather job's arguments.
         prepare / compute / gather: the jobs (``compute`` is the array).
         prepare_done: ``"module:function"``, ``function(run_dir) -> bool``: whether the prepare job's
             output exists (it is then not planned, unless ``--only`` names it).
