@@ -88,7 +88,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="RiFT against its alternatives (most-critical, random, top-k, all-layers / "
                                        "WiSE-FT, logit mixing) on one AT model; Pareto front and paired CIs")
     _add_run_arguments(p)
-    p.add_argument("--dry-run", action="store_true", help="print the plan (seeds, methods, evaluations) and stop")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (seeds, methods, evaluations; with "
+                                                          "--submit also the jobs and their sbatch scripts) and stop")
+    p.add_argument("--submit", action="store_true", help="run it as SLURM jobs: one per seed, then a summary job")
+    p.add_argument("--profile", help="launch profile YAML for --submit (e.g. launch/example_cluster.yaml)")
+    p.add_argument("--profile-set", dest="profile_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a profile field for --submit (repeatable)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--local", action="store_true", help="with --submit: run the jobs on this machine (submitit)")
+    g.add_argument("--debug", action="store_true", help="with --submit: run the jobs in this process (submitit)")
     from rift_dist import plan
 
     plan.add_arguments(sub.add_parser("plan", help="print what a config costs (parameters, modules, checkpoint "

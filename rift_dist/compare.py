@@ -629,38 +629,65 @@ def plan_text(cfg: RunConfig) -> str:
     return "\n".join(lines)
 
 
-def run_compare(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = True) -> dict:
+def compare_seeds(cfg: RunConfig) -> list[int]:
+    """The seeds of a comparison: ``compare.seeds``, or the run's ``seed`` when that list is empty."""
+    return list(cfg.compare.seeds) or [cfg.seed]
+
+
+def check_compare(cfg: RunConfig) -> None:
+    """Every check ``rift compare`` makes before it writes anything (local run and submission alike).
+
+    Raises:
+        ConfigError / StageError: bad module names or inputs; CompareError: ``rift`` not among the methods.
+    """
+    from rift_dist.pipeline import check_module_names
+    from rift_dist.preflight import check_inputs
+    from rift_dist.stages import STAGES
+
+    check_module_names(cfg)
+    check_inputs(cfg, STAGES)
+    if "rift" not in cfg.compare.methods:
+        raise CompareError("compare.methods must include rift (every difference is reported against it)")
+
+
+def run_compare(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = True,
+                seeds: list[int] | None = None, summarize: bool = True) -> dict:
     """Run the comparison of ``cfg.compare`` in ``run_dir`` (default ``cfg.run_dir``) on this process's runtime.
 
     Validates first (module names, inputs, the run directory's lock), then runs every seed
     (:func:`run_seed`), then writes ``compare/`` and logs it to MLflow.  Re-running resumes: finished
     stages, fine-tunings and evaluated points are reused.
 
+    Args:
+        seeds: run only these seeds (default: :func:`compare_seeds`); with ``summarize=False`` exactly one,
+            and the lock taken is that seed's folder ``seed-<s>/`` (a SLURM job per seed, side by side).
+        summarize: write ``compare/`` and end the MLflow parent run (False: a seed job of a submission,
+            whose last job summarises; the seeds' results stay on disk and are read back by it).
+
     Returns:
-        {"rows": pareto rows, "table": method table, "verdict": str}.
+        {"rows": pareto rows, "table": method table, "verdict": str}; {"seeds": [...]} without ``summarize``.
 
     Raises:
         ConfigError / StageError / CompareError / RunDirLockedError: before anything is written where possible.
     """
-    from rift_dist.pipeline import cap_num_workers, check_module_names, configure_torch
-    from rift_dist.preflight import check_inputs
+    from rift_dist.pipeline import cap_num_workers, configure_torch
     from rift_dist.distributed import Runtime
     from rift_dist.run_lock import RunDirLock
-    from rift_dist.stages import STAGES
     from rift_dist.stages.common import write_json
     from rift_dist.stages.evaluation import corruption_sets
     from rift_dist.tracking import Tracker
 
     run_dir = Path(run_dir or cfg.run_dir)
     cfg.run_dir = str(run_dir)
-    check_module_names(cfg)
-    check_inputs(cfg, STAGES)
-    if "rift" not in cfg.compare.methods:
-        raise CompareError("compare.methods must include rift (every difference is reported against it)")
+    check_compare(cfg)
+    all_seeds = compare_seeds(cfg)
+    seeds = list(seeds) if seeds else all_seeds
+    if not set(seeds) <= set(all_seeds) or (not summarize and len(seeds) != 1):
+        raise CompareError(f"seeds {seeds} are not one seed of compare.seeds {all_seeds}")
     note = cap_num_workers(cfg)
     configure_torch(cfg)
     runtime = Runtime(cfg)
-    lock = RunDirLock(run_dir)
+    lock = RunDirLock(run_dir if summarize else run_dir / f"seed-{seeds[0]}")
     top = None
     status = "FAILED"
     try:
@@ -674,7 +701,6 @@ def run_compare(cfg: RunConfig, run_dir: str | Path | None = None, progress: boo
         log = (lambda m: print(m, flush=True)) if runtime.is_main else (lambda m: None)
         if note:
             log(note)
-        seeds = list(cfg.compare.seeds) or [cfg.seed]
         results, test_sets, cinfo = {}, None, None
         for s in seeds:
             cfg_s = copy.deepcopy(cfg)
@@ -688,6 +714,9 @@ def run_compare(cfg: RunConfig, run_dir: str | Path | None = None, progress: boo
                 probe.tracker.active = False
                 test_sets, cinfo = corruption_sets(probe)
             results[s] = run_seed(top, cfg_s, seed_dir, runtime, progress, test_sets, log)
+        if not summarize:
+            status = "FINISHED"
+            return {"seeds": seeds}
         rows = pareto_rows(results)
         table = method_table(results, list(cfg.compare.methods), cfg.compare.confidence)
         verdict, _ = noise_verdict(table)
@@ -711,7 +740,7 @@ def run_compare(cfg: RunConfig, run_dir: str | Path | None = None, progress: boo
     finally:
         try:
             if top is not None:
-                top.finish(status)
+                top.finish(status, end_parent=summarize or status != "FINISHED")
         finally:
             if runtime.is_main:
                 lock.release()
@@ -719,7 +748,20 @@ def run_compare(cfg: RunConfig, run_dir: str | Path | None = None, progress: boo
 
 
 def compare_command(args, cfg: RunConfig) -> int:
-    """``rift compare CONFIG [--run-dir] [--nproc] [--dry-run]``; returns the exit status."""
+    """``rift compare CONFIG [--run-dir] [--nproc] [--dry-run] [--submit --profile P [--local|--debug]]``; returns
+    the exit status."""
+    if getattr(args, "submit", False):
+        from rift_dist.cluster.compare_jobs import submit_compare
+        from rift_dist.cluster.profile import load_profile
+
+        if args.dry_run:
+            print(plan_text(cfg))
+        profile = load_profile(args.profile, args.profile_overrides)
+        executor = "local" if args.local else "debug" if args.debug else None
+        submit_compare(cfg, profile, cfg.run_dir, executor=executor, dry_run=args.dry_run, config_path=args.config)
+        return 0
+    if args.local or args.debug or args.profile or args.profile_overrides:
+        raise CompareError("--profile, --profile-set, --local and --debug go with --submit")
     if args.dry_run:
         print(plan_text(cfg))
         return 0
