@@ -15,8 +15,10 @@ rest of the package needs to know about a stage:
   done marker of a stage records the values of its own keys and those of every stage before it, so
   a changed setting redoes that stage and the ones after it; keys that change only speed or
   bookkeeping (workers, loader, caches, threads, tracking, the engine) are left out on purpose, so a
-  run may resume on another machine.  ``tests/unit/test_stage_contract.py`` checks which changed
-  settings make which stages stale.
+  run may resume on another machine.  The keys are checked, not trusted:
+  ``tests/integration/test_stage_keys.py`` runs every stage on a config that records each field read
+  and fails on a read field that is neither declared here nor a speed / bookkeeping setting;
+  ``tests/unit/test_stage_contract.py`` checks which changed settings make which stages stale.
 * ``shards``: how ``rift submit`` splits the stage into SLURM jobs and job arrays (prepare / tasks /
   compute / gather; see :class:`Shards`); None = always one job running ``run`` on all its ranks.
 
