@@ -66,3 +66,4 @@ def test_submitted_comparison_equals_the_one_process_comparison(tmp_path):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     names = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id)
     assert names == sorted([f"{m} seed={s}" for m in METHODS for s in (0, 1)] + [f"AT + MRC seed={s}" for s in (0, 1)])
+
