@@ -24,7 +24,7 @@ def seed_for(*parts: int) -> int:
 # 12's selection stream was seed 0's sweep stream).
 RANDOM_STREAMS = ("train-selection", "interpolation-sweep", "mrc-examples", "mrc-noise", "eval-pgd", "eval-pgd-extra",
                   "eval-margin", "sanity-epsilon-sweep", "sanity-eps0", "sanity-square",
-                  "compare-random-module", "compare-val-corruption", "compare-bootstrap")
+                  "compare-random-module", "compare-val-corruption")
 
 
 def stream_seed(seed: int, stream: str, *parts: int) -> int:
