@@ -238,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
 
         interrupts.install()  # SIGTERM / SIGINT: checkpoint at the next step, close MLflow runs, exit 143 / 130
 
+        if args.command == "compare" and args.submit:
+            from rift_dist.cluster.compare_jobs import submit_command
+
+            return submit_command(args, cfg)
         if args.command == "compare":
             from rift_dist.compare import compare_command
 

@@ -748,18 +748,8 @@ def run_compare(cfg: RunConfig, run_dir: str | Path | None = None, progress: boo
 
 
 def compare_command(args, cfg: RunConfig) -> int:
-    """``rift compare CONFIG [--run-dir] [--nproc] [--dry-run] [--submit --profile P [--local|--debug]]``; returns
-    the exit status."""
-    if getattr(args, "submit", False):
-        from rift_dist.cluster.compare_jobs import submit_compare
-        from rift_dist.cluster.profile import load_profile
-
-        if args.dry_run:
-            print(plan_text(cfg))
-        profile = load_profile(args.profile, args.profile_overrides)
-        executor = "local" if args.local else "debug" if args.debug else None
-        submit_compare(cfg, profile, cfg.run_dir, executor=executor, dry_run=args.dry_run, config_path=args.config)
-        return 0
+    """``rift compare CONFIG [--run-dir] [--nproc] [--dry-run]``; returns the exit status (``--submit``:
+    :func:`rift_dist.cluster.compare_jobs.submit_command`)."""
     if args.local or args.debug or args.profile or args.profile_overrides:
         raise CompareError("--profile, --profile-set, --local and --debug go with --submit")
     if args.dry_run:

@@ -135,3 +135,16 @@ def submit_compare(cfg, profile: Profile, run_dir: str | Path, *, executor: str 
         log(f"rift: {len(submitted)} job(s) queued; `squeue -u $USER -n {','.join('rift-' + n for n in names)}` "
             f"follows them, the summary lands in {run_dir / 'compare'}")
     return record
+
+
+def submit_command(args, cfg) -> int:
+    """``rift compare CONFIG --submit [--profile P] [--profile-set K=V] [--local|--debug] [--dry-run]``."""
+    from rift_dist.cluster.profile import load_profile
+    from rift_dist.compare import plan_text
+
+    if args.dry_run:
+        print(plan_text(cfg))
+    profile = load_profile(args.profile, args.profile_overrides)
+    executor = "local" if args.local else "debug" if args.debug else None
+    submit_compare(cfg, profile, cfg.run_dir, executor=executor, dry_run=args.dry_run, config_path=args.config)
+    return 0
