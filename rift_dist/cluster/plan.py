@@ -10,6 +10,7 @@ allows (MaxArraySize, MaxJobCount, partitions, QOS); :func:`split_arrays` cuts a
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,8 +232,15 @@ def query_cluster_limits(runner: Callable | None = None) -> ClusterLimits:
     is skipped with a note in ``notes``: the submit then relies on sbatch's own refusal (and cancels
     what was queued).  ``runner(argv) -> (returncode, stdout, stderr)`` replaces subprocess for tests.
     """
+    # Without a slurm.conf here (SLURM_CONF unset, none in /etc) the clients can only find a controller in
+    # configless mode (a DNS SRV record), which answers at once; otherwise scontrol searches for a config for
+    # about a minute.  So wait 5 s there instead of 30 (issue 11: a dry run stalled 30 s on such a machine).
+    has_conf = bool(os.environ.get("SLURM_CONF")) or any(
+        Path(p).is_file() for p in ("/etc/slurm/slurm.conf", "/etc/slurm-llnl/slurm.conf", "/usr/local/etc/slurm.conf"))
+    timeout_s = 30 if has_conf else 5
+
     def default_runner(argv):
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
         return proc.returncode, proc.stdout, proc.stderr
 
     run = runner or default_runner
