@@ -356,11 +356,19 @@ def test_ports_of_jobs_4123_and_24123_differ():
 
 
 def test_rendezvous_port_taken_falls_back_and_is_shared_through_the_run_dir(tmp_path):
+    import random
+
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as other:
-        other.bind(("", 0))  # another job's rendezvous holds the port this job would derive
+        # another job's rendezvous holds the port this job would derive: a free port inside the derived range
+        # (an ephemeral port from bind(0) may lie above it: 32768-60999 vs 20000-59999)
+        for busy in random.Random(0).sample(range(cluster_job.PORT_BASE, cluster_job.PORT_BASE + cluster_job.PORT_SPAN), 50):
+            try:
+                other.bind(("", busy))
+                break
+            except OSError:
+                continue
         other.listen()
-        busy = other.getsockname()[1]
-        job_id = busy - cluster_job.PORT_BASE if busy >= cluster_job.PORT_BASE else busy + cluster_job.PORT_SPAN - cluster_job.PORT_BASE
+        job_id = busy - cluster_job.PORT_BASE
         assert cluster_job.derived_port(job_id) == busy
         port0 = cluster_job.rendezvous_port(tmp_path, f"{job_id}-r0", 0, job_id)
         assert port0 != busy and cluster_job.port_is_free(port0)
