@@ -60,7 +60,8 @@ def plain_step(model, optimizer, x, y, noise):
 def make_ours(args, device, base, precision_cfg):
     """A (step function, description) pair running rift_dist's train_step on a copy of ``base``."""
     from rift_dist.config import RunConfig
-    from rift_dist.distributed import Runtime
+    from rift_dist.parallel import parallelize
+    from rift_dist.parallel.runtime import Runtime
     from rift_dist.precision import resolve_precision
     from rift_dist.stages.adversarial_training import train_step
     from rift_dist.stages.common import StageContext
@@ -74,7 +75,7 @@ def make_ours(args, device, base, precision_cfg):
     ctx = StageContext(cfg, ROOT_RUN, runtime, None, precision, progress=False)
     model = precision.prepare_model(copy.deepcopy(base).to(device))
     t = cfg.train
-    engine = runtime.parallelize_with(
+    engine = parallelize(runtime,
         model, lambda params: torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay))
 
     def step(x, y, noise):

@@ -59,7 +59,7 @@ def _make_inputs(cfg_path: Path, run_dirs: list[Path]) -> None:
     import torch
 
     from rift_dist.config import load_config
-    from rift_dist.distributed import Runtime
+    from rift_dist.parallel.runtime import Runtime
     from rift_dist.pipeline import configure_torch, make_context
     from rift_dist.stages import criticality
     from rift_dist.stages.common import new_model

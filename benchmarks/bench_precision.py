@@ -33,7 +33,8 @@ PRECISIONS = {"fp32": {"autocast": "none", "channels_last": "off"}, "default": {
 def build(device, precision_kw: dict, seed: int, width: int):
     """(ctx, engine, precision) for rift_dist's train_step with the given precision switches."""
     from rift_dist.config import PrecisionConfig, RunConfig
-    from rift_dist.distributed import Runtime
+    from rift_dist.parallel import parallelize
+    from rift_dist.parallel.runtime import Runtime
     from rift_dist.precision import resolve_precision
     from rift_dist.stages.common import StageContext
 
@@ -47,7 +48,7 @@ def build(device, precision_kw: dict, seed: int, width: int):
     torch.manual_seed(seed)
     model = precision.prepare_model(cifar_model(width).to(device))
     t = cfg.train
-    engine = runtime.parallelize_with(
+    engine = parallelize(runtime,
         model, lambda params: torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay))
     return ctx, engine, precision
 

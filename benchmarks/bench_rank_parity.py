@@ -11,7 +11,7 @@ Issue 11, "rank count, explained".  Two measurements, both on real CIFAR-10 imag
 
 1. **Weights after k steps** (``--steps 1,2,5,10``).  The default config's model and batch (width-16
    ResNet-18, global batch 128, PGD-5 AT, lr 0.1) with ``--set`` overrides only for fp32.  Each
-   contender runs the training stage's own pieces (``new_model``, ``Runtime.parallelize_with``,
+   contender runs the training stage's own pieces (``new_model``, ``parallelize``,
    ``build_loader``, ``global_noise``, ``adversarial_training.train_step``) for max(k) steps in fresh
    processes (``torch.multiprocessing`` with torchrun-style variables; gloo for 2 ranks) and saves the
    consolidated state dict after each k.  Contenders:
@@ -101,7 +101,8 @@ def train_steps_worker(rank: int, world: int, config: str, overrides: list[str],
     """
     from rift_dist.config import load_config
     from rift_dist.data.loaders import build_loader
-    from rift_dist.distributed import Runtime
+    from rift_dist.parallel import parallelize
+    from rift_dist.parallel.runtime import Runtime
     from rift_dist.pipeline import configure_torch, make_context
     from rift_dist.stages.adversarial_training import global_noise, train_step
     from rift_dist.stages.common import new_model, set_lr
@@ -112,7 +113,7 @@ def train_steps_worker(rank: int, world: int, config: str, overrides: list[str],
     with Runtime(cfg) as rt:
         ctx = make_context(cfg, Path(out) / "run", rt, progress=False)
         torch.manual_seed(cfg.seed)
-        engine = rt.parallelize_with(new_model(ctx), lambda params: torch.optim.SGD(
+        engine = parallelize(rt, new_model(ctx), lambda params: torch.optim.SGD(
             params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay))
         set_lr(engine.optimizer, t.lr)
         loader = build_loader(cfg, "train", rt.rank, rt.world_size, device=ctx.device)
@@ -137,7 +138,7 @@ def train_steps_worker(rank: int, world: int, config: str, overrides: list[str],
 
 def run_steps(config: Path, overrides: list[str], world: int, steps: list[int], out: Path) -> float:
     """Run :func:`train_steps_worker` on ``world`` fresh processes; returns the wall seconds."""
-    from rift_dist.distributed import free_port
+    from rift_dist.parallel.runtime import free_port
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -276,7 +277,9 @@ def where_worker(rank: int, world: int, config: str, overrides: list[str], out: 
     from rift_dist.attacks import pgd
     from rift_dist.config import load_config
     from rift_dist.data.loaders import build_loader
-    from rift_dist.distributed import AllReduceBatchNorm, Runtime
+    from rift_dist.parallel.batchnorm import AllReduceBatchNorm
+    from rift_dist.parallel import parallelize
+    from rift_dist.parallel.runtime import Runtime
     from rift_dist.pipeline import configure_torch, make_context
     from rift_dist.stages.adversarial_training import global_noise
     from rift_dist.stages.common import new_model
@@ -295,7 +298,7 @@ def where_worker(rank: int, world: int, config: str, overrides: list[str], out: 
     with Runtime(cfg) as rt:
         ctx = make_context(cfg, Path(out) / "run", rt, progress=False)
         torch.manual_seed(cfg.seed)
-        engine = rt.parallelize_with(new_model(ctx), lambda p: torch.optim.SGD(p, lr=cfg.train.lr))
+        engine = parallelize(rt, new_model(ctx), lambda p: torch.optim.SGD(p, lr=cfg.train.lr))
         loader = build_loader(cfg, "train", rt.rank, rt.world_size, device=ctx.device)
         loader.set_epoch(0)
         images, labels = next(iter(loader))
@@ -326,7 +329,7 @@ def measure_where(config: Path, work: Path, extra: list[str], threshold: float =
     """Where 1 and 2 ranks part in step 1: every leaf module's output, then the gradients in backward order,
     then the parameter gradients, each as max|a - b| / max|b| of 1 rank and 2 ranks against the float64
     reference and against each other.  Prints the first tensor above ``threshold`` and the worst ones."""
-    from rift_dist.distributed import free_port
+    from rift_dist.parallel.runtime import free_port
 
     out = work / "where"
     out.mkdir(parents=True, exist_ok=True)
@@ -377,7 +380,8 @@ def measure_cost(config: Path, extra: list[str], repeats: int = 5) -> dict:
 
     from rift_dist.config import load_config
     from rift_dist.data.loaders import build_loader
-    from rift_dist.distributed import Runtime
+    from rift_dist.parallel import parallelize
+    from rift_dist.parallel.runtime import Runtime
     from rift_dist.pipeline import make_context
     from rift_dist.stages.adversarial_training import global_noise, train_step
     from rift_dist.stages.common import new_model
@@ -388,7 +392,7 @@ def measure_cost(config: Path, extra: list[str], repeats: int = 5) -> dict:
         rt = Runtime(cfg, environ={})
         ctx = make_context(cfg, Path(tempfile.mkdtemp(prefix="bn-cost-")), rt, progress=False)
         torch.manual_seed(cfg.seed)
-        engine = rt.parallelize_with(new_model(ctx), lambda p: torch.optim.SGD(p, lr=0.0))  # lr 0: same weights
+        engine = parallelize(rt, new_model(ctx), lambda p: torch.optim.SGD(p, lr=0.0))  # lr 0: same weights
         contenders[sync] = (ctx, engine)
     loader = build_loader(cfg, "train", 0, 1)
     loader.set_epoch(0)

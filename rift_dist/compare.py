@@ -671,7 +671,7 @@ def run_compare(cfg: RunConfig, run_dir: str | Path | None = None, progress: boo
         ConfigError / StageError / CompareError / RunDirLockedError: before anything is written where possible.
     """
     from rift_dist.pipeline import cap_num_workers, configure_torch
-    from rift_dist.distributed import Runtime
+    from rift_dist.parallel.runtime import Runtime
     from rift_dist.run_lock import RunDirLock
     from rift_dist.stages.common import write_json
     from rift_dist.stages.evaluation import corruption_sets

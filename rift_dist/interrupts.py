@@ -99,7 +99,7 @@ def stop_requested(runtime=None) -> int | None:
     """The signal any rank received (all ranks agree: one all-reduce of one number when distributed), or None.
 
     Args:
-        runtime: a :class:`rift_dist.distributed.Runtime`; None or one process = this process only.
+        runtime: a :class:`rift_dist.parallel.runtime.Runtime`; None or one process = this process only.
 
     Raises:
         DistributedError: when the collective fails (a dead peer), as every collective does.

@@ -21,7 +21,7 @@ import torch
 from rift_dist.atomic import read_json
 from rift_dist import interrupts
 from rift_dist.config import RunConfig, dump_yaml, flatten
-from rift_dist.distributed import Runtime
+from rift_dist.parallel.runtime import Runtime
 from rift_dist.precision import resolve_precision
 from rift_dist.preflight import check_module_names, check_run, usable_cpus  # noqa: F401 - check_module_names re-exported
 from rift_dist.run_lock import RunDirLock, RunDirLockedError

@@ -58,7 +58,7 @@ def conv_bn_pairs(model: nn.Module) -> tuple[tuple[str, str], ...]:
     """The ``(conv name, batchnorm name)`` pairs of ``model`` that can be folded.
 
     A pair is a BatchNorm layer (``nn.BatchNorm2d``, torch's ``SyncBatchNorm``, the gloo
-    all-reduce BatchNorm of :mod:`rift_dist.distributed`; with running statistics) whose only input is the
+    all-reduce BatchNorm of :mod:`rift_dist.parallel.batchnorm`; with running statistics) whose only input is the
     output of a ``Conv2d`` that nothing else uses, found by tracing ``forward``
     with ``torch.fx``.  The result is memoised per model object.  A model that
     cannot be traced has no pairs (nothing is folded); that is never an error.
@@ -173,7 +173,7 @@ class Precision:
 
         Weights stay float32.  Under ``distributed.engine: deepspeed`` the engine turns the weights back
         to the contiguous (NCHW) format when it wraps the model (DeepSpeed views parameters as flat byte
-        buffers; :func:`rift_dist.deepspeed_engine.contiguous_parameters`); the inputs stay channels_last
+        buffers; :func:`rift_dist.parallel.deepspeed.contiguous_parameters`); the inputs stay channels_last
         (:meth:`prepare_input`) and the convolutions still run their NHWC kernels.  ``nn.Module.compile`` keeps the module object and its
         state-dict keys, so checkpoints, DDP and the attacks see the same model.
         """
@@ -221,7 +221,7 @@ def resolve_precision(cfg_precision, device: torch.device | str) -> Precision:
     ``channels_last`` is ``"auto"``, ``"on"`` or ``"off"`` (the config loader has already turned YAML's
     booleans ``on``/``off``/``true``/``false`` into those words).  Under DeepSpeed, auto and on mean
     channels_last inputs and activations with NCHW weights (DeepSpeed cannot hold channels_last weights;
-    :func:`rift_dist.deepspeed_engine.contiguous_parameters`); every combination of engine, autocast and
+    :func:`rift_dist.parallel.deepspeed.contiguous_parameters`); every combination of engine, autocast and
     layout runs (``tests/integration/test_engine_matrix.py``).
 
     An explicit ``bf16`` on a CPU without native bf16 is honoured (it runs, slowly, in

@@ -132,7 +132,7 @@ def rendezvous_port(run_dir: str | Path, key: str, rank: int, job_id: int, timeo
     Raises:
         ClusterError: a non-zero rank waited ``timeout_s`` seconds without rank 0 writing the file.
     """
-    from rift_dist.distributed import free_port
+    from rift_dist.parallel.runtime import free_port
 
     path = Path(run_dir) / RENDEZVOUS_DIR / f"{key}.port"
     if rank == 0:

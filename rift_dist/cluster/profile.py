@@ -42,7 +42,7 @@ class Resources:
     """Nodes per job."""
     gpus_per_node: int = 0
     """GPUs per node (0 = a CPU job).  Each rank uses one: global rank r on a node runs on
-    ``cuda:LOCAL_RANK`` (``rift_dist.distributed.Runtime``: LOCAL_RANK mod the GPUs it sees)."""
+    ``cuda:LOCAL_RANK`` (``rift_dist.parallel.runtime.Runtime``: LOCAL_RANK mod the GPUs it sees)."""
     gpu_type: str = ""
     """GPU model to ask for (``a100`` -> ``--gpus-per-node=a100:4``); empty = any GPU of the partition."""
     gpu_request: str = "gpus-per-node"

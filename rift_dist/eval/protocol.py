@@ -44,7 +44,7 @@ from torch import nn
 
 from rift_dist.attacks import eval_mode, pgd
 from rift_dist.config import ConfigError
-from rift_dist.distributed import shard_bounds
+from rift_dist.parallel.runtime import shard_bounds
 from rift_dist.eval.autoattack import AUTOATTACK_STANDARD, autoattack_steps
 from rift_dist.eval.sanity import sanity_checks
 from rift_dist.seeding import seed_for, stream_seed
@@ -456,7 +456,7 @@ def evaluate_sequence(ctx, model: nn.Module, dataset, attacks: Sequence, name: s
                       on_batch: Callable[[int], None] | None = None) -> dict:
     """Robust accuracy of ``model`` on ``dataset`` under a sequence of attacks, sharded, resumable.
 
-    Each rank takes its contiguous shard (:func:`rift_dist.distributed.shard_bounds`), skips the samples whose outcome
+    Each rank takes its contiguous shard (:func:`rift_dist.parallel.runtime.shard_bounds`), skips the samples whose outcome
     the progress files already hold, attacks the rest in batches of ``data.eval_batch_size``
     with :func:`run_attack_sequence`, and saves its progress after every batch.  Counts are
     summed over ranks with ``ctx.runtime.all_reduce_sum``, so the result equals a one-process run.

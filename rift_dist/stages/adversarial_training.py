@@ -36,6 +36,7 @@ from rift_dist import checkpoint, interrupts
 from rift_dist.attacks import pgd
 from rift_dist.seeding import seed_for, stream_seed
 from rift_dist.eval.protocol import evaluate_model
+from rift_dist.parallel import parallelize
 from rift_dist.stages.common import (
     StageContext, multistep_lr, new_model, set_lr, write_done, write_json,
 )
@@ -151,8 +152,8 @@ def run(ctx: StageContext) -> dict:
     rt = ctx.runtime
     torch.manual_seed(cfg.seed)
     model = new_model(ctx)
-    engine = rt.parallelize_with(
-        model, lambda params: torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    engine = parallelize(
+        rt, model, lambda params: torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     )
     loader = build_loader(cfg, "train", rt.rank, rt.world_size, device=ctx.device)
     selection = get_dataset(cfg, "selection")
@@ -162,8 +163,7 @@ def run(ctx: StageContext) -> dict:
     epoch, step_in_epoch, best, history = 0, 0, {"robust_accuracy": -1.0, "epoch": -1}, []
     partial = None  # the resumed epoch's sums over its first step_in_epoch steps (all ranks) and seconds
     if state is not None:
-        engine.load_state_dict(state["model"])  # also DeepSpeed's fp32 master partitions
-        engine.load_optimizer_state(state["optimizer"])
+        engine.resume(state)  # weights (also DeepSpeed's fp32 master partitions) and optimizer
         epoch, step_in_epoch, best, history = state["epoch"], state["step"], state["best"], state["history"]
         partial = checkpoint.partial_sums(state, step_in_epoch)
         ctx.log(f"[train] resuming at epoch {epoch + 1}, step {step_in_epoch} (from checkpoint)")
@@ -175,14 +175,10 @@ def run(ctx: StageContext) -> dict:
     def save(ep: int, st: int, sums: torch.Tensor | None = None, seconds: float = 0.0) -> None:
         """Checkpoint the position (epoch ``ep``, next step ``st``); mid-epoch with this rank's partial
         ``sums`` (float64 [3], summed over ranks here: a collective) and the epoch's seconds so far."""
-        model_state, optimizer_state = engine.state_dict(), engine.optimizer_state()  # collective under DeepSpeed
         extra = {}
         if sums is not None:
             extra = {"partial_sums": rt.all_reduce_sum(sums.clone()), "partial_seconds": float(seconds)}
-        if ctx.is_main:
-            manager.save({"model": model_state, "optimizer": optimizer_state, "epoch": ep,
-                          "step": st, "best": best, "history": history, **extra}, ep * 1_000_000 + st)
-        rt.barrier()
+        engine.save(manager, ep * 1_000_000 + st, epoch=ep, step=st, best=best, history=history, **extra)
 
     with ctx.tracker.stage("adversarial_training") as run_log:
         run_log.set_tags({"rift.precision": ctx.precision.describe(), "rift.world_size": rt.world_size})
@@ -225,9 +221,7 @@ def run(ctx: StageContext) -> dict:
                     f"robust {100 * ev['robust_accuracy']:.1f}% ({row['epoch_seconds']:.0f}s)")
             if not t.select_best or improves(ev, best):
                 best = {"robust_accuracy": ev["robust_accuracy"], "clean_accuracy": ev["clean_accuracy"], "epoch": epoch + 1}
-                best_state = engine.state_dict()  # collective under DeepSpeed
-                if ctx.is_main:
-                    checkpoint.save_atomic(best_state, best_path)
+                engine.save_weights(best_path)  # collective under DeepSpeed
             epoch += 1
             save(epoch, 0)
             # a signal during the epoch's evaluation: the epoch-end checkpoint above is the resumable state

@@ -6,7 +6,7 @@ into ``<run_dir>/<stage>/`` and the headline tables into ``<run_dir>``.  A
 ``done.json`` marker records what the stage produced and the config it was
 produced with, so a re-run skips it.  Stage code never imports
 ``torch.distributed``: it talks to ``ctx.runtime`` (rank, world size,
-collectives) and to the engine that ``ctx.runtime.parallelize_with`` returns.
+collectives) and to the engine that :func:`rift_dist.parallel.parallelize` returns.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import nn
 from rift_dist import atomic, checkpoint
 from rift_dist.atomic import CorruptFileError, read_json
 from rift_dist.config import RunConfig, flatten
-from rift_dist.distributed import Runtime
+from rift_dist.parallel.runtime import Runtime
 from rift_dist.models import build_model
 from rift_dist.precision import Precision
 from rift_dist.stages import STAGES, StageError

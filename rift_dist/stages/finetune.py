@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from rift_dist.atomic import read_json
 from rift_dist import checkpoint, interrupts
 from rift_dist.eval.protocol import evaluate_model
+from rift_dist.parallel import parallelize
 from rift_dist.models import get_module
 from rift_dist.stages.common import (
     StageContext, StageError, at_state, multistep_lr, new_model, set_lr, write_done, write_json,
@@ -106,8 +107,8 @@ def run(ctx: StageContext, modules: list[str] | None = None, all_parameters: boo
         trainable_parameters(model, names, all_parameters)
     except KeyError as exc:
         raise StageError(str(exc.args[0])) from exc
-    engine = rt.parallelize_with(
-        model, lambda params: torch.optim.SGD(params, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay)
+    engine = parallelize(
+        rt, model, lambda params: torch.optim.SGD(params, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay)
     )
     loader = build_loader(cfg, "train", rt.rank, rt.world_size, device=ctx.device)
     selection = get_dataset(cfg, "selection")
@@ -117,8 +118,7 @@ def run(ctx: StageContext, modules: list[str] | None = None, all_parameters: boo
     epoch, step_in_epoch, history, best = 0, 0, [], {"clean_accuracy": -1.0, "epoch": -1}
     partial = None
     if state is not None:
-        engine.load_state_dict(state["model"])  # also DeepSpeed's fp32 master partitions
-        engine.load_optimizer_state(state["optimizer"])
+        engine.resume(state)  # weights (also DeepSpeed's fp32 master partitions) and optimizer
         epoch, history, best = state["epoch"], state["history"], state["best"]
         step_in_epoch = int(state.get("step", 0))  # > 0: a checkpoint written on a signal, mid-epoch
         partial = checkpoint.partial_sums(state, step_in_epoch)
@@ -130,14 +130,10 @@ def run(ctx: StageContext, modules: list[str] | None = None, all_parameters: boo
     def save(ep: int, st: int = 0, sums: torch.Tensor | None = None, seconds: float = 0.0) -> None:
         """Checkpoint epoch ``ep`` at next step ``st`` (0 = its start); mid-epoch with the partial ``sums``
         (float64 [3], summed over ranks here: a collective) and the epoch's seconds so far."""
-        model_state, optimizer_state = engine.state_dict(), engine.optimizer_state()  # collective under DeepSpeed
         extra = {"step": st}
         if sums is not None:
             extra.update(partial_sums=rt.all_reduce_sum(sums.clone()), partial_seconds=float(seconds))
-        if ctx.is_main:
-            manager.save({"model": model_state, "optimizer": optimizer_state, "epoch": ep,
-                          "history": history, "best": best, **extra}, ep * 1_000_000 + st)
-        rt.barrier()
+        engine.save(manager, ep * 1_000_000 + st, epoch=ep, history=history, best=best, **extra)
 
     with ctx.tracker.stage("finetune") as run_log:
         run_log.set_tags({"rift.modules": ",".join(names)})
@@ -180,9 +176,7 @@ def run(ctx: StageContext, modules: list[str] | None = None, all_parameters: boo
                     f"val clean {100 * ev['clean_accuracy']:.1f}% ({row['epoch_seconds']:.0f}s)")
             if ev["clean_accuracy"] > best["clean_accuracy"]:
                 best = {"clean_accuracy": ev["clean_accuracy"], "epoch": epoch + 1}
-                best_state = engine.state_dict()  # collective under DeepSpeed
-                if ctx.is_main:
-                    checkpoint.save_atomic(best_state, best_path)
+                engine.save_weights(best_path)  # collective under DeepSpeed
             epoch += 1
             save(epoch)
             interrupts.check(rt, where=f"finetune epoch {epoch}")

@@ -82,7 +82,7 @@ def spawn(fn, world: int, *args) -> None:
 
     ``fn`` must be a module-level function; results go through files.  Raises when a process fails.
     """
-    from rift_dist.distributed import free_port
+    from rift_dist.parallel.runtime import free_port
 
     torch.multiprocessing.spawn(_spawn_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rift_dist.deepspeed_engine import available
+from rift_dist.parallel.deepspeed import available
 from tests.integration.distributed_helpers import (
     DATA_MISSING, DATA_REASON, dist_config, latest_checkpoint, optimizer_diff, spawn, state_diff,
 )
@@ -52,6 +52,7 @@ def _accumulation_check(runtime, cfg_path: str, out: Path) -> None:
 
     from rift_dist.config import load_config
     from rift_dist.models import build_model
+    from rift_dist.parallel import parallelize
 
     results = {}
     g = torch.Generator().manual_seed(7 + runtime.rank)
@@ -61,7 +62,7 @@ def _accumulation_check(runtime, cfg_path: str, out: Path) -> None:
                                                   "distributed.gradient_accumulation_steps=2"])):
         runtime.cfg = load_config(cfg_path, overrides)
         torch.manual_seed(0)
-        engine = runtime.parallelize_with(build_model(runtime.cfg), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+        engine = parallelize(runtime, build_model(runtime.cfg), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
         engine.eval()
         for _ in range(2):  # two optimizer updates
             if name == "ddp":
@@ -75,7 +76,8 @@ def _accumulation_check(runtime, cfg_path: str, out: Path) -> None:
 
 
 def _worker_two_ranks(rank, world, cfg_path, root):
-    from rift_dist.distributed import Runtime
+    from rift_dist.parallel import parallelize
+    from rift_dist.parallel.runtime import Runtime
 
     root = Path(root)
     runtime = Runtime()
@@ -97,7 +99,9 @@ def _worker_two_ranks(rank, world, cfg_path, root):
 def _worker_one_process(rank, world, cfg_path, root):
     import os
 
-    from rift_dist.distributed import Runtime
+    from rift_dist.parallel import parallelize
+
+    from rift_dist.parallel.runtime import Runtime
 
     root = Path(root)
     runtime = Runtime()

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from rift_dist.distributed import free_port
+from rift_dist.parallel.runtime import free_port
 from tests.integration.distributed_helpers import DATA_MISSING, DATA_REASON, ROOT, child_env, dist_config
 
 pytestmark = pytest.mark.skipif(DATA_MISSING, reason=DATA_REASON)

@@ -18,7 +18,8 @@ def _worker(rank, world, cfg_path, root):
     """Run the MRC stage (counting every module computed) and a sharded PGD evaluation on ``world`` ranks."""
     from rift_dist.config import AttackConfig, load_config
     from rift_dist.data.loaders import get_dataset
-    from rift_dist.distributed import Runtime
+    from rift_dist.parallel import parallelize
+    from rift_dist.parallel.runtime import Runtime
     from rift_dist.pipeline import configure_torch, make_context, run_stages
     from rift_dist.stages import criticality
     from rift_dist.eval.protocol import evaluate_model
@@ -53,10 +54,11 @@ def _buffer_sync(runtime, cfg, out):
     import torch.nn.functional as F
 
     from rift_dist.models import build_model
+    from rift_dist.parallel import parallelize
 
     cfg.distributed.sync_bn = False
     torch.manual_seed(0)
-    engine = runtime.parallelize_with(build_model(cfg), lambda p: torch.optim.SGD(p, lr=0.1))
+    engine = parallelize(runtime, build_model(cfg), lambda p: torch.optim.SGD(p, lr=0.1))
     g = torch.Generator().manual_seed(100 + runtime.rank)
     x, y = torch.rand(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
     engine.train()

@@ -5,7 +5,7 @@ the CPU has native bf16, else float32) and none (float32) x ``precision.channels
 2 ranks (gloo), each a tiny ``rift run`` (train, mrc, finetune, interpolate, evaluate) that must choose the
 same module as the 1-rank DDP run with the default precision.  Every combination runs (none is refused at
 config time): under DeepSpeed the weights are kept NCHW while the inputs stay channels_last
-(``rift_dist.deepspeed_engine.contiguous_parameters``).  Frozen parameters (everything but the fine-tuned
+(``rift_dist.parallel.deepspeed.contiguous_parameters``).  Frozen parameters (everything but the fine-tuned
 module) must come out of fine-tuning bit-identical, under every engine.
 
 The tiny run: a width-4 ResNet-18 on 512 real CIFAR-10 images, 1 AT epoch of 8 steps with PGD-1, MRC of three
@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rift_dist.deepspeed_engine import available
+from rift_dist.parallel.deepspeed import available
 from tests.integration.distributed_helpers import DATA_MISSING, DATA_REASON, rift_cli
 from tests.integration.pipeline_helpers import tiny_config
 
@@ -145,7 +145,7 @@ def test_every_stage_chooses_the_reference_module(reference, tmp_path, engine, p
 def test_deepspeed_layout_nchw_weights_with_channels_last_inputs_equal_the_all_nhwc_model():
     """What ``contiguous_parameters`` relies on: NCHW weights + channels_last input still run NHWC, same values."""
     from rift_dist.config import load_config
-    from rift_dist.deepspeed_engine import contiguous_parameters
+    from rift_dist.parallel.deepspeed import contiguous_parameters
     from rift_dist.models import build_model
 
     torch.manual_seed(0)

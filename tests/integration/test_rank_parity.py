@@ -87,15 +87,17 @@ def test_one_process_uses_the_same_batchnorm_arithmetic_as_two_ranks():
     from torch import nn
 
     from rift_dist.config import RunConfig
-    from rift_dist.distributed import AllReduceBatchNorm, Runtime
+    from rift_dist.parallel.batchnorm import AllReduceBatchNorm
+    from rift_dist.parallel import parallelize
+    from rift_dist.parallel.runtime import Runtime
 
     cfg = RunConfig()
     cfg.distributed.sync_bn = True
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
-    engine = Runtime(cfg, environ={}).parallelize_with(model, lambda p: torch.optim.SGD(p, lr=0.1))
+    engine = parallelize(Runtime(cfg, environ={}), model, lambda p: torch.optim.SGD(p, lr=0.1))
     assert isinstance(engine.module[1], AllReduceBatchNorm)
     cfg.distributed.sync_bn = False
-    engine = Runtime(cfg, environ={}).parallelize_with(nn.Sequential(nn.BatchNorm2d(8)),
+    engine = parallelize(Runtime(cfg, environ={}), nn.Sequential(nn.BatchNorm2d(8)),
                                                        lambda p: torch.optim.SGD(p, lr=0.1))
     assert type(engine.module[0]) is nn.BatchNorm2d
 
@@ -108,7 +110,7 @@ def test_all_reduce_batchnorm_matches_float64_in_both_layouts():
 
     import torch.nn.functional as F
 
-    from rift_dist.distributed import AllReduceBatchNorm, convert_sync_batchnorm
+    from rift_dist.parallel.batchnorm import AllReduceBatchNorm, convert_sync_batchnorm
 
     torch.manual_seed(0)
     rel = lambda a, r: ((a.double() - r).abs().max() / r.abs().max()).item()  # noqa: E731

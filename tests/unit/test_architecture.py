@@ -1,7 +1,7 @@
 """The package's shape (issue 12): no import circle, counting imports inside functions too.
 
 A function-level import hides a circle from Python but not from a reader: the two modules still depend on each
-other.  Engines chosen at run time are named in ``rift_dist.distributed.ENGINE_PLUGINS`` and imported by name,
+other.  Engines chosen at run time are named in ``rift_dist.parallel.ENGINE_PLUGINS`` and imported by name,
 which is a declared dependency of the plugin on the base, not of the base on the plugin.
 """
 

@@ -13,7 +13,7 @@ from rift_dist.cluster import job as cluster_job
 from rift_dist.cluster import monitor as cluster_monitor
 from rift_dist.cluster import submission as cluster_submission
 from rift_dist.config import load_config
-from rift_dist.distributed import read_launch_env
+from rift_dist.parallel.runtime import read_launch_env
 from rift_dist.stages import criticality, criticality_array, interpolation
 from rift_dist.stages.common import stage_signature
 

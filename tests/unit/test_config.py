@@ -54,7 +54,7 @@ def test_all_shipped_configs_load():
 
 def test_a_finished_stage_with_changed_config_names_the_keys_and_what_to_delete(tmp_path):
     from rift_dist.config import RunConfig
-    from rift_dist.distributed import Runtime
+    from rift_dist.parallel.runtime import Runtime
     from rift_dist.precision import resolve_precision
     from rift_dist.stages.common import StageContext, StageError, read_done, write_done
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from rift_dist.checkpoint import CheckpointError
 from rift_dist.config import from_dict
-from rift_dist.distributed import Runtime
+from rift_dist.parallel.runtime import Runtime
 from rift_dist.models import build_model_from
 from rift_dist.models.convert import CheckpointConversionError, convert_state_dict, load_external_checkpoint
 from rift_dist.precision import resolve_precision

@@ -4,10 +4,8 @@ import pytest
 import torch
 
 from rift_dist.config import RunConfig
-from rift_dist.distributed import (
-    AllReduceBatchNorm, DistributedError, Runtime, convert_sync_batchnorm, first_slurm_host, is_comm_failure,
-    read_launch_env,
-)
+from rift_dist.parallel.batchnorm import AllReduceBatchNorm, convert_sync_batchnorm
+from rift_dist.parallel.runtime import DistributedError, first_slurm_host, is_comm_failure, read_launch_env, Runtime
 
 
 def test_single_process_without_variables():

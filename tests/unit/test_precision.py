@@ -176,7 +176,7 @@ def test_mrc_choice_same_in_fp32_and_bf16():
 
 def test_synchronised_batchnorm_is_folded_too():
     """`distributed.sync_bn` swaps BatchNorm2d for the all-reduce BatchNorm; folding must still find every pair."""
-    from rift_dist.distributed import AllReduceBatchNorm, convert_sync_batchnorm
+    from rift_dist.parallel.batchnorm import AllReduceBatchNorm, convert_sync_batchnorm
 
     model = _calibrated(width=4)
     plain_pairs = P.conv_bn_pairs(model)
@@ -197,7 +197,8 @@ def test_train_step_attack_on_folded_model_matches_unfolded():
     (Over many steps, sign-PGD amplifies that rounding into a few flipped pixels, as any change of
     summation order would; the benchmarks compare trained models instead.)"""
     from rift_dist.config import RunConfig
-    from rift_dist.distributed import Runtime
+    from rift_dist.parallel import parallelize
+    from rift_dist.parallel.runtime import Runtime
     from rift_dist.stages.adversarial_training import train_step
     from rift_dist.stages.common import StageContext
 
@@ -213,7 +214,7 @@ def test_train_step_attack_on_folded_model_matches_unfolded():
         prec = P.resolve_precision(cfg.precision, "cpu")
         ctx = StageContext(cfg, None, Runtime(cfg), None, prec, progress=False)
         model = copy.deepcopy(base)
-        engine = ctx.runtime.parallelize_with(model, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+        engine = parallelize(ctx.runtime, model, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
         stats = train_step(ctx, engine, x, y, noise)
         assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 20  # the trained model keeps its BN
         out[fold] = (stats, {k: v.clone() for k, v in model.state_dict().items()})

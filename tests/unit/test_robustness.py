@@ -11,7 +11,7 @@ from torch import nn
 
 from rift_dist.config import ConfigError, from_dict
 from rift_dist.data.sources import ArrayDataset
-from rift_dist.distributed import Runtime
+from rift_dist.parallel.runtime import Runtime
 from rift_dist.models import build_model_from
 from rift_dist.precision import resolve_precision
 from rift_dist.eval.autoattack import autoattack_steps

@@ -15,7 +15,7 @@ from rift_dist.cluster import job as cluster_job
 from rift_dist.cluster import plan as cluster_plan
 from rift_dist.cluster import submission as cluster_submission
 from rift_dist.config import load_config
-from rift_dist.distributed import read_launch_env
+from rift_dist.parallel.runtime import read_launch_env
 
 ROOT_DIR = Path(__file__).resolve().parents[2]
 

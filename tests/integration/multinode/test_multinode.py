@@ -2,7 +2,7 @@
 
 Every rank of a 2-node job runs in another network namespace than its peers: a rendezvous at 127.0.0.1 cannot
 work there (test_nodes_are_separate_hosts shows it), so a job that trains proves that ``MASTER_ADDR`` (the first
-host of ``SLURM_JOB_NODELIST``, ``rift_dist.distributed.first_slurm_host``) and gloo's own addresses are the
+host of ``SLURM_JOB_NODELIST``, ``rift_dist.parallel.runtime.first_slurm_host``) and gloo's own addresses are the
 nodes' private ones.  Parity with the one-process run of the same global batch uses the one-node DDP tests'
 tolerances (tests/integration/test_distributed_ddp.py: float summation order, amplified by PGD's sign steps).
 """

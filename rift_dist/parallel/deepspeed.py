@@ -1,7 +1,7 @@
 """DeepSpeed as the training engine (``distributed.engine: deepspeed``) — the one place that imports deepspeed.
 
 :func:`build_engine` turns a model and an optimizer factory into a
-:class:`DeepSpeedEngine` with the interface of :class:`rift_dist.distributed.Engine`:
+:class:`DeepSpeedEngine` with the interface of :class:`rift_dist.parallel.engine.Engine`:
 
 * ZeRO stage 0, 1 or 2 (``distributed.zero_stage``); gradient accumulation
   (``distributed.gradient_accumulation_steps``: each ``step(loss)`` is one
@@ -54,7 +54,8 @@ import torch.distributed as dist
 from torch import nn
 
 from rift_dist.config import deep_merge
-from rift_dist.distributed import DistributedError, Engine, Runtime
+from rift_dist.parallel.engine import Engine
+from rift_dist.parallel.runtime import DistributedError, Runtime, is_comm_failure
 
 # Optimizer hyperparameters that are implementation switches, not part of the method (not sent to DeepSpeed).
 _IMPLEMENTATION_KEYS = {"foreach", "fused", "differentiable", "capturable", "maximize"}
@@ -197,7 +198,7 @@ def build_engine(runtime: Runtime, model: nn.Module,
     auto / on.
 
     Args:
-        runtime: the run's :class:`Runtime` (its config's ``distributed`` section configures DeepSpeed).
+        runtime: the run's :class:`rift_dist.parallel.runtime.Runtime` (its config's ``distributed`` section configures DeepSpeed).
         model: the plain model; only parameters with ``requires_grad`` are trained.
         make_optimizer: ``make_optimizer(trainable params) -> torch optimizer``.
 
@@ -228,20 +229,14 @@ def build_engine(runtime: Runtime, model: nn.Module,
                 dist_init_required=False,
             )
         except Exception as exc:
-            if runtime.distributed and _is_comm(exc):
+            if runtime.distributed and is_comm_failure(exc):
                 raise runtime.comm_error("DeepSpeed set-up", exc) from exc
             raise DistributedError(f"DeepSpeed could not be set up with config {ds_cfg}: {type(exc).__name__}: {exc}") from exc
     return DeepSpeedEngine(ds_engine, runtime, groups, ds_cfg)
 
 
-def _is_comm(exc: BaseException) -> bool:
-    from rift_dist.distributed import is_comm_failure
-
-    return is_comm_failure(exc)
-
-
 class DeepSpeedEngine(Engine):
-    """A DeepSpeed engine behind the :class:`rift_dist.distributed.Engine` interface.
+    """A DeepSpeed engine behind the :class:`rift_dist.parallel.engine.Engine` interface.
 
     Attributes:
         ds: the ``deepspeed.DeepSpeedEngine``; module: the plain model inside it;
