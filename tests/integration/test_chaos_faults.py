@@ -170,9 +170,7 @@ def test_mlflow_server_restarted_30_s_later_gets_every_metric(mlflow_server, tmp
     FINISHED, train_loss has each epoch's step once, each alpha has its run, and nothing is left pending."""
     import threading
 
-    from mlflow.tracking import MlflowClient
-
-    from tests.integration.test_mlflow_tracking import _runs_by_name
+    from tests.integration.test_mlflow_tracking import _runs_by_name, every_stage_tracked_once
 
     epochs = 40  # with 1,024 images: ~1 s per epoch on a fast 2-core machine, so the 30 s outage ends mid-run
     cfg = tiny_config(tmp_path, tracking={"uri": mlflow_server.uri}, data={"train_subset": 1024},
@@ -204,14 +202,7 @@ def test_mlflow_server_restarted_30_s_later_gets_every_metric(mlflow_server, tmp
                                                + "".join(lines)[-3000:])
     assert not list(run_dir.rglob("mlflow/pending/*.json")), "writes left pending"
 
-    client = MlflowClient(tracking_uri=mlflow_server.uri)
-    marker = json.loads((run_dir / "mlflow_run.json").read_text())
-    parent = client.get_run(marker["run_id"])
-    assert parent.info.status == "FINISHED"
-    children = _runs_by_name(client, parent.info.experiment_id, parent.info.run_id)
-    assert sorted(children) == sorted(["adversarial_training", "mrc", "finetune", "interpolation", "evaluation"])
-    for name, runs in children.items():
-        assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.metrics, (name, runs)
+    client, parent, children = every_stage_tracked_once(mlflow_server.uri, run_dir)
     train_id = children["adversarial_training"][0].info.run_id
     history = json.loads((run_dir / "train" / "history.json").read_text())
     logged = client.get_metric_history(train_id, "train_loss")

@@ -290,6 +290,22 @@ def test_no_param_lost_to_a_bad_key_or_a_long_value(tmp_path, monkeypatch):
     tracker.finish("FINISHED")
 
 
+def every_stage_tracked_once(uri: str, run_dir):
+    """Assert the pipeline of ``run_dir`` is in the store at ``uri``: its parent FINISHED and one FINISHED run with
+    metrics per stage under it; returns (client, parent run, {stage run name: [runs]})."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.get_run(json.loads((run_dir / "mlflow_run.json").read_text())["run_id"])
+    assert parent.info.status == "FINISHED"
+    children = _runs_by_name(client, parent.info.experiment_id, parent.info.run_id)
+    assert sorted(children) == sorted(["adversarial_training", "mrc", "finetune", "interpolation", "evaluation"])
+    for name, runs in children.items():
+        assert len(runs) == 1, (name, len(runs))
+        assert runs[0].info.status == "FINISHED" and runs[0].data.metrics, name
+    return client, parent, children
+
+
 def _runs_by_name(client, experiment_id: str, parent_id: str) -> dict[str, list]:
     """{run name: [runs]} of the direct children of ``parent_id``."""
     out: dict[str, list] = {}
@@ -427,15 +443,7 @@ def test_server_down_from_epoch_1_to_the_end_then_rift_status_tracks_every_stage
     assert "sent" in status_out and "still wait" not in status_out, status_out
     assert not list(run_dir.rglob("mlflow/pending/*.json"))
 
-    client = MlflowClient(tracking_uri=mlflow_server.uri)
-    marker = json.loads((run_dir / "mlflow_run.json").read_text())
-    parent = client.get_run(marker["run_id"])
-    assert parent.info.status == "FINISHED"
-    children = _runs_by_name(client, parent.info.experiment_id, parent.info.run_id)
-    assert sorted(children) == sorted(["adversarial_training", "mrc", "finetune", "interpolation", "evaluation"])
-    for name, runs in children.items():
-        assert len(runs) == 1, (name, len(runs))
-        assert runs[0].info.status == "FINISHED" and runs[0].data.metrics, name
+    client, parent, children = every_stage_tracked_once(mlflow_server.uri, run_dir)
     train_id = children["adversarial_training"][0].info.run_id
     assert sorted(m.step for m in client.get_metric_history(train_id, "train_loss")) == [1, 2]
     alphas = _runs_by_name(client, parent.info.experiment_id, children["interpolation"][0].info.run_id)

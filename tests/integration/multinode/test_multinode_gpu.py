@@ -27,6 +27,7 @@ from tests.integration.multinode.conftest import diagnostics, wait_run
 from tests.integration.multinode.test_multinode import _compare, one_process  # noqa: F401 - fixture
 from tests.integration.pipeline_helpers import shared_data
 from tests.integration.slurm.test_submit import DDP_SECTIONS, _cfg
+from tests.integration.slurm.test_submit_gpu import _test_only, every_script_accepted
 from tests.integration.test_distributed_ddp import LOSS_RTOL, WEIGHT_ATOL
 
 pytestmark = [pytest.mark.slurm]
@@ -48,31 +49,12 @@ def _profile(tmp_path: Path, **top) -> cluster.Profile:
     return cluster.load_profile(path)
 
 
-def _test_only(mn, script: str, path: Path):
-    path.write_text(script)
-    return mn.run(["sbatch", "--test-only", str(path)], check=False)
-
-
 def test_two_node_gpu_scripts_pass_sbatch_test_only(healthy_nodes, tmp_path):
     mn = healthy_nodes
     cfg = load_config(None, ["model.width=4", "interpolation.alphas=[0.0,0.5,1.0]", "tracking.enabled=false",
                              f"data.root={tmp_path}"])
     run_dir = tmp_path / "run"
-    jobs = cluster.plan_jobs(cfg, _profile(tmp_path), run_dir)
-    assert [j.name for j in jobs] == ["train", "mrc-prepare", "mrc", "mrc-gather", "finetune", "interpolate",
-                                      "interpolate-gather", "evaluate"]
-    for job in jobs:
-        folder = run_dir / "jobs" / job.name
-        folder.mkdir(parents=True)
-        script = cluster_submission.sbatch_script(job.resources, job.name, folder, sys.executable, [],
-                                       len(job.tasks) if job.array and len(job.tasks) > 1 else None,
-                                       cluster_submission.script_header(job, run_dir, "tiny.yaml"))
-        proc = _test_only(mn, script, tmp_path / f"{job.name}.sh")
-        text = proc.stdout + proc.stderr
-        partition = "high" if job.part.endswith("gather") else "debug"
-        assert proc.returncode == 0 and "to start at" in text and f"in partition {partition}" in text, (job.name, text)
-        gpus = re.search(r"--gpus-per-node=(\d+)", script)
-        assert (int(gpus.group(1)) if gpus else 0) == job.resources.gpus_per_node, job.name
+    for job, script, text in every_script_accepted(mn, cfg, _profile(tmp_path), tmp_path).values():
         if job.name == "train":
             for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=2", "#SBATCH --gpus-per-node=2",
                          "#SBATCH --cpus-per-task=1", "export NCCL_SOCKET_IFNAME=veth0"):

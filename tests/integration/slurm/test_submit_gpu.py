@@ -52,24 +52,37 @@ def _test_only(slurm_cluster, script: str, path: Path, *args: str):
     return slurm_cluster.run(["sbatch", "--test-only", *args, str(path)], check=False)
 
 
-def test_every_generated_gpu_script_passes_sbatch_test_only(slurm_cluster, tmp_path):
-    profile = _profile(tmp_path)
+def every_script_accepted(cluster_under_test, cfg, profile, tmp_path: Path) -> dict:
+    """Plan ``cfg`` with ``profile``, write every job's sbatch script and assert ``sbatch --test-only`` on
+    ``cluster_under_test`` (``.run(argv)``) accepts it -- GPU jobs in ``debug``, gathers in ``high`` -- asking for
+    the job's GPUs.  Returns {job name: (job, script, sbatch's answer)}."""
     run_dir = tmp_path / "run"
-    jobs = cluster.plan_jobs(_planner_cfg(tmp_path), profile, run_dir)
+    jobs = cluster.plan_jobs(cfg, profile, run_dir)
     assert [j.name for j in jobs] == ["train", "mrc-prepare", "mrc", "mrc-gather", "finetune", "interpolate",
                                       "interpolate-gather", "evaluate"]
+    out = {}
     for job in jobs:
         folder = run_dir / "jobs" / job.name
         folder.mkdir(parents=True)
         script = cluster_submission.sbatch_script(job.resources, job.name, folder, sys.executable, [],
-                                       len(job.tasks) if job.array and len(job.tasks) > 1 else None,
-                                       cluster_submission.script_header(job, run_dir, "tiny.yaml"))
-        proc = _test_only(slurm_cluster, script, tmp_path / f"{job.name}.sh")
+                                                  len(job.tasks) if job.array and len(job.tasks) > 1 else None,
+                                                  cluster_submission.script_header(job, run_dir, "tiny.yaml"))
+        proc = _test_only(cluster_under_test, script, tmp_path / f"{job.name}.sh")
         text = proc.stdout + proc.stderr
         partition = "high" if job.part.endswith("gather") else "debug"
         assert proc.returncode == 0 and "to start at" in text and f"in partition {partition}" in text, (job.name, text)
         gpus = re.search(r"--gpus-per-node=(\d+)", script)
-        assert (int(gpus.group(1)) if gpus else 0) == job.resources.gpus_per_node
+        assert (int(gpus.group(1)) if gpus else 0) == job.resources.gpus_per_node, job.name
+        out[job.name] = (job, script, text)
+    return out
+
+
+def test_every_generated_gpu_script_passes_sbatch_test_only(slurm_cluster, tmp_path):
+    profile = _profile(tmp_path)
+    run_dir = tmp_path / "run"
+    scripts = every_script_accepted(slurm_cluster, _planner_cfg(tmp_path), profile, tmp_path)
+    jobs = [job for job, _, _ in scripts.values()]
+    for job, script, _ in scripts.values():
         assert ("gpu-bind" in script) == bool(job.resources.gpus_per_node), job.name  # CPU jobs drop GPU options
 
     train = next(j for j in jobs if j.name == "train")
