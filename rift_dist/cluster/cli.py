@@ -41,9 +41,9 @@ def add_arguments(subparsers) -> None:
     c = subparsers.add_parser("cancel", help="cancel the queued and running jobs of a submitted run")
     c.add_argument("run_dir", help="the run directory of a submitted run (holds submission.json)")
     c.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
-    from rift_dist import report
+    from rift_dist import paper_table
 
-    report.add_arguments(subparsers.add_parser("report", help="Table 1 of the paper from the runs in MLflow"))
+    paper_table.add_arguments(subparsers.add_parser("report", help="Table 1 of the paper from the runs in MLflow"))
 
 
 def _submit_command(args) -> int:
@@ -100,9 +100,9 @@ def main(args) -> int:
             cancel(args.run_dir)
             return 0
         if args.command == "report":
-            from rift_dist import report
+            from rift_dist import paper_table
 
-            return report.main(args)
+            return paper_table.main(args)
     except ClusterError as exc:
         print(f"rift: {exc}", file=sys.stderr)
         return 2

@@ -6,13 +6,13 @@ import csv
 
 import pytest
 
-from rift_dist import report
+from rift_dist import paper_table
 
 
 def record(ds, arch, seed, start, at, rift, run_id=None):
     metrics = {}
     for model, values in (("at", at), ("rift", rift)):
-        for (_, name), v in zip(report.METRICS, values):
+        for (_, name), v in zip(paper_table.METRICS, values):
             if v is not None:
                 metrics[f"{model}.{name}"] = v
     return {"dataset": ds, "arch": arch, "seed": seed, "run_id": run_id or f"{ds}-{arch}-{seed}-{start}",
@@ -27,7 +27,7 @@ def test_rows_mean_std_deltas_and_newest_run_per_seed():
         record("tiny-imagenet", "wrn34_10", 0, 3, (0.5, None, 0.2), (0.55, None, 0.21)),
         record("cifar100", "resnet18", 0, 4, (0.6, 0.5, 0.3), (0.61, 0.5, 0.3)),
     ]
-    rows, notes = report.table_rows(recs)
+    rows, notes = paper_table.table_rows(recs)
     assert [(r["dataset"], r["arch"]) for r in rows] == [("cifar10", "resnet18"), ("cifar100", "resnet18"),
                                                          ("tiny-imagenet", "wrn34_10")]
     c10 = rows[0]
@@ -36,7 +36,7 @@ def test_rows_mean_std_deltas_and_newest_run_per_seed():
     assert c10["delta.clean"][0] == pytest.approx(3.0) and c10["delta.robust"][0] == pytest.approx(0.5)
     assert rows[1]["at.clean"][1] is None  # one seed: no std
     assert rows[2]["at.ood"] == (None, None)  # no corruption set evaluated
-    md = report.to_markdown(rows, "rift", notes)
+    md = paper_table.to_markdown(rows, "rift", notes)
     assert "| CIFAR-10 | ResNet-18 | rift | 81.00 ± 1.41 |" in md and "+3.00 ± 1.41" in md
     assert "81.46 / 73.56 / 53.63" in md  # the paper's row beside ours
     assert "| Tiny-ImageNet | WRN-34-10 | rift | 50.00 | - |" in md
@@ -62,7 +62,7 @@ def test_report_reads_parent_runs_from_a_store(tmp_path):
     client.set_terminated(child.info.run_id)
     unfinished = client.create_run(exp, run_name="still-running")
     client.log_param(unfinished.info.run_id, "data.dataset", "cifar10")
-    rows, csv_path, md_path = report.report("table1", uri, tmp_path / "out", echo=lambda _: None)
+    rows, csv_path, md_path = paper_table.report("table1", uri, tmp_path / "out", echo=lambda _: None)
     assert len(rows) == 1 and rows[0]["seeds"] == [0, 1]
     assert rows[0]["delta.clean"][0] == pytest.approx(2.5)
     with csv_path.open() as fh:
@@ -70,5 +70,5 @@ def test_report_reads_parent_runs_from_a_store(tmp_path):
     assert line["n_seeds"] == "2" and float(line["rift.clean_mean"]) == pytest.approx(83.5)
     text = md_path.read_text()
     assert "still-running" in text and "no final metrics" in text
-    with pytest.raises(report.ReportError, match="no experiment 'nope'"):
-        report.report("nope", uri, tmp_path / "out", echo=lambda _: None)
+    with pytest.raises(paper_table.ReportError, match="no experiment 'nope'"):
+        paper_table.report("nope", uri, tmp_path / "out", echo=lambda _: None)
