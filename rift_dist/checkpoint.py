@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from rift_dist.checkpoint_ids import checkpoint_name
 from rift_dist.errors import RiftError
 
 
@@ -276,7 +277,7 @@ class CheckpointManager:
 
     def save(self, state: dict, step: int) -> Path:
         """Write ``state`` as the checkpoint of global step ``step`` and prune old ones."""
-        path = save_atomic(state, self.directory / f"ckpt-{step:09d}.pt")
+        path = save_atomic(state, self.directory / checkpoint_name(step))
         for old in self.paths()[self.keep:]:
             old.unlink(missing_ok=True)
         return path

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import submitit
 
+from rift_dist.checkpoint_ids import checkpoint_position as split_checkpoint_id
 from rift_dist.cluster.profile import ClusterError
 from rift_dist.stages import parts as stage_parts
 from rift_dist.stages import resolve
@@ -62,13 +63,12 @@ def read_events(run_dir: str | Path) -> list[dict]:
 def checkpoint_position(folder: Path) -> tuple[int, int] | None:
     """(epoch, next step) of the newest resumable checkpoint in ``folder`` (``ckpt-<id>.pt``), or None.
 
-    Both training loops number checkpoints ``epoch * 1_000_000 + step`` (step 0 = the epoch's start).
+    Both training loops number checkpoints by :func:`rift_dist.checkpoint_ids.checkpoint_id`.
     """
     ckpts = sorted(folder.glob("ckpt-*.pt"))
     if not ckpts:
         return None
-    n = int(ckpts[-1].stem.split("-")[1])
-    return n // 1_000_000, n % 1_000_000
+    return split_checkpoint_id(int(ckpts[-1].stem.split("-")[1]))
 
 
 def progress_on_disk(spec: dict) -> dict:

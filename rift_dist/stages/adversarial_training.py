@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from rift_dist import checkpoint, interrupts
 from rift_dist.attacks import pgd
+from rift_dist.checkpoint_ids import checkpoint_id
 from rift_dist.seeding import seed_for, stream_seed
 from rift_dist.eval.protocol import evaluate_model
 from rift_dist.parallel import parallelize
@@ -178,7 +179,7 @@ def run(ctx: StageContext) -> dict:
         extra = {}
         if sums is not None:
             extra = {"partial_sums": rt.all_reduce_sum(sums.clone()), "partial_seconds": float(seconds)}
-        engine.save(manager, ep * 1_000_000 + st, epoch=ep, step=st, best=best, history=history, **extra)
+        engine.save(manager, checkpoint_id(ep, st), epoch=ep, step=st, best=best, history=history, **extra)
 
     with ctx.tracker.stage("adversarial_training") as run_log:
         run_log.set_tags({"rift.precision": ctx.precision.describe(), "rift.world_size": rt.world_size})

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from rift_dist.atomic import read_json
 from rift_dist import checkpoint, interrupts
+from rift_dist.checkpoint_ids import checkpoint_id
 from rift_dist.eval.protocol import evaluate_model
 from rift_dist.parallel import parallelize
 from rift_dist.models import get_module
@@ -133,7 +134,7 @@ def run(ctx: StageContext, modules: list[str] | None = None, all_parameters: boo
         extra = {"step": st}
         if sums is not None:
             extra.update(partial_sums=rt.all_reduce_sum(sums.clone()), partial_seconds=float(seconds))
-        engine.save(manager, ep * 1_000_000 + st, epoch=ep, history=history, best=best, **extra)
+        engine.save(manager, checkpoint_id(ep, st), epoch=ep, history=history, best=best, **extra)
 
     with ctx.tracker.stage("finetune") as run_log:
         run_log.set_tags({"rift.modules": ",".join(names)})

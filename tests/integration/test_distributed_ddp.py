@@ -12,6 +12,8 @@ import json
 import pytest
 import torch
 
+from rift_dist.checkpoint_ids import checkpoint_id, checkpoint_name
+
 from tests.integration.distributed_helpers import (
     DATA_MISSING, DATA_REASON, copy_checkpoints, dist_config, latest_checkpoint, optimizer_diff, rift_cli, state_diff,
 )
@@ -43,7 +45,7 @@ def runs(tmp_path_factory):
 def test_two_ranks_match_one_process_with_doubled_batch(runs):
     r1, r2 = runs["r1"], runs["r2"]
     # R1's epoch-1 checkpoint vs R2's final (= epoch-1) checkpoint: model, optimizer, position
-    c1 = torch.load(r1 / "train" / "checkpoints" / "ckpt-001000000.pt", weights_only=False)
+    c1 = torch.load(r1 / "train" / "checkpoints" / checkpoint_name(checkpoint_id(1)), weights_only=False)
     c2 = latest_checkpoint(r2)
     assert (c1["epoch"], c1["step"]) == (c2["epoch"], c2["step"]) == (1, 0)
     w = state_diff(c1["model"], c2["model"])
@@ -79,7 +81,7 @@ def test_resume_one_rank_to_two_with_plain_torchrun(runs, tmp_path):
     """The reverse direction, launched with plain `torchrun -m rift_dist.cli`."""
     r12 = tmp_path / "r12"
     (r12 / "train" / "checkpoints").mkdir(parents=True)
-    src = runs["r1"] / "train" / "checkpoints" / "ckpt-001000000.pt"
+    src = runs["r1"] / "train" / "checkpoints" / checkpoint_name(checkpoint_id(1))
     (r12 / "train" / "checkpoints" / src.name).write_bytes(src.read_bytes())
     out = rift_cli("train", str(runs["cfg"]), "--run-dir", str(r12), "--set", "train.epochs=2", nproc=2, torchrun=True)
     assert "resuming at epoch 2" in out.stdout and "2 rank(s)" in out.stdout

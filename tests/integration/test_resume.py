@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from rift_dist.checkpoint_ids import checkpoint_id, checkpoint_position
+
 from tests.integration.pipeline_helpers import ROOT, rift, shared_data, tiny_config
 
 pytestmark = pytest.mark.skipif(not (shared_data() / "cifar10-jpeg.tar.gz").is_file(),
@@ -32,7 +34,7 @@ def test_sigkill_mid_training_then_resume(tmp_path):
         # wait for a checkpoint past the first epoch's first steps, then kill hard
         while time.time() < deadline:
             found = sorted(ckpts.glob("ckpt-*.pt")) if ckpts.is_dir() else []
-            if any(int(p.stem.split("-")[1]) >= 1_000_001 for p in found):
+            if any(int(p.stem.split("-")[1]) >= checkpoint_id(1, 1) for p in found):
                 break
             assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
             time.sleep(0.05)
@@ -101,7 +103,7 @@ def _send_signal_mid_epoch(stage: str, cfg, run_dir, sig: int, marker: str, time
 def _mid_epoch_checkpoints(run_dir, stage):
     """(epoch, step) of the stage's checkpoints whose step is > 0 (written inside an epoch)."""
     found = [int(p.stem.split("-")[1]) for p in (run_dir / stage / "checkpoints").glob("ckpt-*.pt")]
-    return [(n // 1_000_000, n % 1_000_000) for n in found if n % 1_000_000]
+    return [checkpoint_position(n) for n in found if checkpoint_position(n)[1]]
 
 
 def _mlflow_status(run_dir, name):

@@ -119,3 +119,14 @@ def test_full_disk_is_one_clear_error_and_keeps_the_previous_file(tmp_path):
         assert [p.name for p in (mnt / "ckpt").iterdir()] == ["ckpt-000000001.pt"]  # no temporary left
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_checkpoint_numbers_encode_and_decode_in_one_place():
+    from rift_dist.checkpoint_ids import STEPS_PER_EPOCH, checkpoint_id, checkpoint_name, checkpoint_position
+
+    assert checkpoint_id(2, 5) == 2 * STEPS_PER_EPOCH + 5 and checkpoint_position(checkpoint_id(2, 5)) == (2, 5)
+    assert checkpoint_name(checkpoint_id(1)) == "ckpt-001000000.pt"
+    assert sorted([checkpoint_id(1, 7), checkpoint_id(2, 0), checkpoint_id(1, 0)]) == [
+        checkpoint_id(1, 0), checkpoint_id(1, 7), checkpoint_id(2, 0)]  # the newest sorts last
+    with pytest.raises(ValueError):
+        checkpoint_id(1, STEPS_PER_EPOCH)

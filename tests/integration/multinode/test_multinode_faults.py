@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from rift_dist import cluster
+from rift_dist.checkpoint_ids import checkpoint_id
 from tests.integration.distributed_helpers import rift_cli
 from tests.integration.multinode.conftest import diagnostics
 from tests.integration.multinode.test_multinode import _expand
@@ -70,7 +71,7 @@ def _wait_for(what: str, predicate, timeout_s: float, run_dir: Path, mn):
     pytest.fail(f"{what}: not within {timeout_s}s\n{diagnostics(run_dir, mn)}", pytrace=False)
 
 
-def _checkpoint_at_least(run_dir: Path, mn, at_least: int = 1_000_001) -> int:
+def _checkpoint_at_least(run_dir: Path, mn, at_least: int = checkpoint_id(1, 1)) -> int:
     """Wait for a checkpoint numbered >= at_least (epoch * 1e6 + step; default: a step of the second epoch)."""
     def ready():
         if (run_dir / "train" / "done.json").is_file():
@@ -131,7 +132,7 @@ def test_two_node_job_requeued_resumes_bitwise(healthy_nodes, tmp_path, referenc
     starts = _starts(run_dir)
     assert len(starts) == 2 and starts[-1]["restart_count"] == 1 and starts[-1]["world_size"] == 2, starts
     resumed = starts[-1]["progress"]
-    assert resumed["epoch"] * 1_000_000 + resumed["step"] >= before, (before, starts)
+    assert checkpoint_id(resumed["epoch"], resumed["step"]) >= before, (before, starts)
     assert len(_alloc_nodes(mn, job_id)) == 2
     _same_as_reference(run_dir, reference)
     print(f"\nrequeued at checkpoint {before}; resumed at {resumed}; weights = uninterrupted 2-rank run")
@@ -154,7 +155,7 @@ def test_checkpoint_moves_between_node_counts(healthy_nodes, tmp_path, reference
     _wait_gone(mn, second, run_dir)
     starts = _starts(run_dir)
     resumed = starts[-1]["progress"]
-    assert len(starts) == 2 and resumed["epoch"] * 1_000_000 + resumed["step"] >= before > 0, starts
+    assert len(starts) == 2 and checkpoint_id(resumed["epoch"], resumed["step"]) >= before > 0, starts
     assert [len(_alloc_nodes(mn, j)) for j in (job_id, second)] == [first[0], then[0]]
     _same_as_reference(run_dir, reference)
     print(f"\n{first[0]} node(s) x {first[1]} -> {then[0]} node(s) x {then[1]}: resumed at {resumed}; weights = reference")
@@ -187,7 +188,7 @@ def test_node_dies_mid_job_fails_within_timeout_and_requeued_job_finishes(health
         starts = _starts(run_dir)
         assert len(starts) >= 2 and starts[-1]["restart_count"] >= 1, starts
         resumed = starts[-1]["progress"]
-        assert resumed["epoch"] * 1_000_000 + resumed["step"] >= before, (before, starts)
+        assert checkpoint_id(resumed["epoch"], resumed["step"]) >= before, (before, starts)
         last_nodes = _alloc_nodes(mn, job_id)
         assert len(last_nodes) == 2 and victim not in last_nodes, last_nodes
         runs = mn.run(["sacct", "-X", "-n", "-P", "--duplicates", "-j", job_id, "-o", "State"]).stdout.split()

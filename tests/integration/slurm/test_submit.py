@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from rift_dist import cluster
+from rift_dist.checkpoint_ids import checkpoint_id
 from rift_dist.config import load_config
 from rift_dist.pipeline import run_pipeline
 from tests.integration.pipeline_helpers import ROOT, shared_data, tiny_config
@@ -172,7 +173,7 @@ def _interruption(slurm_cluster, tmp_path, interrupt, profile_set=()) -> tuple[l
     assert len(starts) >= 2 and checkpoints, events
     assert starts[0]["progress"] == {"epoch": 0, "step": 0}
     resumed = starts[-1]["progress"]
-    assert resumed["epoch"] * 1_000_000 + resumed["step"] >= step_before > 0, (step_before, events)
+    assert checkpoint_id(resumed["epoch"], resumed["step"]) >= step_before > 0, (step_before, events)
     # history: validation numbers of every epoch equal; the training-loss average of an epoch resumed mid-way
     # covers only its steps after the resume (the AT checkpoint does not carry partial-epoch sums)
     partial = {s["progress"]["epoch"] + 1 for s in starts[1:] if s["progress"]["step"] > 0}
