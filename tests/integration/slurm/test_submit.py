@@ -67,7 +67,8 @@ def _runs(uri: str) -> list:
 
 
 def test_mrc_array_failed_task_resubmitted_alone_equals_local(at_run, slurm_cluster, tmp_path):
-    """A 4-task MRC array: one task fails (a corrupt result file of one of its modules), is named by
+    """A 4-task MRC array: one task fails (a directory stands where one of its modules' result file goes, so the
+    write fails; a merely corrupt piece would be recomputed with a warning), is named by
     `rift status`, re-submitted alone with the gather; the gathered table equals the one-process table,
     and the 4 concurrent tasks' runs are all in the SQLite store under the pipeline's parent run."""
     cfg = _cfg(tmp_path)
@@ -85,7 +86,7 @@ def test_mrc_array_failed_task_resubmitted_alone_equals_local(at_run, slurm_clus
     groups = cluster.plan_jobs(cfg, profile, run_dir, ["mrc"])[0].tasks
     broken = groups[1].names[-1]
     (run_dir / "mrc" / "modules").mkdir()
-    (run_dir / "mrc" / "modules" / f"{broken}.json").write_text("{not json")
+    (run_dir / "mrc" / "modules" / f"{broken}.json").mkdir()
 
     t0 = time.time()
     record = cluster.submit(cfg, profile, run_dir, stages=["mrc"], log=lambda _: None)
@@ -102,7 +103,7 @@ def test_mrc_array_failed_task_resubmitted_alone_equals_local(at_run, slurm_clus
     gather_id = jobs[1]["tasks"][0]["job_id"]
     assert st["states"][gather_id].startswith("CANCELLED"), text  # kill-on-invalid-dep
 
-    (run_dir / "mrc" / "modules" / f"{broken}.json").unlink()
+    (run_dir / "mrc" / "modules" / f"{broken}.json").rmdir()
     again = cluster.plan_jobs(cfg, profile, run_dir, ["mrc"])
     assert [(j.name, [t.index for t in j.tasks]) for j in again] == [("mrc", [1]), ("mrc-gather", [0])]
     cluster.submit(cfg, profile, run_dir, stages=["mrc"], log=lambda _: None)
