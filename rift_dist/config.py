@@ -340,7 +340,7 @@ def _is_compare_method(name: Any) -> bool:
 
 @dataclass
 class CompareConfig:
-    """``rift compare``: RiFT against its alternatives on one AT model (see rift_dist/compare.py)."""
+    """``rift compare``: RiFT against its alternatives on one AT model (see rift_dist/compare/)."""
 
     methods: list[str] = field(default_factory=lambda: list(COMPARE_METHODS))
     """Methods to run side by side: rift, most-critical, random-module, top-<k> (k >= 2), all-layers, logit-mix."""

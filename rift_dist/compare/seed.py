@@ -1,0 +1,141 @@
+"""One seed of ``rift compare``: the AT model and its MRC table, every method's fine-tuning, sweep and test point."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from rift_dist.atomic import read_json
+from rift_dist.compare.methods import AT, METRICS, CompareError, LogitMix, finetuned_method, method_modules
+from rift_dist.compare.points import evaluate_point, load_point, save_point, val_corruption_sets
+from rift_dist.config import RunConfig
+
+
+def _check_folder(folder: Path, signature: dict, is_main: bool) -> None:
+    """Refuse a comparison folder made with another config (names the changed keys); record it otherwise."""
+    from rift_dist.stages.common import write_json
+
+    marker = folder / "compare.json"
+    now = json.loads(json.dumps(signature, default=str))
+    if marker.is_file():
+        before = read_json(marker)
+        changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+        if changed:
+            raise CompareError(f"{folder} was made with a different config (changed: {', '.join(changed)}); "
+                               f"use a new --run-dir or delete {folder} to redo it")
+    elif is_main:
+        write_json(marker, now)
+
+
+def run_seed(top, cfg: RunConfig, seed_dir: Path, runtime, progress: bool, test_sets, log) -> dict:
+    """The whole comparison for one seed: AT + MRC, every method's fine-tuning, sweep and test point.
+
+    Returns {"at": {"val", "test"}, "methods": {method: {"modules", "sweep": [rows], "alpha", "test"}}}.
+    """
+    from rift_dist.data.loaders import get_dataset
+    from rift_dist.models import build_model, module_names
+    from rift_dist.pipeline import make_context, run_stages
+    from rift_dist.stages import STAGES
+    from rift_dist.stages import finetune
+    from rift_dist.stages.common import StageContext, load_state, new_model, read_done, stage_signature
+    from rift_dist.stages.evaluation import test_dataset
+    from rift_dist.stages.interpolation import choose_alpha, interpolate_state_dicts, selection_attack
+    from rift_dist.seeding import stream_seed
+    from rift_dist.tracking import Tracker
+
+    s = cfg.seed
+    at_run = top.child(f"AT + MRC seed={s}", key=f"seed-{s}-at", params={"seed": s},
+                       tags={"rift.method": AT, "rift.compare": "1"})
+    ctx = make_context(cfg, seed_dir, runtime, progress, parent_run_id=getattr(at_run, "run_id", None))
+    try:
+        run_stages(ctx, list(STAGES[: STAGES.index("mrc") + 1]))  # the AT model and its MRC table
+    finally:
+        ctx.tracker.finish("FINISHED", end_parent=False)
+    mrc_rows = read_json(seed_dir / "mrc" / "mrc.json")["rows"]
+    names = module_names(build_model(cfg))
+    at_path = seed_dir / "train" / "model.pt"
+    theta_at = load_state(at_path, "the adversarially trained model")
+    selection = get_dataset(cfg, "selection")
+    val_sets = val_corruption_sets(cfg, selection)
+    test = test_dataset(ctx)
+    sel_attack, sel_seed = selection_attack(cfg), stream_seed(s, "interpolation-sweep")
+    test_seed = stream_seed(s, "eval-pgd")
+    alphas = sorted(set(cfg.interpolation.alphas) | {0.0})
+    cmp_dir = seed_dir / "compare"
+    rt = runtime
+
+    def point(path: Path, make_model, split: str, desc: str) -> dict:
+        cached = rt.broadcast_object(path.is_file() and path.with_suffix(".npz").is_file())
+        if cached:
+            return load_point(path)
+        model = make_model()
+        if split == "val":
+            p = evaluate_point(ctx, model, selection, val_sets, sel_attack, cfg.eval.selection_restarts, sel_seed, desc)
+        else:
+            p = evaluate_point(ctx, model, test, test_sets, cfg.eval.attack, cfg.eval.restarts, test_seed, desc)
+        if rt.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_point(path, p)
+        rt.barrier()
+        return p
+
+    _check_folder(cmp_dir / AT, stage_signature(cfg, "evaluate"), rt.is_main)
+    at_model = lambda: new_model(ctx, theta_at)  # noqa: E731
+    at_val = point(cmp_dir / AT / "val.json", at_model, "val", f"seed {s} AT val")
+    at_test = point(cmp_dir / AT / "test.json", at_model, "test", f"seed {s} AT test")
+    log(f"[compare] seed {s} AT: val clean {100 * at_val['clean']:.2f}% robust {100 * at_val['robust']:.2f}%")
+    at_run.log_metrics({f"at.{m}": at_test[k] for k, m in METRICS if at_test[k] is not None})
+    top.end(at_run)
+    result = {"at": {"val": at_val, "test": at_test}, "methods": {}}
+    ft_states: dict[str, dict] = {}
+    for method in cfg.compare.methods:
+        modules = method_modules(method, mrc_rows, names, list(cfg.mrc.exclude), s, list(cfg.finetune.modules))
+        source = finetuned_method(method)
+        folder = cmp_dir / source
+        cfg_m = copy.deepcopy(cfg)
+        cfg_m.finetune.modules = list(modules or [])
+        run = top.child(f"{method} seed={s}", key=f"seed-{s}-{method}",
+                        params={"method": method, "seed": s, "data.dataset": cfg.data.dataset,
+                                "model.arch": cfg.model.arch, "model.width": cfg.model.width,
+                                "model.widen_factor": cfg.model.widen_factor},
+                        tags={"rift.method": method, "rift.compare": "1",
+                              "rift.modules": ",".join(modules) if modules else finetune.ALL_PARAMETERS})
+        if source not in ft_states:
+            _check_folder(folder, stage_signature(cfg_m, "evaluate"), rt.is_main)
+            tracker = Tracker(cfg_m, folder, active=rt.is_main, parent_run_id=getattr(run, "run_id", None))
+            ctx_m = StageContext(cfg_m, folder, rt, tracker, ctx.precision, progress, extra={"at_model": str(at_path)})
+            try:
+                if read_done(ctx_m, "finetune") is None:
+                    log(f"[compare] seed {s} {source}: fine-tuning {', '.join(modules) if modules else 'every parameter'}")
+                    finetune.run(ctx_m, modules, all_parameters=modules is None)
+            finally:
+                tracker.finish("FINISHED", end_parent=False)
+            ft_states[source] = load_state(folder / "finetune" / "model.pt", f"the fine-tuned model of {source}")
+        theta_ft = ft_states[source]
+        mdir = cmp_dir / method
+        if method == "logit-mix":
+            at_net, ft_net = new_model(ctx, theta_at), new_model(ctx, theta_ft)
+            make = lambda a: (lambda: LogitMix(at_net, ft_net, a))  # noqa: E731
+        else:
+            make = lambda a: (lambda: new_model(ctx, interpolate_state_dicts(theta_at, theta_ft, a)))  # noqa: E731
+        rows = []
+        for i, a in enumerate(alphas):
+            p = at_val if a == 0.0 else point(mdir / "sweep" / f"alpha-{a:.4f}.json", make(a), "val",
+                                              f"seed {s} {method} alpha {a:g}")
+            rows.append({"alpha": a, "clean_accuracy": p["clean"], "robust_accuracy": p["robust"],
+                         "corruption_accuracy": p["corruption"], "n": p["n"]})
+            run.log_metrics({"val.clean_accuracy": p["clean"], "val.robust_accuracy": p["robust"], "alpha": a}, step=i)
+        best = choose_alpha(rows, at_val["robust"], cfg.interpolation.tolerance)
+        alpha = best["alpha"]
+        test_point = at_test if alpha == 0.0 else point(mdir / f"test-alpha-{alpha:.4f}.json", make(alpha), "test",
+                                                        f"seed {s} {method} test")
+        log(f"[compare] seed {s} {method}: alpha* {alpha:g}; test clean {100 * test_point['clean']:.2f}% "
+            f"robust {100 * test_point['robust']:.2f}%" + (" (alpha* = 0: the AT model itself)" if alpha == 0 else ""))
+        run.log_metrics({"alpha_star": alpha, **{f"method.{m}": test_point[k] for k, m in METRICS
+                                                  if test_point[k] is not None},
+                         **{f"at.{m}": at_test[k] for k, m in METRICS if at_test[k] is not None}})
+        top.end(run)
+        result["methods"][method] = {"modules": modules, "sweep": rows, "alpha": alpha, "test": test_point}
+    return result
+
