@@ -22,7 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -339,6 +339,27 @@ def _is_compare_method(name: Any) -> bool:
 
 
 @dataclass
+class CompareBase:
+    """One AT model a comparison starts from (RiFT Table 2: RiFT on PGD-AT, TRADES and MART models).
+
+    Written as a name (``pgd``: trained here with ``train.method: pgd``) or as a mapping
+    ``{name: trades-ckpt, checkpoint: PATH}`` (imported: no AT training; the file is read as ``from_checkpoint``
+    reads one, :func:`rift_dist.models.convert.load_external_checkpoint`).
+    """
+
+    SHORTHAND: ClassVar[str] = "name"
+    """A plain string in a list of bases is this field (``bases: [pgd, trades]``)."""
+    name: str = ""
+    """pgd, trades or mart (trained here with that train.method), or any folder-safe name with a checkpoint."""
+    checkpoint: str = ""
+    """An adversarially trained checkpoint used as this base's AT model instead of training one ("" = train)."""
+
+
+COMPARE_BASE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+"""What a base name may be (it names the folder ``base-<name>/``)."""
+
+
+@dataclass
 class CompareConfig:
     """``rift compare``: RiFT against its alternatives on one AT model (see rift_dist/compare/)."""
 
@@ -348,6 +369,12 @@ class CompareConfig:
     """Seeds of the whole comparison (AT training included), one run directory each; empty = [seed]."""
     confidence: float = 0.95
     """Level of the confidence intervals of the paired differences to rift and to the AT model."""
+    bases: list[CompareBase] = field(default_factory=list)
+    """AT models to compare on, each in its own folder base-<name>/ (RiFT Table 2); empty = the run's own one (train.method, or from_checkpoint), in the run dir itself."""
+    autoattack: bool = False
+    """Also evaluate AutoAttack (eval.autoattack_* settings) on the test split for AT and every method's theta(alpha*)."""
+    autoattack_examples: int = 0
+    """AutoAttack on the first N test images only (0 = the whole test split)."""
 
 
 @dataclass
@@ -379,7 +406,7 @@ class RunConfig:
     compare: CompareConfig = field(default_factory=CompareConfig)
 
 
-PATH_KEYS = {"root", "archive", "cache_dir", "corruption_root", "run_dir", "from_checkpoint", "uri"}
+PATH_KEYS = {"root", "archive", "cache_dir", "corruption_root", "run_dir", "from_checkpoint", "uri", "checkpoint"}
 """String fields whose ``$VAR`` / ``${VAR}`` references are expanded from the environment."""
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -473,6 +500,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
         return value
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, str) and getattr(tp, "SHORTHAND", None):  # compare.bases: [pgd, trades]
+            value = {tp.SHORTHAND: value}
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: '{key}' must be a mapping of {tp.__name__} fields, got {value!r}")
         return _build(tp, value, key, source)
@@ -573,6 +602,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "distributed.gradient_accumulation_steps": _GE1,
     "compare.seeds": _GE0,
     "compare.confidence": (lambda v: 0.0 < v < 1.0, "in (0, 1), e.g. 0.95"),
+    "compare.autoattack_examples": (lambda v: v >= 0, ">= 0 (0 = the whole test split)"),
 }
 """The range rule of every numeric field: ``{key: (test, description)}``; list fields are checked per item."""
 
@@ -618,9 +648,31 @@ def _validate(cfg: RunConfig, source: str) -> None:
     if bad:
         raise ConfigError(f"{source}: 'compare.methods' has {bad[0]!r}; each method must be one of "
                           f"{', '.join(COMPARE_METHODS)} (or top-<k>, k >= 2); {_fix('compare.methods', source)}")
+    _validate_bases(cfg, source)
     if cfg.model.mean and cfg.model.std and len(cfg.model.mean) != len(cfg.model.std):
         raise ConfigError(f"{source}: 'model.mean' has {len(cfg.model.mean)} entries and 'model.std' "
                           f"{len(cfg.model.std)}; give one per input channel; {_fix('model.std', source)}")
+
+
+def _validate_bases(cfg: RunConfig, source: str) -> None:
+    """``compare.bases``: folder-safe unique names; a base without a checkpoint is an AT method trained here."""
+    import re
+
+    seen = set()
+    for i, b in enumerate(cfg.compare.bases):
+        key = f"compare.bases[{i}]"
+        if not re.fullmatch(COMPARE_BASE_NAME, b.name or ""):
+            raise ConfigError(f"{source}: '{key}.name' is {b.name!r}; a base name is letters, digits, '-', '_' or '.' "
+                              f"(it names the folder base-<name>/), e.g. pgd or trades-imported; "
+                              f"{_fix('compare.bases', source)}")
+        if b.name in seen:
+            raise ConfigError(f"{source}: 'compare.bases' names {b.name!r} twice; give each base its own name; "
+                              f"{_fix('compare.bases', source)}")
+        seen.add(b.name)
+        if not b.checkpoint and b.name not in CHOICES["train.method"]:
+            raise ConfigError(f"{source}: '{key}' is {b.name!r} without a checkpoint; a base trained here is named "
+                              f"after its AT method ({', '.join(CHOICES['train.method'])}), an imported one is "
+                              f"{{name: {b.name}, checkpoint: PATH}}; {_fix('compare.bases', source)}")
 
 
 def from_dict(data: dict, source: str = "<dict>") -> RunConfig:

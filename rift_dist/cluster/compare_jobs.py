@@ -1,9 +1,11 @@
 """``rift compare CONFIG --submit``: the comparison of RiFT with its alternatives as SLURM jobs (issue 16).
 
-One job per seed (``compare.seeds``) runs that seed's whole comparison -- the AT model and its MRC table,
-every method's fine-tuning, the validation sweeps and the test points (:func:`rift_dist.compare.run_compare`
-with ``seeds=[s], summarize=False``) -- in ``<run_dir>/seed-<s>/``, side by side with the other seeds' jobs
-(each locks its own seed folder).  One summary job, queued with ``afterok`` on every seed job, runs the
+One job per (AT base, seed) (``compare.bases`` x ``compare.seeds``; named ``compare-seed-<s>`` for the one
+default base, ``compare-<base>-seed-<s>`` with bases listed) runs that seed's whole comparison on that base -- the
+AT model (trained or imported) and its MRC table, every method's fine-tuning, the validation sweeps and the test
+points (:func:`rift_dist.compare.run_compare` with ``seeds=[s], bases=[b], summarize=False``) -- in
+``<run_dir>/seed-<s>/`` (``<run_dir>/base-<b>/seed-<s>/``), side by side with the other jobs (each locks its own
+folder).  One summary job, queued with ``afterok`` on every seed job, runs the
 comparison over all seeds: everything is on disk by then, so it only reads the results back and writes
 ``compare/pareto.csv``, ``summary.md``, ``summary.json`` and ``pareto.png`` (on the CPU partition, without a
 GPU).  The MLflow parent run is created here, before the first ``sbatch``; the seed jobs add their children
@@ -30,17 +32,18 @@ SUBMISSION_FILE = Path("compare") / "submission.json"
 
 
 class CompareJob(submitit.helpers.Checkpointable):
-    """One job of a submitted comparison: a seed (``seed`` given) or the summary over every seed (``seed=None``).
+    """One job of a submitted comparison: a (base, seed) (``seed`` given) or the summary over every one (``seed=None``).
 
     Checkpointable: when SLURM signals the job before its time limit or on preemption, submitit requeues the
     same call; the comparison resumes from what is on disk (finished stages, fine-tunings and points).
     """
 
-    def __call__(self, cfg, run_dir: str, seed: int | None = None) -> dict:
+    def __call__(self, cfg, run_dir: str, seed: int | None = None, base: str | None = None) -> dict:
         from rift_dist.compare import run_compare
 
         if seed is not None:
-            return run_compare(copy.deepcopy(cfg), run_dir, progress=False, seeds=[seed], summarize=False)
+            return run_compare(copy.deepcopy(cfg), run_dir, progress=False, seeds=[seed], summarize=False,
+                               bases=[base] if base else None)
         return {"verdict": run_compare(copy.deepcopy(cfg), run_dir, progress=False)["verdict"]}
 
 
@@ -54,13 +57,16 @@ def _one_rank(res: Resources, what: str) -> Resources:
 
 
 def _header(what: str, cfg, run_dir: Path, config_path: str | None) -> list[str]:
+    from rift_dist.compare import compare_bases
+
     return [f"# rift compare: {what}", f"# config:  {config_path or '(in memory)'}", f"# run dir: {run_dir}",
-            f"# methods: {', '.join(cfg.compare.methods)}"]
+            f"# methods: {', '.join(cfg.compare.methods)}",
+            f"# AT bases: {', '.join(b.name for b in compare_bases(cfg))}"]
 
 
 def submit_compare(cfg, profile: Profile, run_dir: str | Path, *, executor: str | None = None, dry_run: bool = False,
                    config_path: str | None = None, log=print) -> dict:
-    """Queue the comparison of ``cfg.compare`` as one job per seed plus a summary job (see the module docstring).
+    """Queue the comparison of ``cfg.compare`` as one job per (base, seed) plus a summary job (see the module docstring).
 
     Args:
         cfg: the run config (its ``compare`` section); profile: the launch profile; run_dir: the comparison's
@@ -68,15 +74,16 @@ def submit_compare(cfg, profile: Profile, run_dir: str | Path, *, executor: str 
             their sbatch scripts and write nothing; config_path: shown in the scripts' headers.
 
     Returns:
-        {"executor", "jobs": [{"name", "job_id", "seed"}]} (empty job ids under ``dry_run``).
+        {"executor", "jobs": [{"name", "job_id", "seed", "base"}]} (empty job ids under ``dry_run``).
 
     Raises:
-        ConfigError / StageError / CompareError: what ``rift compare`` itself refuses, before any write;
+        ConfigError / StageError / CompareError: what ``rift compare`` itself refuses (an imported base's
+        checkpoint that is missing or does not fit the model included), before any write;
         ClusterError: a profile that asks for more than one rank per seed job, no SLURM, or a failed sbatch
         (the jobs already queued by this call are cancelled first).
     """
     from rift_dist.cluster.submission import _executor, _scancel, sbatch_script
-    from rift_dist.compare import check_compare, compare_seeds
+    from rift_dist.compare import check_compare, compare_bases, compare_seeds, is_flat
 
     run_dir = Path(run_dir).resolve()
     cfg = copy.deepcopy(cfg)
@@ -86,13 +93,14 @@ def submit_compare(cfg, profile: Profile, run_dir: str | Path, *, executor: str 
     seed_res = _one_rank(profile.resources("finetune"), "seed")
     sum_res = profile.resources("gather")
     python = profile.python or sys.executable
-    seeds = compare_seeds(cfg)
-    names = [f"compare-seed-{s}" for s in seeds] + ["compare-summary"]
+    flat = is_flat(cfg)
+    units = [(b.name, s) for b in compare_bases(cfg) for s in compare_seeds(cfg)]  # (base, seed) per job
+    names = [f"compare-seed-{s}" if flat else f"compare-{b}-seed-{s}" for b, s in units] + ["compare-summary"]
+    whats = [f"seed {s}" if flat else f"base {b}, seed {s}" for b, s in units] + ["summary of every seed"]
     if dry_run:
-        log(f"rift compare --submit --dry-run: {len(seeds)} seed job(s) and a summary job in {run_dir} "
+        log(f"rift compare --submit --dry-run: {len(units)} seed job(s) and a summary job in {run_dir} "
             f"({kind}); nothing is submitted or written")
-        for name, res in [(n, seed_res) for n in names[:-1]] + [(names[-1], sum_res)]:
-            what = f"seed {name.rsplit('-', 1)[1]}" if name != "compare-summary" else "summary of every seed"
+        for name, what, res in zip(names, whats, [seed_res] * len(units) + [sum_res]):
             script = sbatch_script(res, name, run_dir / "jobs" / name, python, ["<seed jobs>"] if name ==
                                    "compare-summary" else [], None, _header(what, cfg, run_dir, config_path))
             log(f"  {name}: {what}, {res.nodes} node(s) x {res.ranks_per_node()} rank(s), {res.gpus_per_node} GPU(s), "
@@ -107,12 +115,12 @@ def submit_compare(cfg, profile: Profile, run_dir: str | Path, *, executor: str 
     tracker.finish("RUNNING", end_parent=False)
     submitted, record = [], {"executor": kind, "submitted_at": time.strftime("%Y-%m-%d %H:%M:%S"), "jobs": []}
     try:
-        for s, name in zip(seeds, names):
+        for (b, s), name, what in zip(units, names, whats):
             folder = run_dir / "jobs" / name
-            ex = _executor(kind, folder, seed_res, name, python, [], _header(f"seed {s}", cfg, run_dir, config_path))
-            job = ex.submit(CompareJob(), cfg, str(run_dir), s)
+            ex = _executor(kind, folder, seed_res, name, python, [], _header(what, cfg, run_dir, config_path))
+            job = ex.submit(CompareJob(), cfg, str(run_dir), s, None if flat else b)
             submitted.append(job)
-            record["jobs"].append({"name": name, "seed": s, "job_id": str(job.job_id)})
+            record["jobs"].append({"name": name, "seed": s, "base": b, "job_id": str(job.job_id)})
             log(f"rift: {name} -> job {job.job_id}")
             if kind != "slurm":
                 job.result()  # local / debug: one after the other

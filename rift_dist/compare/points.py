@@ -59,6 +59,23 @@ def evaluate_point(ctx, model: nn.Module, dataset, corruption_sets: list, attack
             "n": ev["num_examples"], "scores": scores}
 
 
+def autoattack_point(ctx, model: nn.Module, dataset, label: str, progress_dir: Path, desc: str) -> dict:
+    """AutoAttack robust accuracy of ``model`` on ``dataset`` (the first ``compare.autoattack_examples`` test
+    images): :func:`rift_dist.eval.protocol.autoattack_accuracy` with the ``eval.autoattack_*`` settings
+    (standard AutoAttack, Croce & Hein 2020, through torchattacks), resumable from ``progress_dir``.
+
+    Returns:
+        {"autoattack": fraction robust, "autoattack_n": images attacked, "autoattack_attacks": [names run]}.
+    """
+    from rift_dist.eval.protocol import autoattack_accuracy
+
+    res = autoattack_accuracy(ctx, model, dataset, f"compare-{label}", progress_dir)
+    ctx.log(f"[compare] {desc}: AutoAttack {100 * res['robust_accuracy']:.2f}% on {res['num_examples']} images"
+            + (f" ({'; '.join(res['notes'])})" if res.get("notes") else ""))
+    return {"autoattack": res["robust_accuracy"], "autoattack_n": res["num_examples"],
+            "autoattack_attacks": [a["name"] for a in res["attacks"]]}
+
+
 def save_point(path: Path, point: dict, extra: dict | None = None) -> None:
     """Write a point (without its scores) as JSON and its per-image scores as ``.npz`` beside it (atomically)."""
     from rift_dist.stages.common import write_json

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rift_dist.atomic import read_json
 from rift_dist.compare.methods import AT, METRICS, CompareError, LogitMix, finetuned_method, method_modules
-from rift_dist.compare.points import evaluate_point, load_point, save_point, val_corruption_sets
+from rift_dist.compare.points import autoattack_point, evaluate_point, load_point, save_point, val_corruption_sets
 from rift_dist.config import RunConfig
 
 
@@ -28,10 +28,18 @@ def _check_folder(folder: Path, signature: dict, is_main: bool) -> None:
         write_json(marker, now)
 
 
-def run_seed(top, cfg: RunConfig, seed_dir: Path, runtime, progress: bool, test_sets, log) -> dict:
-    """The whole comparison for one seed: AT + MRC, every method's fine-tuning, sweep and test point.
+def run_seed(top, cfg: RunConfig, seed_dir: Path, runtime, progress: bool, test_sets, log, base: str = "",
+             flat: bool = True) -> dict:
+    """The whole comparison for one seed of one AT base: AT (trained, or imported when ``cfg.from_checkpoint``)
+    + MRC, every method's fine-tuning, sweep and test point (with AutoAttack when ``compare.autoattack``).
 
-    Returns {"at": {"val", "test"}, "methods": {method: {"modules", "sweep": [rows], "alpha", "test"}}}.
+    Args:
+        cfg: the base's config (:func:`rift_dist.compare.bases.base_config`) with ``seed`` set.
+        base: the base's name (MLflow tag ``rift.base``); flat: the one default base (children named and keyed
+            as before bases existed: ``<method> seed=<s>``), else ``<method> base=<name> seed=<s>``.
+
+    Returns {"at": {"val", "test"}, "methods": {method: {"modules", "sweep": [rows], "alpha", "test"}}}; a
+    test point holds "autoattack" / "autoattack_n" when AutoAttack ran.
     """
     from rift_dist.data.loaders import get_dataset
     from rift_dist.models import build_model, module_names
@@ -44,9 +52,13 @@ def run_seed(top, cfg: RunConfig, seed_dir: Path, runtime, progress: bool, test_
     from rift_dist.seeding import stream_seed
     from rift_dist.tracking import Tracker
 
+    import numpy as np
+
     s = cfg.seed
-    at_run = top.child(f"AT + MRC seed={s}", key=f"seed-{s}-at", params={"seed": s},
-                       tags={"rift.method": AT, "rift.compare": "1"})
+    label = f"seed={s}" if flat else f"base={base} seed={s}"
+    key = f"seed-{s}" if flat else f"base-{base}-seed-{s}"
+    at_run = top.child(f"AT + MRC {label}", key=f"{key}-at", params={"seed": s, "base": base},
+                       tags={"rift.method": AT, "rift.compare": "1", "rift.base": base})
     ctx = make_context(cfg, seed_dir, runtime, progress, parent_run_id=getattr(at_run, "run_id", None))
     try:
         run_stages(ctx, list(STAGES[: STAGES.index("mrc") + 1]))  # the AT model and its MRC table
@@ -64,28 +76,37 @@ def run_seed(top, cfg: RunConfig, seed_dir: Path, runtime, progress: bool, test_
     alphas = sorted(set(cfg.interpolation.alphas) | {0.0})
     cmp_dir = seed_dir / "compare"
     rt = runtime
+    n_aa = cfg.compare.autoattack_examples
+    aa_set = test.subset(np.arange(n_aa)) if 0 < n_aa < len(test) else test  # AutoAttack's images (test split)
 
     def point(path: Path, make_model, split: str, desc: str) -> dict:
         cached = rt.broadcast_object(path.is_file() and path.with_suffix(".npz").is_file())
-        if cached:
-            return load_point(path)
-        model = make_model()
-        if split == "val":
-            p = evaluate_point(ctx, model, selection, val_sets, sel_attack, cfg.eval.selection_restarts, sel_seed, desc)
-        else:
-            p = evaluate_point(ctx, model, test, test_sets, cfg.eval.attack, cfg.eval.restarts, test_seed, desc)
-        if rt.is_main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_point(path, p)
-        rt.barrier()
+        p = load_point(path) if cached else None
+        model, fresh = None, p is None
+        if fresh:
+            model = make_model()
+            if split == "val":
+                p = evaluate_point(ctx, model, selection, val_sets, sel_attack, cfg.eval.selection_restarts, sel_seed,
+                                   desc)
+            else:
+                p = evaluate_point(ctx, model, test, test_sets, cfg.eval.attack, cfg.eval.restarts, test_seed, desc)
+        with_aa = split == "test" and cfg.compare.autoattack and p.get("autoattack") is None
+        if with_aa:  # also when the point was evaluated before compare.autoattack was switched on
+            p.update(autoattack_point(ctx, model if model is not None else make_model(), aa_set,
+                                      path.stem, path.parent / "progress", desc))
+        if fresh or with_aa:
+            if rt.is_main:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_point(path, p)
+            rt.barrier()
         return p
 
     _check_folder(cmp_dir / AT, stage_signature(cfg, "evaluate"), rt.is_main)
     at_model = lambda: new_model(ctx, theta_at)  # noqa: E731
     at_val = point(cmp_dir / AT / "val.json", at_model, "val", f"seed {s} AT val")
     at_test = point(cmp_dir / AT / "test.json", at_model, "test", f"seed {s} AT test")
-    log(f"[compare] seed {s} AT: val clean {100 * at_val['clean']:.2f}% robust {100 * at_val['robust']:.2f}%")
-    at_run.log_metrics({f"at.{m}": at_test[k] for k, m in METRICS if at_test[k] is not None})
+    log(f"[compare] {'' if flat else f'base {base} '}seed {s} AT: val clean {100 * at_val['clean']:.2f}% robust {100 * at_val['robust']:.2f}%")
+    at_run.log_metrics(test_metrics("at", at_test))
     top.end(at_run)
     result = {"at": {"val": at_val, "test": at_test}, "methods": {}}
     ft_states: dict[str, dict] = {}
@@ -95,11 +116,11 @@ def run_seed(top, cfg: RunConfig, seed_dir: Path, runtime, progress: bool, test_
         folder = cmp_dir / source
         cfg_m = copy.deepcopy(cfg)
         cfg_m.finetune.modules = list(modules or [])
-        run = top.child(f"{method} seed={s}", key=f"seed-{s}-{method}",
-                        params={"method": method, "seed": s, "data.dataset": cfg.data.dataset,
+        run = top.child(f"{method} {label}", key=f"{key}-{method}",
+                        params={"method": method, "seed": s, "base": base, "data.dataset": cfg.data.dataset,
                                 "model.arch": cfg.model.arch, "model.width": cfg.model.width,
                                 "model.widen_factor": cfg.model.widen_factor},
-                        tags={"rift.method": method, "rift.compare": "1",
+                        tags={"rift.method": method, "rift.compare": "1", "rift.base": base,
                               "rift.modules": ",".join(modules) if modules else finetune.ALL_PARAMETERS})
         if source not in ft_states:
             _check_folder(folder, stage_signature(cfg_m, "evaluate"), rt.is_main)
@@ -107,7 +128,7 @@ def run_seed(top, cfg: RunConfig, seed_dir: Path, runtime, progress: bool, test_
             ctx_m = StageContext(cfg_m, folder, rt, tracker, ctx.precision, progress, extra={"at_model": str(at_path)})
             try:
                 if read_done(ctx_m, "finetune") is None:
-                    log(f"[compare] seed {s} {source}: fine-tuning {', '.join(modules) if modules else 'every parameter'}")
+                    log(f"[compare] {'' if flat else f'base {base} '}seed {s} {source}: fine-tuning {', '.join(modules) if modules else 'every parameter'}")
                     finetune.run(ctx_m, modules, all_parameters=modules is None)
             finally:
                 tracker.finish("FINISHED", end_parent=False)
@@ -130,12 +151,21 @@ def run_seed(top, cfg: RunConfig, seed_dir: Path, runtime, progress: bool, test_
         alpha = best["alpha"]
         test_point = at_test if alpha == 0.0 else point(mdir / f"test-alpha-{alpha:.4f}.json", make(alpha), "test",
                                                         f"seed {s} {method} test")
-        log(f"[compare] seed {s} {method}: alpha* {alpha:g}; test clean {100 * test_point['clean']:.2f}% "
-            f"robust {100 * test_point['robust']:.2f}%" + (" (alpha* = 0: the AT model itself)" if alpha == 0 else ""))
-        run.log_metrics({"alpha_star": alpha, **{f"method.{m}": test_point[k] for k, m in METRICS
-                                                  if test_point[k] is not None},
-                         **{f"at.{m}": at_test[k] for k, m in METRICS if at_test[k] is not None}})
+        aa = (f" AutoAttack {100 * test_point['autoattack']:.2f}%" if test_point.get("autoattack") is not None
+              else "")
+        log(f"[compare] {'' if flat else f'base {base} '}seed {s} {method}: alpha* {alpha:g}; test clean "
+            f"{100 * test_point['clean']:.2f}% robust {100 * test_point['robust']:.2f}%{aa}"
+            + (" (alpha* = 0: the AT model itself)" if alpha == 0 else ""))
+        run.log_metrics({"alpha_star": alpha, **test_metrics("method", test_point), **test_metrics("at", at_test)})
         top.end(run)
         result["methods"][method] = {"modules": modules, "sweep": rows, "alpha": alpha, "test": test_point}
     return result
 
+
+
+def test_metrics(prefix: str, point: dict) -> dict:
+    """MLflow metrics ``<prefix>.clean_accuracy`` ... of a test point (``autoattack_accuracy`` when it ran)."""
+    out = {f"{prefix}.{m}": point[k] for k, m in METRICS if point[k] is not None}
+    if point.get("autoattack") is not None:
+        out[f"{prefix}.autoattack_accuracy"] = point["autoattack"]
+    return out

@@ -84,7 +84,7 @@ from rift_dist.config import NONEMPTY, RANGES, RunConfig  # noqa: E402
 
 BAD_VALUES = {  # one out-of-range value per rule of config.RANGES (lists: one bad item)
     "seed": -1,
-    "compare.seeds": [0, -1], "compare.confidence": 1.0,
+    "compare.seeds": [0, -1], "compare.confidence": 1.0, "compare.autoattack_examples": -1,
     "train.attack.epsilon": 1.5, "train.attack.step_size": -0.01, "train.attack.num_steps": -1,
     "mrc.attack.epsilon": -8 / 255, "mrc.attack.step_size": 2.0, "mrc.attack.num_steps": -2,
     "eval.attack.epsilon": 8, "eval.attack.step_size": -1, "eval.attack.num_steps": -1,
