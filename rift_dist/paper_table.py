@@ -2,7 +2,8 @@
 
 One row per (data set, architecture, method; a non-paper width is its own row, e.g. "resnet18 (width 16)"; method
 ``rift`` for a RiFT pipeline, or a ``rift compare`` method from its (method, seed) child runs, tagged
-``rift.compare``); for the AT and the method's model the clean,
+``rift.compare``; a comparison's base other than PGD-AT, tag ``rift.base``, is its own row, e.g. "rift [trades]");
+for the AT and the method's model the clean,
 out-of-distribution (corruption) and PGD robust accuracy, the RiFT - AT deltas,
 each as mean +- standard deviation over seeds (sample std, ddof 1; '-' with one
 seed), and the seeds used.  Every pipeline's parent run carries the config as
@@ -106,6 +107,9 @@ def collect_runs(experiment: str, tracking_uri: str | None = None) -> tuple[list
             method = r.data.tags.get("rift.method", "")
             if method in ("", "at") or "method.clean_accuracy" not in r.data.metrics:
                 continue  # the AT + MRC child of a seed, or a method not evaluated yet
+            base = r.data.tags.get("rift.base", "")
+            if base and base != "pgd":  # another AT base (compare.bases, RiFT Table 2): its own row
+                method = f"{method} [{base}]"
             params = r.data.params
             metrics = {("rift." + k[7:] if k.startswith("method.") else k): v for k, v in r.data.metrics.items()}
         elif r.data.tags.get("mlflow.parentRunId"):

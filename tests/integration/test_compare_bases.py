@@ -74,3 +74,11 @@ def test_three_bases_trained_and_imported_with_autoattack(tmp_path):
     at_pgd = next(r for r in children if r.info.run_name == "AT + MRC base=pgd seed=0")
     below = [r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == at_pgd.info.run_id]
     assert "adversarial_training" in below and "mrc" in below  # the stages' runs in the same store, under it
+
+    from rift_dist import paper_table  # rift report: a row per (method, base), the bases not pooled as seeds
+
+    table, _, _ = paper_table.report("rift", f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "report",
+                                     echo=lambda _: None)
+    assert sorted(r["method"] for r in table) == sorted(
+        ["rift", "all-layers", "rift [trades]", "all-layers [trades]", "rift [theirs]", "all-layers [theirs]"])
+    assert all(r["seeds"] == [0] for r in table)
