@@ -57,6 +57,7 @@ def run_seed(top, cfg: RunConfig, seed_dir: Path, runtime, progress: bool, test_
     s = cfg.seed
     label = f"seed={s}" if flat else f"base={base} seed={s}"
     key = f"seed-{s}" if flat else f"base-{base}-seed-{s}"
+    who = "" if flat else f"base {base} "  # in log lines and progress bars
     at_run = top.child(f"AT + MRC {label}", key=f"{key}-at", params={"seed": s, "base": base},
                        tags={"rift.method": AT, "rift.compare": "1", "rift.base": base})
     ctx = make_context(cfg, seed_dir, runtime, progress, parent_run_id=getattr(at_run, "run_id", None))
@@ -103,9 +104,9 @@ def run_seed(top, cfg: RunConfig, seed_dir: Path, runtime, progress: bool, test_
 
     _check_folder(cmp_dir / AT, stage_signature(cfg, "evaluate"), rt.is_main)
     at_model = lambda: new_model(ctx, theta_at)  # noqa: E731
-    at_val = point(cmp_dir / AT / "val.json", at_model, "val", f"seed {s} AT val")
-    at_test = point(cmp_dir / AT / "test.json", at_model, "test", f"seed {s} AT test")
-    log(f"[compare] {'' if flat else f'base {base} '}seed {s} AT: val clean {100 * at_val['clean']:.2f}% robust {100 * at_val['robust']:.2f}%")
+    at_val = point(cmp_dir / AT / "val.json", at_model, "val", f"{who}seed {s} AT val")
+    at_test = point(cmp_dir / AT / "test.json", at_model, "test", f"{who}seed {s} AT test")
+    log(f"[compare] {who}seed {s} AT: val clean {100 * at_val['clean']:.2f}% robust {100 * at_val['robust']:.2f}%")
     at_run.log_metrics(test_metrics("at", at_test))
     top.end(at_run)
     result = {"at": {"val": at_val, "test": at_test}, "methods": {}}
@@ -128,7 +129,7 @@ def run_seed(top, cfg: RunConfig, seed_dir: Path, runtime, progress: bool, test_
             ctx_m = StageContext(cfg_m, folder, rt, tracker, ctx.precision, progress, extra={"at_model": str(at_path)})
             try:
                 if read_done(ctx_m, "finetune") is None:
-                    log(f"[compare] {'' if flat else f'base {base} '}seed {s} {source}: fine-tuning {', '.join(modules) if modules else 'every parameter'}")
+                    log(f"[compare] {who}seed {s} {source}: fine-tuning {', '.join(modules) if modules else 'every parameter'}")
                     finetune.run(ctx_m, modules, all_parameters=modules is None)
             finally:
                 tracker.finish("FINISHED", end_parent=False)
@@ -143,17 +144,17 @@ def run_seed(top, cfg: RunConfig, seed_dir: Path, runtime, progress: bool, test_
         rows = []
         for i, a in enumerate(alphas):
             p = at_val if a == 0.0 else point(mdir / "sweep" / f"alpha-{a:.4f}.json", make(a), "val",
-                                              f"seed {s} {method} alpha {a:g}")
+                                              f"{who}seed {s} {method} alpha {a:g}")
             rows.append({"alpha": a, "clean_accuracy": p["clean"], "robust_accuracy": p["robust"],
                          "corruption_accuracy": p["corruption"], "n": p["n"]})
             run.log_metrics({"val.clean_accuracy": p["clean"], "val.robust_accuracy": p["robust"], "alpha": a}, step=i)
         best = choose_alpha(rows, at_val["robust"], cfg.interpolation.tolerance)
         alpha = best["alpha"]
         test_point = at_test if alpha == 0.0 else point(mdir / f"test-alpha-{alpha:.4f}.json", make(alpha), "test",
-                                                        f"seed {s} {method} test")
+                                                        f"{who}seed {s} {method} test")
         aa = (f" AutoAttack {100 * test_point['autoattack']:.2f}%" if test_point.get("autoattack") is not None
               else "")
-        log(f"[compare] {'' if flat else f'base {base} '}seed {s} {method}: alpha* {alpha:g}; test clean "
+        log(f"[compare] {who}seed {s} {method}: alpha* {alpha:g}; test clean "
             f"{100 * test_point['clean']:.2f}% robust {100 * test_point['robust']:.2f}%{aa}"
             + (" (alpha* = 0: the AT model itself)" if alpha == 0 else ""))
         run.log_metrics({"alpha_star": alpha, **test_metrics("method", test_point), **test_metrics("at", at_test)})
