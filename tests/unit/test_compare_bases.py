@@ -144,6 +144,25 @@ def test_a_submission_queues_a_job_per_base_and_seed(tmp_path, monkeypatch):
     assert calls[0] == ([0], None, False)
 
 
+def test_the_submission_dry_run_shows_a_job_per_base_and_seed_and_writes_nothing(tmp_path, monkeypatch):
+    from rift_dist.cluster import compare_jobs
+    from rift_dist.cluster.profile import load_profile
+
+    monkeypatch.setattr(compare, "check_compare", lambda cfg: None)
+    cfg = load_config(None, ["compare.bases=[pgd, trades]", "compare.seeds=[0, 1]"])
+    lines = []
+    compare_jobs.submit_compare(cfg, load_profile(str(ROOT / "launch" / "example_cluster.yaml"), []),
+                                tmp_path / "run", dry_run=True, log=lines.append)
+    out = "\n".join(lines)
+    assert "4 seed job(s) and a summary job" in out
+    for b in ("pgd", "trades"):
+        for s in (0, 1):
+            assert f"  compare-{b}-seed-{s}: base {b}, seed {s}, 1 node(s) x 1 rank(s)" in out
+            assert f"| # rift compare: base {b}, seed {s}" in out
+    assert out.count("| # AT bases: pgd, trades") == 5 and out.count("| #!/bin/bash") == 5
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------ an imported base, checked up front
 
 
