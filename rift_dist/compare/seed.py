@@ -91,8 +91,10 @@ def run_seed(top, cfg: RunConfig, seed_dir: Path, runtime, progress: bool, test_
                                    desc)
             else:
                 p = evaluate_point(ctx, model, test, test_sets, cfg.eval.attack, cfg.eval.restarts, test_seed, desc)
-        with_aa = split == "test" and cfg.compare.autoattack and p.get("autoattack") is None
-        if with_aa:  # also when the point was evaluated before compare.autoattack was switched on
+        with_aa = split == "test" and cfg.compare.autoattack and (p.get("autoattack") is None
+                                                                  or p.get("autoattack_n") != len(aa_set))
+        if with_aa:  # also when the point was evaluated before compare.autoattack was switched on (or on other
+            # images: compare.autoattack_examples is not in the folder's signature; eval.autoattack_* are)
             p.update(autoattack_point(ctx, model if model is not None else make_model(), aa_set,
                                       path.stem, path.parent / "progress", desc))
         if fresh or with_aa:

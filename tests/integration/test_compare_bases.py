@@ -75,6 +75,14 @@ def test_three_bases_trained_and_imported_with_autoattack(tmp_path):
     below = [r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == at_pgd.info.run_id]
     assert "adversarial_training" in below and "mrc" in below  # the stages' runs in the same store, under it
 
+    # AutoAttack on other images: only AutoAttack runs again (compare.autoattack_examples is not in the signature)
+    again = rift("compare", str(cfg), "--run-dir", str(run), "--set", "compare.autoattack_examples=5")
+    assert "fine-tuning" not in again.stdout and "[train] epoch" not in again.stdout
+    assert again.stdout.count("% on 5 images") == 3 * (1 + len(METHODS)) - sum(  # the AT model's once per base
+        float(r["alpha"]) == 0.0 for r in rows if r["split"] == "test" and r["method"] != "at")
+    rows = list(csv.DictReader((run / "compare" / "pareto.csv").open()))
+    assert {r["autoattack_n"] for r in rows if r["split"] == "test"} == {"5"}
+
     from rift_dist import paper_table  # rift report: a row per (method, base), the bases not pooled as seeds
 
     table, _, _ = paper_table.report("rift", f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "report",
