@@ -725,13 +725,21 @@ def deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     """Read a config YAML file, following an optional ``base:`` key (a path relative to the file).
 
     Raises:
-        ConfigError: when the file is missing, is not valid YAML, or is not a mapping.
+        ConfigError: when the file (or a ``base:`` file) is missing, is not valid YAML, is not a mapping, or
+            when the ``base:`` chain comes back to a file already in it (a cycle).
     """
     path = Path(path)
+    if _chain and not path.is_file():
+        raise ConfigError(f"{_chain[-1]}: base file {path} not found (a base: path is relative to the file that "
+                          f"names it); fix the base: line")
+    if path.is_file() and path.resolve() in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path.resolve()))
+        raise ConfigError(f"{_chain[-1]}: base: chain comes back to a file already in it ({cycle}); remove "
+                          f"the base: line that closes the loop")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (give a path to a YAML file, e.g. configs/default.yaml)")
     try:
@@ -741,8 +749,10 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of config sections")
     base = data.pop("base", None)
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{path}: base: must be one file name (relative to {path.parent}), got {base!r}")
     if base:
-        data = deep_merge(read_yaml(path.parent / base), data)
+        data = deep_merge(read_yaml(path.parent / base, (*_chain, path.resolve())), data)
     return data
 
 

@@ -24,6 +24,31 @@ def test_yaml_fractions_overrides_and_base(tmp_path):
     assert flatten(cfg)["train.attack.epsilon"] == pytest.approx(4 / 255)
 
 
+def test_base_cycle_missing_base_and_bad_base_are_config_errors(tmp_path):
+    """A base: chain that loops (a file naming itself, or a -> b -> a) used to end in a RecursionError
+    traceback; a missing base file was reported as if the config itself were missing."""
+    me = tmp_path / "self.yaml"
+    me.write_text("base: self.yaml\n")
+    with pytest.raises(ConfigError, match=r"self.yaml: base: chain comes back.*self.yaml -> .*self.yaml"):
+        load_config(me)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\ntrain: {epochs: 2}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"b.yaml: base: chain comes back.*a.yaml -> .*b.yaml -> .*a.yaml"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: nope.yaml\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: base file .*nope.yaml not found.*relative to the file"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: [a.yaml, b.yaml]\n")
+    with pytest.raises(ConfigError, match=r"d.yaml: base: must be one file name"):
+        load_config(tmp_path / "d.yaml")
+    # a diamond is not a cycle: two files may share a base
+    (tmp_path / "root.yaml").write_text("train: {epochs: 4}\n")
+    (tmp_path / "mid.yaml").write_text("base: root.yaml\nmodel: {width: 8}\n")
+    (tmp_path / "top.yaml").write_text("base: mid.yaml\n")
+    cfg = load_config(tmp_path / "top.yaml")
+    assert cfg.train.epochs == 4 and cfg.model.width == 8
+
+
 def test_unknown_key_names_key_and_file(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("train:\n  epoch: 3\n")
