@@ -41,18 +41,45 @@ def unresolved_variables(cfg) -> list[str]:
     return out
 
 
+def run_dir_problem(run_dir: str | Path) -> str | None:
+    """Why ``run_dir`` cannot be used as a run directory, or None (nothing is created).
+
+    Refused: a path that exists and is not a directory, a path below a file, an existing directory this
+    process cannot write, and a missing one whose nearest existing parent it cannot write (so it cannot be
+    created).  Without this, ``rift run --run-dir FILE`` ended in a ``FileExistsError`` traceback from the
+    run lock, after the config checks had passed.
+    """
+    path = Path(run_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        return (f"run directory {path} is a file, not a directory; give another --run-dir (or remove the file, "
+                f"if it is not yours to keep)")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != path and not existing.is_dir():
+        return f"run directory {path} cannot be created: {existing} is a file; give another --run-dir"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
+        return f"run directory {path} {what} by this user; give a --run-dir you can write (or fix its permissions)"
+    return None
+
+
 def input_problems(cfg, stages) -> list[str]:
     """Problems with the inputs the given stages will read (empty when all is in place).
 
     Checked: unresolved variables in any path field; the data set location (``data.archive`` file, else
     ``data.root`` / env ``RIFT_DATA_ROOT`` directory; a relative ``data.root`` inside an archive is
     checked when the archive is unpacked); ``data.corruption_root`` when ``evaluate`` runs;
-    ``from_checkpoint`` when ``train`` runs.  Nothing is read or written.
+    ``from_checkpoint`` when ``train`` runs; the run directory itself (:func:`run_dir_problem`).  Nothing is
+    read or written.
     """
     from rift_dist.stages import stage
 
     external = {key for name in stages for key in stage(name).external}  # the stage table's outside inputs
     problems = unresolved_variables(cfg)
+    if cfg.run_dir and "run_dir" not in {p.split(" = ", 1)[0] for p in problems}:
+        if (problem := run_dir_problem(cfg.run_dir)) is not None:
+            problems.append(problem)
     bad_keys = {p.split(" = ", 1)[0] for p in problems}
     d = cfg.data
     if "data.archive" not in bad_keys and "data.root" not in bad_keys:
@@ -81,7 +108,8 @@ def input_problems(cfg, stages) -> list[str]:
 
 
 def check_module_names(cfg) -> None:
-    """Fail before any work when ``finetune.modules`` or ``mrc.modules`` names a module the model lacks.
+    """Fail before any work when ``finetune.modules``, ``mrc.modules`` or ``mrc.exclude`` names a module the
+    model lacks (``mrc.exclude`` was checked only when the MRC stage chose the module, after training).
 
     Builds the configured model on the CPU (only when one of the lists is set) and compares the
     names with :func:`rift_dist.models.module_names` (the Conv2d/Linear layers, RiFT §3.2).
@@ -89,7 +117,8 @@ def check_module_names(cfg) -> None:
     Raises:
         ConfigError: naming the key, the unknown name(s), the architecture and the valid names.
     """
-    lists = {"finetune.modules": cfg.finetune.modules, "mrc.modules": cfg.mrc.modules}
+    lists = {"finetune.modules": cfg.finetune.modules, "mrc.modules": cfg.mrc.modules,
+             "mrc.exclude": [n for n in cfg.mrc.exclude if n not in ("first", "last")]}
     if not any(lists.values()):
         return
     from rift_dist.models import build_model, module_names
@@ -98,8 +127,9 @@ def check_module_names(cfg) -> None:
     for key, wanted in lists.items():
         unknown = [n for n in wanted if n not in names]
         if unknown:
+            extra = "first, last, " if key == "mrc.exclude" else ""
             raise ConfigError(f"{key}: no module named {', '.join(map(repr, unknown))} in {cfg.model.arch}; "
-                              f"valid modules: {', '.join(names)}")
+                              f"valid modules: {extra}{', '.join(names)}")
 
 
 def check_config(cfg, world_size: int | None = None) -> None:

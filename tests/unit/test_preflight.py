@@ -10,7 +10,9 @@ import pytest
 
 from rift_dist.config import load_config
 from rift_dist.pipeline import cap_num_workers
-from rift_dist.preflight import PreflightError, check_inputs, input_problems, unresolved_variables
+from rift_dist.config import ConfigError
+from rift_dist.preflight import (PreflightError, check_inputs, check_module_names, input_problems, run_dir_problem,
+                                   unresolved_variables)
 from tests.conftest import PROJECT_ROOT
 
 STAGES = ("train", "mrc", "finetune", "interpolate", "evaluate")
@@ -51,6 +53,45 @@ def test_rift_run_refuses_before_writing_anything(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "RIFT_DATA_ROOT is not set" in proc.stderr and "nothing was started" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_run_dir_that_cannot_be_used_is_named(tmp_path, monkeypatch):
+    """A run directory that is a file, lies below a file or cannot be written is an input problem (it was a
+    FileExistsError / NotADirectoryError traceback from the run lock, after the config checks)."""
+    a_file = tmp_path / "afile"
+    a_file.write_text("mine")
+    assert "is a file, not a directory" in run_dir_problem(a_file)
+    assert f"{a_file} is a file" in run_dir_problem(a_file / "sub" / "run")
+    assert run_dir_problem(tmp_path / "new" / "run") is None and not (tmp_path / "new").exists()
+    assert run_dir_problem(tmp_path) is None
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode))
+    assert "is not writable" in run_dir_problem(tmp_path)
+    assert f"cannot be created: {tmp_path} is not writable" in run_dir_problem(tmp_path / "new")
+    monkeypatch.setattr(os, "access", real_access)
+    cfg = load_config(None, [f"run_dir={a_file}", f"data.root={tmp_path}"])
+    problems = input_problems(cfg, ["train"])
+    assert len(problems) == 1 and "is a file" in problems[0]
+    assert a_file.read_text() == "mine"
+
+
+def test_rift_run_on_a_file_refuses_without_a_traceback(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI",)}
+    a_file = tmp_path / "afile"
+    a_file.write_text("mine")
+    proc = subprocess.run([sys.executable, "-m", "rift_dist.cli", "run", "configs/default.yaml", "--run-dir",
+                           str(a_file), "--no-progress"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and f"run directory {a_file} is a file" in proc.stderr
+    assert a_file.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_unknown_mrc_exclude_is_refused_before_training():
+    """mrc.exclude was checked only when MRC chose the module, i.e. after the whole adversarial training."""
+    with pytest.raises(ConfigError, match=r"mrc.exclude: no module named 'layer9.conv1'.*first, last, conv1"):
+        check_module_names(load_config(None, ["mrc.exclude=[first, layer9.conv1]", "model.width=4"]))
+    check_module_names(load_config(None, ["mrc.exclude=[first, last, layer1.0.conv1]", "model.width=4"]))
 
 
 def test_num_workers_capped_at_usable_cpus(monkeypatch):
