@@ -55,10 +55,12 @@ class CorruptFileError(RiftError, ValueError):
 
     Attributes:
         path: the file.
+        why: what is wrong with it (``not valid JSON: ...`` or the checksum mismatch).
     """
 
     def __init__(self, path: str | Path, why: str):
         self.path = Path(path)
+        self.why = why
         super().__init__(f"{path}: corrupt ({why}). Delete it and re-run the same command: the piece it holds is "
                          f"computed again")
 
@@ -120,5 +122,7 @@ def read_json_piece(path: str | Path) -> Any | None:
     except CorruptFileError as exc:
         import sys
 
-        print(f"rift: WARNING: {exc}; computing it again", file=sys.stderr, flush=True)
+        # not the error's own text, which tells the user to delete the file and re-run: here that is being done
+        print(f"rift: WARNING: {exc.path}: corrupt ({exc.why}); the piece it holds is computed again",
+              file=sys.stderr, flush=True)
         return None
