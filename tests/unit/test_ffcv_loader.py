@@ -377,6 +377,12 @@ def test_missing_sidecar_and_label_range(tmp_path, files):
         verify_beton(files["raw"], num_classes=5)
     with pytest.raises(DataError, match="no such .beton"):
         verify_beton(tmp_path / "absent.beton")
+    # a file that is no .beton at all (a config given by mistake) is named as such: no advice to delete it
+    config = tmp_path / "config.yaml"
+    config.write_text("seed: 0\n")
+    with pytest.raises(DataError, match=r"config\.yaml: not a \.beton file") as info:
+        verify_beton(config)
+    assert "delete" not in str(info.value) and config.read_text() == "seed: 0\n"
 
 
 def test_verify_and_convert_cli(tmp_path, files, cifar_subset):

@@ -340,6 +340,10 @@ def write_beton(
 
 def _read_sidecar(path: Path) -> dict:
     side = sidecar_path(path)
+    if not side.is_file() and path.suffix != ".beton":
+        # not "delete it so that it is rebuilt": `rift data verify configs/x.yaml` must not advise deleting a config
+        raise DataError(f"{path}: not a .beton file (and no {side.name} beside it); rift data verify checks the "
+                        f"FFCV files that `rift data convert` writes (<split>.beton)")
     if not side.is_file():
         raise DataError(
             f"{path}: its sidecar {side.name} is missing (the file was not written by rift_dist, or was "
