@@ -33,12 +33,17 @@ def evaluate_checkpoint(cfg, path: str | Path, progress: bool = True) -> int:
         0 (failed sanity checks are printed, written and tagged, not turned into an exit status).
 
     Raises:
-        CheckpointError: unreadable checkpoint or one that does not fit the configured model.
+        CheckpointError: unreadable checkpoint or one that does not fit the configured model (nothing written).
         ConfigError: bad ``eval`` settings (or any config problem ``rift run`` refuses).
         PreflightError: missing data or corruption-set paths (before anything is written).
         DataError: missing data or corruption files (the message lists what is missing).
     """
     out_dir = Path(cfg.run_dir) / "checkpoint_eval"
+    from rift_dist.models import build_model
+
+    # a missing, unreadable or ill-fitting checkpoint is refused before open_run writes the run directory
+    # (checkpoint_eval/config.yaml, mlflow_run.json); the model is loaded again below, on the run's device
+    load_external_checkpoint(path, build_model(cfg))
     # the checks of `rift run` (config, eval section, data and corruption paths); no lock: it writes only
     # checkpoint_eval/, which no stage touches
     with open_run(cfg, stages=("evaluate",), progress=progress, exclusive=False,

@@ -45,3 +45,26 @@ def test_evaluate_an_external_checkpoint_through_the_cli(tmp_path, monkeypatch):
     assert abs(result["clean_accuracy"] - expect) < 1e-6
     for name in ("report.md", "report.csv", "import_report.json", "config.yaml"):
         assert (run_dir / "checkpoint_eval" / name).is_file()
+
+
+def test_a_bad_checkpoint_is_refused_before_anything_is_written(tmp_path, capsys):
+    """A missing, unreadable or ill-fitting --checkpoint used to be refused only after the run directory got
+    checkpoint_eval/config.yaml and mlflow_run.json."""
+    from rift_dist.cli import main
+
+    torch.set_num_threads(1)
+    data_root = write_cifar_pickles(tmp_path / "data", per_class_train=1, per_class_test=2)
+    wide = tmp_path / "width8.pt"
+    torch.save(build_model_from("resnet18", 10, width=8, mean=None, std=None).state_dict(), wide)
+    not_a_checkpoint = tmp_path / "summary.json"
+    not_a_checkpoint.write_text('{"clean_accuracy": 0.5}')
+    overrides = [f"data.root={data_root}", "data.archive=", "model.width=4", "data.corruptions=[]",
+                 "data.corruption_root=", "tracking.enabled=false", "data.val_size=10"]
+    for ckpt, what in ((tmp_path / "missing.pt", "not found"), (not_a_checkpoint, "not a readable PyTorch checkpoint"),
+                       (wide, "shape")):
+        run_dir = tmp_path / f"run-{ckpt.stem}"
+        rc = main(["evaluate", str(ROOT / "configs" / "default.yaml"), "--run-dir", str(run_dir), "--checkpoint",
+                   str(ckpt), "--no-progress", *[a for o in overrides for a in ("--set", o)]])
+        err = capsys.readouterr().err
+        assert rc != 0 and what in err and str(ckpt) in err, err
+        assert not run_dir.exists(), sorted(p.name for p in run_dir.rglob("*"))
