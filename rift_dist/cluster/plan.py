@@ -100,7 +100,7 @@ def stage_jobs(stage, cfg, profile: Profile, run_dir: Path, candidates: int,
     found, gather_args = resolve(sh.tasks)(cfg, run_dir, options, candidates, names)
     tasks = [TaskPlan(t["index"], t["label"], list(t["names"]), t["args"], t.get("run_key"), t.get("run_name"),
                       run_name, list(t.get("child_runs", [])), t.get("what", "")) for t in found]
-    if tasks:
+    if tasks or (wanted and sh.compute.job in wanted):  # --only job:NAME matching nothing: named below as such
         jobs.append(JobPlan(sh.compute.job, stage.name, sh.compute.part, profile.resources(sh.compute.resources),
                             True, tasks))
     if sh.gather is not None:
@@ -160,6 +160,8 @@ def plan_jobs(cfg, profile: Profile, run_dir: str | Path, stages: list[str] | tu
                                f"{', '.join(s.name for s in selected)}; jobs: {', '.join(sorted(names)) or 'none'}")
         jobs = [j for j in jobs if j.name in wanted]
         for j in jobs:
+            if not j.tasks and not wanted[j.name]:
+                raise ClusterError(f"--only {j.name}: every task of job {j.name} is done in {run_dir}")
             if not j.tasks:
                 raise ClusterError(f"--only {j.name}:{','.join(wanted[j.name])} matches no task of job {j.name}")
     for i, job in enumerate(jobs):

@@ -263,6 +263,10 @@ def test_plan_skips_what_is_done_and_checks_inputs(tmp_path):
     plan = cluster.plan_jobs(cfg, profile, tmp_path, ["mrc"])
     assert [j.name for j in plan] == ["mrc", "mrc-gather"]
     assert [t.index for t in plan[0].tasks] == [1, 3]
+    for name in groups[1] + groups[3]:
+        (tmp_path / "mrc" / "modules" / f"{name}.json").write_text("{}")
+    with pytest.raises(cluster.ClusterError, match=r"--only mrc: every task of job mrc is done in"):
+        cluster.plan_jobs(cfg, profile, tmp_path, ["mrc"], only=["mrc"])
     mark_done(cfg, tmp_path, "mrc")
     assert cluster.plan_jobs(cfg, profile, tmp_path, ["mrc"]) == []
     changed = tiny("mrc.num_iterations=3")
@@ -287,6 +291,11 @@ def test_only_submits_single_tasks_without_what_follows(tmp_path):
     assert plan[1].tasks[0].args["pairs"] == [[None, 0.5]]
     with pytest.raises(cluster.ClusterError, match="not part of stages"):
         cluster.plan_jobs(cfg, profile, tmp_path, only=["mrc-gathr"])
+    # a task name that matches no task is named as such (it said the job 'mrc' was not part of the stages)
+    with pytest.raises(cluster.ClusterError, match=r"--only mrc:layer9.conv1 matches no task of job mrc"):
+        cluster.plan_jobs(cfg, profile, tmp_path, only=["mrc:layer9.conv1"])
+    with pytest.raises(cluster.ClusterError, match=r"--only interpolate:0.55 matches no task of job interpolate"):
+        cluster.plan_jobs(cfg, profile, tmp_path, only=["interpolate:0.55"])
 
 
 def test_candidate_plan_shares_alpha_zero(tmp_path):
