@@ -60,7 +60,8 @@ def run_dir_problem(run_dir: str | Path) -> str | None:
         return f"run directory {path} cannot be created: {existing} is a file; give another --run-dir"
     if not os.access(existing, os.W_OK | os.X_OK):
         what = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
-        return f"run directory {path} {what} by this user; give a --run-dir you can write (or fix its permissions)"
+        return (f"run directory {path} {what} (permissions, or a read-only file system); give a --run-dir you "
+                f"can write")
     return None
 
 
