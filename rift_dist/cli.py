@@ -24,12 +24,23 @@ STAGE_COMMANDS = STAGES
 """One subcommand per stage of the stage table (``rift mrc CONFIG`` runs that stage alone)."""
 
 
+def _nproc(text: str) -> int:
+    """``--nproc N``: N >= 1 processes (0 or a negative N used to run in one process, silently)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} processes: give N >= 1 (or leave --nproc out for one process)")
+    return n
+
+
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="experiment YAML (e.g. configs/default.yaml)")
     p.add_argument("--run-dir", help="where the run lives (default: the config's run_dir)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.epochs=2 (repeatable)")
-    p.add_argument("--nproc", type=int, default=0, help="spawn torchrun with N processes on this node")
+    p.add_argument("--nproc", type=_nproc, default=0, help="spawn torchrun with N processes on this node")
     p.add_argument("--from-checkpoint", help="start RiFT from this adversarially trained checkpoint (skips training)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -27,6 +27,18 @@ def test_each_subcommand_parses_with_its_own_arguments():
     assert build_parser(["data", "verify", "x.beton"]).parse_args(["data", "verify", "x.beton"]).files == ["x.beton"]
 
 
+def test_nproc_below_one_is_refused(capsys):
+    """--nproc 0 / -1 ran one process without a word; the parser now refuses them (before any work)."""
+    import pytest
+
+    for bad in ("0", "-1"):
+        with pytest.raises(SystemExit) as info:
+            build_parser(["run"]).parse_args(["run", "c.yaml", "--nproc", bad])
+        assert info.value.code == 2 and "give N >= 1" in capsys.readouterr().err
+    assert build_parser(["run"]).parse_args(["run", "c.yaml", "--nproc", "2"]).nproc == 2
+    assert build_parser(["run"]).parse_args(["run", "c.yaml"]).nproc == 0  # left out: this process
+
+
 def test_status_and_cancel_explain_run_dir():
     for cmd in ("status", "cancel"):
         text = build_parser([cmd]).format_help()
