@@ -133,6 +133,21 @@ def check_module_names(cfg) -> None:
                               f"valid modules: {extra}{', '.join(names)}")
 
 
+def check_corruption_names(cfg) -> None:
+    """Fail before any work when ``data.corruptions`` names a corruption there is none of (it was refused only
+    when the evaluation stage, or ``rift compare``'s sweep, built the corruption sets, after training).
+
+    Raises:
+        ConfigError: naming the unknown name(s) and the valid ones.
+    """
+    from rift_dist.data.corruptions import AUTHORS_CORRUPTIONS
+
+    unknown = [c for c in cfg.data.corruptions if c not in AUTHORS_CORRUPTIONS]
+    if unknown:
+        raise ConfigError(f"data.corruptions: unknown corruption(s) {', '.join(map(repr, unknown))}; choose from "
+                          f"{', '.join(AUTHORS_CORRUPTIONS)} (or leave it empty for the standard 15)")
+
+
 def check_config(cfg, world_size: int | None = None) -> None:
     """The config checks that need more than the config file: run by ``rift run`` and ``rift submit`` alike.
 
@@ -142,7 +157,9 @@ def check_config(cfg, world_size: int | None = None) -> None:
       imported (then ``data.loader: ffcv`` fails in the loader with the install command).
     * The ``eval`` section (:func:`rift_dist.eval.protocol.validate_eval_config`): ``eval.corruption_protocol``,
       the AutoAttack names, step counts - checked here, not first in the evaluation stage hours later.
-    * Module names (:func:`check_module_names`): ``finetune.modules`` / ``mrc.modules`` exist in the model.
+    * Corruption names (:func:`check_corruption_names`): every ``data.corruptions`` entry exists.
+    * Module names (:func:`check_module_names`): ``finetune.modules`` / ``mrc.modules`` / ``mrc.exclude``
+      exist in the model.
 
     Nothing is read from the data or written.
 
@@ -158,6 +175,7 @@ def check_config(cfg, world_size: int | None = None) -> None:
     from rift_dist.eval.protocol import validate_eval_config
 
     validate_eval_config(cfg)
+    check_corruption_names(cfg)
     check_module_names(cfg)
 
 

@@ -11,7 +11,7 @@ import pytest
 from rift_dist.config import load_config
 from rift_dist.pipeline import cap_num_workers
 from rift_dist.config import ConfigError
-from rift_dist.preflight import (PreflightError, check_inputs, check_module_names, input_problems, run_dir_problem,
+from rift_dist.preflight import (PreflightError, check_config, check_inputs, check_module_names, input_problems, run_dir_problem,
                                    unresolved_variables)
 from tests.conftest import PROJECT_ROOT
 
@@ -92,6 +92,13 @@ def test_unknown_mrc_exclude_is_refused_before_training():
     with pytest.raises(ConfigError, match=r"mrc.exclude: no module named 'layer9.conv1'.*first, last, conv1"):
         check_module_names(load_config(None, ["mrc.exclude=[first, layer9.conv1]", "model.width=4"]))
     check_module_names(load_config(None, ["mrc.exclude=[first, last, layer1.0.conv1]", "model.width=4"]))
+
+
+def test_unknown_corruption_is_refused_before_training():
+    """data.corruptions was checked only when the evaluation built the sets, after every other stage."""
+    with pytest.raises(ConfigError, match=r"data.corruptions: unknown corruption\(s\) 'gausian_noise'.*gaussian_noise"):
+        check_config(load_config(None, ["data.corruptions=[gausian_noise, fog]"]), 1)
+    check_config(load_config(None, ["data.corruptions=[gaussian_noise, spatter]"]), 1)  # an extra one is fine
 
 
 def test_num_workers_capped_at_usable_cpus(monkeypatch):
