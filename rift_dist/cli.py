@@ -16,6 +16,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import warnings
 
 from rift_dist.config import ConfigError, load_config
 from rift_dist.stages import STAGES
@@ -219,8 +220,22 @@ def _config(args: argparse.Namespace):
     return cfg
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_python_formatwarning = warnings.formatwarning
+
+
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """``rift: warning: <message>`` for rift_dist's own UserWarnings (MLflow unreachable, a param that changed,
+    ...); they were printed as Python prints them, with the file, line number and the source line that warned
+    (``tracker = Tracker(cfg, run_dir, ...)``) under it.  Other libraries' warnings keep Python's format."""
+    if issubclass(category, UserWarning) and os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep):
+        return f"rift: warning: {message}\n"
+    return _python_formatwarning(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``rift``; returns the exit status."""
+    warnings.formatwarning = format_warning
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)

@@ -39,6 +39,19 @@ def test_nproc_below_one_is_refused(capsys):
     assert build_parser(["run"]).parse_args(["run", "c.yaml"]).nproc == 0  # left out: this process
 
 
+def test_rift_warnings_are_one_line_without_the_source_line():
+    import rift_dist.pipeline as pipeline_module
+    from rift_dist.cli import format_warning
+
+    text = format_warning(UserWarning("MLflow tracking is off for this run"), UserWarning, pipeline_module.__file__, 57,
+                          "    tracker = Tracker(cfg, run_dir)")
+    assert text == "rift: warning: MLflow tracking is off for this run\n"
+    other = format_warning(UserWarning("x"), UserWarning, "/elsewhere/lib.py", 3, "warn()")
+    assert "/elsewhere/lib.py:3" in other  # other libraries' warnings keep Python's format
+    deprecation = format_warning(DeprecationWarning("old"), DeprecationWarning, pipeline_module.__file__, 1, "")
+    assert "DeprecationWarning" in deprecation
+
+
 def test_status_and_cancel_explain_run_dir():
     for cmd in ("status", "cancel"):
         text = build_parser([cmd]).format_help()
