@@ -55,10 +55,14 @@ class ReportError(RiftError, RuntimeError):
 
 def _resolve_uri(uri: str | None) -> str:
     """``--tracking-uri``, else env MLFLOW_TRACKING_URI, else ``sqlite:///runs/mlflow.db`` when it exists."""
-    if uri:
+    if uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        uri = uri or os.environ["MLFLOW_TRACKING_URI"]
+        if uri.startswith("sqlite:///"):  # MLflow would create an empty database (and its folders) for a wrong path
+            db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+            if not db.is_file():
+                raise ReportError(f"no MLflow database at {db} (from {uri}); a run's store is <run dir>/../mlflow.db, "
+                                  f"e.g. --tracking-uri sqlite:///runs/mlflow.db")
         return uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
     default = Path("runs") / "mlflow.db"
     if default.is_file():
         return f"sqlite:///{default.resolve()}"
@@ -80,10 +84,16 @@ def collect_runs(experiment: str, tracking_uri: str | None = None) -> tuple[list
     uri = _resolve_uri(tracking_uri)
     if uri.startswith(("http://", "https://")):
         tracking.limit_http_retries(30)
+    from mlflow.exceptions import MlflowException
+
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
+    try:
+        exp = client.get_experiment_by_name(experiment)
+        names = [e.name for e in client.search_experiments()] if exp is None else []
+    except MlflowException as exc:  # a server that does not answer: one line, not MLflow's traceback
+        raise ReportError(f"cannot read the MLflow store {uri}: {str(exc).splitlines()[0][:300]}; is the server up "
+                          f"and the address right? (--tracking-uri / MLFLOW_TRACKING_URI)") from None
     if exp is None:
-        names = [e.name for e in client.search_experiments()]
         raise ReportError(f"no experiment {experiment!r} in {uri}; experiments there: {', '.join(names) or 'none'}")
     runs = []
     token = None
@@ -258,15 +268,18 @@ def report(experiment: str, tracking_uri: str | None = None, out_dir: str | Path
     """Build, print and save the table; returns (rows, csv path, markdown path).
 
     Raises:
-        ReportError: no store / experiment, or no finished pipeline with final metrics.
+        ReportError: no store / experiment, a store that cannot be read, ``out_dir`` a file, or no finished
+            pipeline with final metrics (nothing is written then).
     """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out} is a file; give a folder for the table (default: reports)")
     records, notes = collect_runs(experiment, tracking_uri)
     if not records:
         raise ReportError(f"experiment {experiment!r} has no pipeline with final metrics (at.clean_accuracy ...) "
                           f"yet; the evaluate stage logs them" + (f". {'; '.join(notes[:5])}" if notes else ""))
     rows, more = table_rows(records)
     notes = notes + more
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in experiment)
     csv_path, md_path = out / f"{safe}-table1.csv", out / f"{safe}-table1.md"

@@ -72,3 +72,26 @@ def test_report_reads_parent_runs_from_a_store(tmp_path):
     assert "still-running" in text and "no final metrics" in text
     with pytest.raises(paper_table.ReportError, match="no experiment 'nope'"):
         paper_table.report("nope", uri, tmp_path / "out", echo=lambda _: None)
+
+
+def test_report_refuses_a_wrong_store_or_out_without_writing(tmp_path, monkeypatch):
+    """A sqlite URI to a missing file created an empty database (and its folders); an unreachable server and an
+    --out that is a file were tracebacks."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    missing = tmp_path / "nowhere" / "mlflow.db"
+    with pytest.raises(paper_table.ReportError, match=r"no MLflow database at .*nowhere/mlflow.db"):
+        paper_table.report("rift", f"sqlite:///{missing}", tmp_path / "out", echo=lambda _: None)
+    assert not (tmp_path / "nowhere").exists() and not (tmp_path / "out").exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{missing}")
+    with pytest.raises(paper_table.ReportError, match="no MLflow database"):
+        paper_table.report("rift", None, tmp_path / "out", echo=lambda _: None)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with pytest.raises(paper_table.ReportError, match=r"cannot read the MLflow store http://127.0.0.1:9.*server up"):
+        paper_table.report("rift", "http://127.0.0.1:9", tmp_path / "out", echo=lambda _: None)
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("mine")
+    with pytest.raises(paper_table.ReportError, match=r"--out .*out.txt is a file"):
+        paper_table.report("rift", f"sqlite:///{missing}", a_file, echo=lambda _: None)
+    assert a_file.read_text() == "mine" and not (tmp_path / "out").exists()
