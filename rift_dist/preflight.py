@@ -41,6 +41,13 @@ def unresolved_variables(cfg) -> list[str]:
     return out
 
 
+def _relative_note(value: str) -> str:
+    """`` (relative to the current directory: /abs/path)`` for a relative path, else ``""``: a relative data path
+    is read from where ``rift`` runs, not from the config file's folder, which the message did not say."""
+    path = Path(value).expanduser()
+    return "" if path.is_absolute() else f" (relative to the current directory: {Path.cwd() / path})"
+
+
 def run_dir_problem(run_dir: str | Path) -> str | None:
     """Why ``run_dir`` cannot be used as a run directory, or None (nothing is created).
 
@@ -86,8 +93,9 @@ def input_problems(cfg, stages) -> list[str]:
     if "data.archive" not in bad_keys and "data.root" not in bad_keys:
         if d.archive:
             if not Path(d.archive).expanduser().is_file():
-                problems.append(f"data.archive = {d.archive!r}: no such file; point it at the data set's .tar.gz "
-                                f"(e.g. ../shared/data/cifar10-jpeg.tar.gz) or set data.root instead")
+                problems.append(f"data.archive = {d.archive!r}{_relative_note(d.archive)}: no such file; point it at "
+                                f"the data set's .tar.gz (e.g. ../shared/data/cifar10-jpeg.tar.gz) or set data.root "
+                                f"instead")
         else:
             root = d.root or os.environ.get("RIFT_DATA_ROOT", "")
             src = "data.root" if d.root else "env RIFT_DATA_ROOT"
@@ -95,8 +103,8 @@ def input_problems(cfg, stages) -> list[str]:
                 problems.append("no data location: set data.root (or --set data.root=DIR), env RIFT_DATA_ROOT, "
                                 "or data.archive")
             elif not Path(root).expanduser().is_dir():
-                problems.append(f"{src} = {root!r}: no such directory; point it at the directory holding the "
-                                f"{d.dataset} data")
+                problems.append(f"{src} = {root!r}{_relative_note(root)}: no such directory; point it at the "
+                                f"directory holding the {d.dataset} data")
     if "data.corruption_root" in external and d.corruption_root and "data.corruption_root" not in bad_keys:
         if not Path(d.corruption_root).expanduser().is_dir():
             problems.append(f"data.corruption_root = {d.corruption_root!r}: no such directory; download the "

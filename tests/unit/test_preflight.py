@@ -42,6 +42,12 @@ def test_each_missing_input_is_listed(tmp_path, monkeypatch):
     assert any("no data location" in p for p in input_problems(empty, ["train"]))
     archive = load_config(None, [f"data.archive={tmp_path / 'x.tar.gz'}"])
     assert any("data.archive" in p and "no such file" in p for p in input_problems(archive, ["train"]))
+    assert not any("relative to" in p for p in input_problems(archive, ["train"]))
+    # a relative path is read from the current directory: the message says which file that is
+    monkeypatch.chdir(tmp_path)
+    relative = load_config(None, ["data.archive=../shared/data/c.tar.gz"])
+    assert any(f"relative to the current directory: {tmp_path}/../shared/data/c.tar.gz" in p
+               for p in input_problems(relative, ["train"]))
 
 
 def test_rift_run_refuses_before_writing_anything(tmp_path):
