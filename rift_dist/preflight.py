@@ -78,8 +78,9 @@ def input_problems(cfg, stages) -> list[str]:
     Checked: unresolved variables in any path field; the data set location (``data.archive`` file, else
     ``data.root`` / env ``RIFT_DATA_ROOT`` directory; a relative ``data.root`` inside an archive is
     checked when the archive is unpacked); ``data.corruption_root`` when ``evaluate`` runs;
-    ``from_checkpoint`` when ``train`` runs; the run directory itself (:func:`run_dir_problem`).  Nothing is
-    read or written.
+    ``from_checkpoint`` when ``train`` runs (that it exists, and :func:`checkpoint_problems`: it is read into
+    the configured model on the CPU); the run directory itself (:func:`run_dir_problem`).  No data is read and
+    nothing is written.
     """
     from rift_dist.stages import stage
 
@@ -113,7 +114,23 @@ def input_problems(cfg, stages) -> list[str]:
     if "from_checkpoint" in external and cfg.from_checkpoint and "from_checkpoint" not in bad_keys:
         if not Path(cfg.from_checkpoint).expanduser().is_file():
             problems.append(f"from_checkpoint = {cfg.from_checkpoint!r}: no such file")
+        else:
+            problems.extend(checkpoint_problems(cfg))
     return problems
+
+
+def checkpoint_problems(cfg) -> list[str]:
+    """``from_checkpoint`` read into the configured model on the CPU: one line when it is unreadable or does not
+    fit (the train stage found that only after the run directory and its MLflow run were made), else none."""
+    from rift_dist.models import build_model
+    from rift_dist.models.convert import load_external_checkpoint
+    from rift_dist.errors import RiftError
+
+    try:
+        load_external_checkpoint(Path(cfg.from_checkpoint).expanduser(), build_model(cfg))
+    except RiftError as exc:
+        return [f"from_checkpoint = {cfg.from_checkpoint!r}: {exc}"]
+    return []
 
 
 def check_module_names(cfg) -> None:

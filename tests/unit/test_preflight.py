@@ -107,6 +107,30 @@ def test_unknown_corruption_is_refused_before_training():
     check_config(load_config(None, ["data.corruptions=[gaussian_noise, spatter]"]), 1)  # an extra one is fine
 
 
+def test_a_from_checkpoint_that_does_not_load_is_an_input_problem(tmp_path):
+    """An unreadable or ill-fitting --from-checkpoint was refused by the train stage, after config.yaml,
+    mlflow_run.json and the MLflow parent run had been written."""
+    import torch
+
+    from rift_dist.models import build_model
+
+    small = load_config(None, ["model.width=4", f"data.root={tmp_path}"])
+    good = tmp_path / "w4.pt"
+    torch.save(build_model(small).state_dict(), good)
+    not_one = tmp_path / "summary.json"
+    not_one.write_text("{}")
+    assert input_problems(load_config(None, ["model.width=4", f"data.root={tmp_path}", f"from_checkpoint={good}"]),
+                          ["train"]) == []
+    wide = input_problems(load_config(None, ["model.width=8", f"data.root={tmp_path}", f"from_checkpoint={good}"]),
+                          ["train"])
+    assert len(wide) == 1 and "from_checkpoint" in wide[0] and "set model.width: 4" in wide[0]
+    junk = input_problems(load_config(None, ["model.width=4", f"data.root={tmp_path}", f"from_checkpoint={not_one}"]),
+                          ["train"])
+    assert len(junk) == 1 and "not a readable PyTorch checkpoint" in junk[0]
+    assert input_problems(load_config(None, ["model.width=8", f"data.root={tmp_path}", f"from_checkpoint={good}"]),
+                          ["mrc"]) == []  # only the train stage reads it
+
+
 def test_num_workers_capped_at_usable_cpus(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.delenv("SLURM_NTASKS_PER_NODE", raising=False)
