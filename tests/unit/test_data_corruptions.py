@@ -327,6 +327,16 @@ def test_cli(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_cli_without_a_data_location_names_its_own_options(tmp_path, capsys, monkeypatch):
+    """It said 'set data.root in the config (or --set data.root=DIR)', options rift data corrupt does not have."""
+    monkeypatch.delenv("RIFT_DATA_ROOT", raising=False)
+    parser = generate.add_corrupt_arguments(argparse.ArgumentParser())
+    assert generate.corrupt_command(parser.parse_args(["--out", str(tmp_path / "o"), "--quiet"])) == 2
+    err = capsys.readouterr().err
+    assert "--root DIR" in err and "--archive" in err and "--set" not in err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.slow
 def test_generation_speed_1000_real_images(real_cifar_root, tmp_path):
     """15 corruptions x 5 severities for 1000 images: within a couple of minutes on 2 cores."""

@@ -285,6 +285,10 @@ def corrupt_command(args: argparse.Namespace) -> int:
         names = list(AUTHORS_CORRUPTIONS)
     elif names == ["authors"]:
         names = list(AUTHORS_USED_CORRUPTIONS)
+    if not (args.root or args.archive or os.environ.get("RIFT_DATA_ROOT")):  # the config's message names config keys
+        print("rift data corrupt: no data location: give --root DIR (the clean data set) or --archive FILE.tar.gz "
+              "(e.g. ../shared/data/cifar10-jpeg.tar.gz), or set env RIFT_DATA_ROOT", file=sys.stderr)
+        return 2
     try:
         dcfg = DataConfig(dataset=args.dataset, root=args.root, archive=args.archive,
                           cache_dir=args.cache_dir, layout=args.layout)
