@@ -64,7 +64,7 @@ def make_ours(args, device, base, precision_cfg):
     from rift_dist.parallel.runtime import Runtime
     from rift_dist.precision import resolve_precision
     from rift_dist.stages.adversarial_training import train_step
-    from rift_dist.stages.common import StageContext
+    from rift_dist.stages.context import StageContext
 
     cfg = RunConfig()
     cfg.device = device.type

@@ -62,7 +62,7 @@ def _make_inputs(cfg_path: Path, run_dirs: list[Path]) -> None:
     from rift_dist.parallel.runtime import Runtime
     from rift_dist.pipeline import configure_torch, make_context
     from rift_dist.stages import criticality
-    from rift_dist.stages.common import new_model
+    from rift_dist.stages.context import new_model
 
     cfg = load_config(str(cfg_path))
     first = run_dirs[0]

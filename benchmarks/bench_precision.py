@@ -36,7 +36,7 @@ def build(device, precision_kw: dict, seed: int, width: int):
     from rift_dist.parallel import parallelize
     from rift_dist.parallel.runtime import Runtime
     from rift_dist.precision import resolve_precision
-    from rift_dist.stages.common import StageContext
+    from rift_dist.stages.context import StageContext
 
     cfg = RunConfig()
     cfg.device = device.type
@@ -86,7 +86,7 @@ def main() -> None:
     args = p.parse_args()
     device = setup(args)
     from rift_dist.stages.adversarial_training import train_step
-    from rift_dist.stages.common import multistep_lr, set_lr
+    from rift_dist.stages.lr_schedule import multistep_lr, set_lr
 
     xtr, ytr, dtr = cifar10(args, args.train, "train", seed=0)
     xte, yte, dte = cifar10(args, args.test, "test", seed=0)

@@ -105,7 +105,8 @@ def train_steps_worker(rank: int, world: int, config: str, overrides: list[str],
     from rift_dist.parallel.runtime import Runtime
     from rift_dist.pipeline import configure_torch, make_context
     from rift_dist.stages.adversarial_training import global_noise, train_step
-    from rift_dist.stages.common import new_model, set_lr
+    from rift_dist.stages.context import new_model
+    from rift_dist.stages.lr_schedule import set_lr
 
     cfg = load_config(config, overrides)
     configure_torch(cfg)
@@ -282,7 +283,7 @@ def where_worker(rank: int, world: int, config: str, overrides: list[str], out: 
     from rift_dist.parallel.runtime import Runtime
     from rift_dist.pipeline import configure_torch, make_context
     from rift_dist.stages.adversarial_training import global_noise
-    from rift_dist.stages.common import new_model
+    from rift_dist.stages.context import new_model
 
     def record(model, store):
         for name, mod in model.named_modules():
@@ -384,7 +385,7 @@ def measure_cost(config: Path, extra: list[str], repeats: int = 5) -> dict:
     from rift_dist.parallel.runtime import Runtime
     from rift_dist.pipeline import make_context
     from rift_dist.stages.adversarial_training import global_noise, train_step
-    from rift_dist.stages.common import new_model
+    from rift_dist.stages.context import new_model
 
     contenders = {}
     for sync in (False, True):

@@ -13,7 +13,8 @@ from rift_dist.models.convert import load_external_checkpoint
 from rift_dist.pipeline import open_run
 from rift_dist.eval.protocol import robustness_suite
 from rift_dist.eval.report import print_report, report_markdown, result_csv_rows, result_metrics, write_csv
-from rift_dist.stages.common import new_model, write_json
+from rift_dist.atomic import write_json
+from rift_dist.stages.context import new_model
 from rift_dist.stages.evaluation import corruption_sets, evaluate_corruptions, test_dataset
 
 

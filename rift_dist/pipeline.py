@@ -26,7 +26,8 @@ from rift_dist.precision import resolve_precision
 from rift_dist.preflight import check_module_names, check_run, usable_cpus  # noqa: F401 - check_module_names re-exported
 from rift_dist.run_lock import RunDirLock, RunDirLockedError
 from rift_dist.stages import STAGES, StageError, resolve, stage
-from rift_dist.stages.common import StageContext, read_done
+from rift_dist.stages.context import StageContext
+from rift_dist.stages.done_markers import read_done
 from rift_dist.tracking import Tracker
 
 
@@ -208,7 +209,7 @@ def open_run(cfg: RunConfig, run_dir: str | Path | None = None, *, stages=(), pr
     pipeline leaves that to ``rift submit``).
 
     Yields:
-        the :class:`~rift_dist.stages.common.StageContext`.  When the body ends the tracker is finished:
+        the :class:`~rift_dist.stages.context.StageContext`.  When the body ends the tracker is finished:
         FINISHED, KILLED (:class:`~rift_dist.interrupts.Interrupted`, KeyboardInterrupt, SystemExit) or
         FAILED; the parent run is marked so only without ``parent_run_id``.  The lock is released and the
         process group torn down.

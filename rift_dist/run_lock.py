@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from rift_dist.stages.common import StageError
+from rift_dist.stages import StageError
 
 LOCK_NAME = ".rift.lock"
 

@@ -18,7 +18,7 @@ from typing import Callable
 
 from rift_dist.cluster.profile import ClusterError, Profile, Resources, last_line
 from rift_dist.stages import STAGE_TABLE, STAGES, resolve
-from rift_dist.stages.common import stage_done
+from rift_dist.stages.done_markers import stage_done
 
 @dataclass
 class TaskPlan:

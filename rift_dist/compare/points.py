@@ -78,7 +78,7 @@ def autoattack_point(ctx, model: nn.Module, dataset, label: str, progress_dir: P
 
 def save_point(path: Path, point: dict, extra: dict | None = None) -> None:
     """Write a point (without its scores) as JSON and its per-image scores as ``.npz`` beside it (atomically)."""
-    from rift_dist.stages.common import write_json
+    from rift_dist.atomic import write_json
 
     scores = point.get("scores", {})
     buf = io.BytesIO()

@@ -111,7 +111,7 @@ def run_compare(cfg: RunConfig, run_dir: str | Path | None = None, progress: boo
     from rift_dist.pipeline import cap_num_workers, configure_torch
     from rift_dist.parallel.runtime import Runtime
     from rift_dist.run_lock import RunDirLock
-    from rift_dist.stages.common import write_json
+    from rift_dist.atomic import write_json
     from rift_dist.stages.evaluation import corruption_sets
     from rift_dist.tracking import Tracker
 

@@ -14,7 +14,7 @@ from rift_dist.config import RunConfig
 
 def _check_folder(folder: Path, signature: dict, is_main: bool) -> None:
     """Refuse a comparison folder made with another config (names the changed keys); record it otherwise."""
-    from rift_dist.stages.common import write_json
+    from rift_dist.atomic import write_json
 
     marker = folder / "compare.json"
     now = json.loads(json.dumps(signature, default=str))
@@ -46,7 +46,8 @@ def run_seed(top, cfg: RunConfig, seed_dir: Path, runtime, progress: bool, test_
     from rift_dist.pipeline import make_context, run_stages
     from rift_dist.stages import STAGES
     from rift_dist.stages import finetune
-    from rift_dist.stages.common import StageContext, load_state, new_model, read_done, stage_signature
+    from rift_dist.stages.context import StageContext, load_state, new_model
+    from rift_dist.stages.done_markers import read_done, stage_signature
     from rift_dist.stages.evaluation import test_dataset
     from rift_dist.stages.interpolation import choose_alpha, interpolate_state_dicts, selection_attack
     from rift_dist.seeding import stream_seed

@@ -22,7 +22,7 @@ Training's best-epoch selection, fine-tuning's selection, the interpolation swee
   margin PGD, AutoAttack, the sanity attacks), judged by :func:`rift_dist.eval.sanity.sanity_checks`.
 
 Units: pixels in [0, 1]; epsilons and step sizes are fractions of that range; accuracies are fractions in
-[0, 1].  ``ctx`` arguments are a :class:`rift_dist.stages.common.StageContext` (config, runtime, precision,
+[0, 1].  ``ctx`` arguments are a :class:`rift_dist.stages.context.StageContext` (config, runtime, precision,
 progress bars); nothing here imports torch.distributed or the stages.
 """
 

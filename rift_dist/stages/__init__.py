@@ -25,7 +25,7 @@ rest of the package needs to know about a stage:
 Functions are named ``"module:function"`` and imported when used (:func:`resolve`), as engine
 plugins are: this module imports nothing from the package, so every module may read the table
 without an import circle.  The pipeline (:mod:`rift_dist.pipeline`), the cluster planner
-(:mod:`rift_dist.cluster.plan`), the job runtime, the done markers (:mod:`rift_dist.stages.common`)
+(:mod:`rift_dist.cluster.plan`), the job runtime, the done markers (:mod:`rift_dist.stages.done_markers`)
 and the CLI read this table; nothing else lists stages (``tests/unit/test_stage_table.py``).
 """
 

@@ -38,9 +38,10 @@ from rift_dist.checkpoint_ids import checkpoint_id
 from rift_dist.seeding import seed_for, stream_seed
 from rift_dist.eval.protocol import evaluate_model
 from rift_dist.parallel import parallelize
-from rift_dist.stages.common import (
-    StageContext, multistep_lr, new_model, set_lr, write_done, write_json,
-)
+from rift_dist.atomic import write_json
+from rift_dist.stages.context import StageContext, new_model
+from rift_dist.stages.done_markers import write_done
+from rift_dist.stages.lr_schedule import multistep_lr, set_lr
 
 STAGE = "train"
 

@@ -63,9 +63,10 @@ from rift_dist.attacks import eval_mode, pgd
 from rift_dist.seeding import seed_for, stream_seed
 from rift_dist.eval.protocol import index_noise
 from rift_dist.models import list_modules, module_names, unwrap
-from rift_dist.stages.common import (
-    StageContext, StageError, at_state, new_model, write_done, write_json,
-)
+from rift_dist.atomic import write_json
+from rift_dist.stages import StageError
+from rift_dist.stages.context import StageContext, at_state, new_model
+from rift_dist.stages.done_markers import write_done
 
 STAGE = "mrc"
 CSV_FIELDS = ("module", "num_params", "mrc", "robust_accuracy_drop")

@@ -23,7 +23,9 @@ from pathlib import Path
 
 from rift_dist.atomic import read_json
 from rift_dist.models import module_names
-from rift_dist.stages.common import StageContext, StageError, at_state, new_model, write_json
+from rift_dist.atomic import write_json
+from rift_dist.stages import StageError
+from rift_dist.stages.context import StageContext, at_state, new_model
 from rift_dist.stages.criticality import (
     STAGE, assign_modules, build_adversarial_set, check_modules, compute_modules, log_rows, module_costs, module_file,
     mrc_module_names, run,

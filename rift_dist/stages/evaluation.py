@@ -30,7 +30,9 @@ from rift_dist.eval.report import (
     headline_metrics, headline_tags, result_csv_rows, result_metrics, summary_markdown, write_csv,
 )
 from rift_dist.plotting import save_figure
-from rift_dist.stages.common import StageContext, at_state, load_state, new_model, write_done, write_json
+from rift_dist.atomic import write_json
+from rift_dist.stages.context import StageContext, at_state, load_state, new_model
+from rift_dist.stages.done_markers import write_done
 
 STAGE = "evaluate"
 

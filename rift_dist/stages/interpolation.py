@@ -28,9 +28,10 @@ from rift_dist.atomic import atomic_write_text, read_json, read_json_piece
 from rift_dist.seeding import stream_seed
 from rift_dist.config import AttackConfig
 from rift_dist.eval.protocol import evaluate_model
-from rift_dist.stages.common import (
-    StageContext, StageError, at_state, load_state, new_model, write_done, write_json,
-)
+from rift_dist.atomic import write_json
+from rift_dist.stages import StageError
+from rift_dist.stages.context import StageContext, at_state, load_state, new_model
+from rift_dist.stages.done_markers import write_done
 
 STAGE = "interpolate"
 

@@ -23,7 +23,7 @@ def _worker(rank, world, cfg_path, root):
     from rift_dist.pipeline import configure_torch, make_context, run_stages
     from rift_dist.stages import criticality
     from rift_dist.eval.protocol import evaluate_model
-    from rift_dist.stages.common import new_model
+    from rift_dist.stages.context import new_model
 
     run_dir = Path(root) / f"world{world}"
     computed = []

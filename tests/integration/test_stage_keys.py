@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import rift_dist.config as config_module
-import rift_dist.stages.common as common
+import rift_dist.stages.done_markers as done_markers
 from rift_dist import pipeline
 from rift_dist.config import load_config
 from rift_dist.stages import STAGE_TABLE
@@ -91,7 +91,7 @@ def record_reads(tmp_path: Path, monkeypatch) -> dict[str, set[str]]:
                 state["off"] -= 1
         return wrapper
 
-    for module in (config_module, common, pipeline):
+    for module in (config_module, done_markers, pipeline):
         for name in ("flatten", "to_dict", "dump_yaml", "stage_signature"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, quiet(getattr(module, name)))

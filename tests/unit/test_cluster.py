@@ -15,7 +15,7 @@ from rift_dist.cluster import submission as cluster_submission
 from rift_dist.config import load_config
 from rift_dist.parallel.runtime import read_launch_env
 from rift_dist.stages import criticality, criticality_array, interpolation
-from rift_dist.stages.common import stage_signature
+from rift_dist.stages.done_markers import stage_signature
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -270,7 +270,7 @@ def test_plan_skips_what_is_done_and_checks_inputs(tmp_path):
     mark_done(cfg, tmp_path, "mrc")
     assert cluster.plan_jobs(cfg, profile, tmp_path, ["mrc"]) == []
     changed = tiny("mrc.num_iterations=3")
-    from rift_dist.stages.common import StageError
+    from rift_dist.stages import StageError
 
     with pytest.raises(StageError, match="mrc.num_iterations"):
         cluster.plan_jobs(changed, profile, tmp_path, ["mrc"])

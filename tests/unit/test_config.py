@@ -81,7 +81,9 @@ def test_a_finished_stage_with_changed_config_names_the_keys_and_what_to_delete(
     from rift_dist.config import RunConfig
     from rift_dist.parallel.runtime import Runtime
     from rift_dist.precision import resolve_precision
-    from rift_dist.stages.common import StageContext, StageError, read_done, write_done
+    from rift_dist.stages import StageError
+    from rift_dist.stages.context import StageContext
+    from rift_dist.stages.done_markers import read_done, write_done
 
     cfg = RunConfig()
     cfg.tracking.enabled = False

@@ -14,7 +14,7 @@ from rift_dist.parallel.runtime import Runtime
 from rift_dist.models import build_model_from
 from rift_dist.models.convert import CheckpointConversionError, convert_state_dict, load_external_checkpoint
 from rift_dist.precision import resolve_precision
-from rift_dist.stages.common import StageContext
+from rift_dist.stages.context import StageContext
 from rift_dist.tracking import Tracker
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)

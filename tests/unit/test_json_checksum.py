@@ -56,7 +56,7 @@ def test_files_without_a_checksum_are_read_as_they_are(tmp_path):
 
 def test_a_corrupt_done_marker_reruns_its_stage(tmp_path, capsys):
     from rift_dist.config import load_config
-    from rift_dist.stages.common import read_done, stage_signature
+    from rift_dist.stages.done_markers import read_done, stage_signature
 
     cfg = load_config(None, ["model.width=4"])
     write_json(tmp_path / "mrc" / "done.json", {"outputs": {"rows": 21}, "signature": stage_signature(cfg, "mrc")})

@@ -200,7 +200,7 @@ def test_train_step_attack_on_folded_model_matches_unfolded():
     from rift_dist.parallel import parallelize
     from rift_dist.parallel.runtime import Runtime
     from rift_dist.stages.adversarial_training import train_step
-    from rift_dist.stages.common import StageContext
+    from rift_dist.stages.context import StageContext
 
     base = _calibrated(width=4)
     x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))

@@ -20,7 +20,7 @@ from rift_dist.eval.protocol import (
     run_attack_sequence, validate_eval_config,
 )
 from rift_dist.eval.sanity import sanity_checks
-from rift_dist.stages.common import StageContext
+from rift_dist.stages.context import StageContext
 from rift_dist.tracking import Tracker
 
 EPS = 8 / 255

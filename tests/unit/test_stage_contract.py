@@ -10,7 +10,7 @@ import pytest
 from rift_dist.config import load_config
 from rift_dist.pipeline import check_stages_current
 from rift_dist.stages import STAGES, StageError
-from rift_dist.stages.common import stage_signature
+from rift_dist.stages.done_markers import stage_signature
 
 
 def finished_run(run_dir: Path, *overrides: str):

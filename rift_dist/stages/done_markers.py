@@ -1,0 +1,79 @@
+"""Done markers: a stage's ``done.json`` records what it produced and the config values it depends on.
+
+The values are those of the stage table's ``keys`` (:data:`rift_dist.stages.STAGE_TABLE`) of the stage and
+of every stage before it, so a changed setting redoes that stage and the ones after it; a re-run with the
+same values reuses the stage's outputs (RIFT.md "Stages").
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rift_dist.atomic import CorruptFileError, read_json, write_json
+from rift_dist.config import RunConfig, flatten
+from rift_dist.stages import STAGES, StageError
+from rift_dist.stages import stage as stage_entry
+
+
+def stage_signature(cfg: RunConfig, stage: str) -> dict[str, Any]:
+    """The config values that ``stage`` and every stage before it depend on (the table's ``keys``).
+
+    Raises:
+        StageError: for an unknown stage name.
+    """
+    flat = flatten(cfg)
+    keys: list[str] = []
+    for name in STAGES[: STAGES.index(stage_entry(stage).name) + 1]:
+        keys.extend(stage_entry(name).keys)
+    return {k: flat[k] for k in sorted(flat) if any(k == p or (p.endswith(".") and k.startswith(p)) or
+                                                   (not p.endswith(".") and k.startswith(p)) for p in keys)}
+
+
+def read_done(ctx, stage: str) -> dict | None:
+    """The done marker of ``stage`` if it finished with the same relevant config, else None.
+
+    Raises:
+        StageError: when the stage finished with a different config (names the changed keys).
+    """
+    marker = ctx.run_dir / stage / "done.json"
+    if not marker.is_file():
+        return None
+    try:
+        data = read_json(marker)
+    except CorruptFileError as exc:  # a flipped byte: the stage is redone (from its checkpoints where it has them)
+        print(f"rift: WARNING: {exc.path} is corrupt (checksum); stage '{stage}' is run again", file=sys.stderr,
+              flush=True)
+        return None
+    now = json.loads(json.dumps(stage_signature(ctx.cfg, stage), default=str))
+    before = data.get("signature", {})
+    changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+    if changed:
+        later = [s for s in STAGES[STAGES.index(stage) + 1:] if (ctx.run_dir / s).exists()] if stage in STAGES else []
+        redo = " ".join(str(ctx.run_dir / s) for s in [stage] + later)
+        raise StageError(
+            f"stage '{stage}' in {ctx.run_dir} was produced with a different config (changed: {', '.join(changed)}). "
+            f"Use a new --run-dir, or delete {redo} to redo it"
+            + (" and the stages built on it." if later else ".")
+        )
+    return data
+
+
+def stage_done(cfg: RunConfig, run_dir: str | Path, stage: str) -> bool:
+    """Whether ``stage`` finished in ``run_dir`` with the same relevant config (its done marker).
+
+    Raises:
+        StageError: when it finished with a different config (names the changed keys and the fix).
+    """
+    from types import SimpleNamespace
+
+    return read_done(SimpleNamespace(cfg=cfg, run_dir=Path(run_dir)), stage) is not None
+
+
+def write_done(ctx, stage: str, outputs: dict) -> None:
+    """Record that ``stage`` finished (main process only), atomically."""
+    if not ctx.is_main:
+        return
+    write_json(ctx.path(stage, "done.json"), {"outputs": outputs, "signature": stage_signature(ctx.cfg, stage)})
