@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from rift_dist.data.sources import ArrayDataset, DataError
-from rift_dist.data.splits import make_splits
+from rift_dist.data.splits import split_dataset
 
 if TYPE_CHECKING:  # pragma: no cover
     from rift_dist.config import RunConfig
@@ -308,7 +308,8 @@ class TorchLoader:
 
 
 def get_dataset(cfg: "RunConfig", split: str) -> ArrayDataset:
-    """One split of the experiment's data (see :func:`rift_dist.data.splits.make_splits`).
+    """One split of the experiment's data (see :func:`rift_dist.data.splits.make_splits`; built by
+    :func:`~rift_dist.data.splits.split_dataset`, which reads only that split's settings).
 
     Args:
         split: train, val, test, or selection (= ``cfg.selection_split``: val by default, test to
@@ -324,7 +325,7 @@ def get_dataset(cfg: "RunConfig", split: str) -> ArrayDataset:
     name = cfg.selection_split if split == "selection" else split
     if name not in ("train", "val", "test"):
         raise DataError(f"unknown split {split!r}; choose train, val, test or selection")
-    ds = getattr(make_splits(cfg.data), name)
+    ds = split_dataset(cfg.data, name)  # only the settings of this split are read (stage keys)
     if name == "val" and len(ds) == 0:
         raise DataError(
             "the validation split is empty because data.val_size is 0; set data.val_size > 0, or "

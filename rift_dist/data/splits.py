@@ -27,7 +27,7 @@ from rift_dist.data.sources import ArrayDataset, DataError, load_split, register
 if TYPE_CHECKING:  # pragma: no cover
     from rift_dist.config import DataConfig
 
-__all__ = ["Splits", "make_splits", "balanced_indices", "indices_sha256"]
+__all__ = ["Splits", "make_splits", "split_dataset", "split_record", "balanced_indices", "indices_sha256"]
 
 _STREAM_VAL, _STREAM_TRAIN, _STREAM_TEST = 0, 1, 2
 
@@ -99,32 +99,17 @@ def balanced_indices(labels: np.ndarray, n: int, rng: np.random.Generator, *, wh
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
-_SPLITS_CACHE: dict[tuple, Splits] = register_derived_cache({})  # emptied by sources.clear_cache
+_TRAINING_CACHE: dict[tuple, tuple] = register_derived_cache({})  # emptied by sources.clear_cache
+_TEST_CACHE: dict[tuple, tuple] = register_derived_cache({})
+_SPLITS_CACHE: dict[tuple, Splits] = register_derived_cache({})
+_RECORD_CACHE: dict[tuple, dict] = register_derived_cache({})
 
 
-def make_splits(cfg: "DataConfig") -> Splits:
-    """Load the data set named by ``cfg`` and cut it into train / val / test.
-
-    Steps: :func:`~rift_dist.data.sources.resolve_root`, :func:`~rift_dist.data.sources.load_split`
-    for train and test; a class-balanced validation set of ``cfg.val_size`` images is carved from
-    train (seed ``cfg.split_seed``); ``cfg.train_subset`` (0 = all) images of the rest form the
-    training set; ``cfg.test_subset`` (0 = all) images of the test split form the test set.
-
-    Memoised per process on (data set, resolved root, layout, sizes, seed): every stage of one
-    process sees the same arrays. Treat them as read-only.
-
-    Returns:
-        :class:`Splits` whose datasets hold uint8 ``[N, H, W, 3]`` images and int64 labels.
-
-    Raises:
-        DataError: data missing or malformed (see ``load_split``); train and test disagree on the
-            classes; a size is negative, too large for the data, or not class-balanceable.
-    """
+def _full_splits(cfg: "DataConfig"):
+    """(root, full train split, full test split), checked to hold the same classes.  Reads the data set's
+    location only (``dataset``, ``root`` / ``archive``, ``layout``, caches), no split size."""
     root = resolve_root(cfg)
     cache_dir = cfg.cache_dir if getattr(cfg, "decode_cache", True) and cfg.cache_dir else None
-    key = (cfg.dataset, str(root), cfg.layout, cfg.val_size, cfg.train_subset, cfg.test_subset, cfg.split_seed)
-    if key in _SPLITS_CACHE:
-        return _SPLITS_CACHE[key]
     full_train = load_split(cfg.dataset, root, "train", cfg.layout, cache_dir=cache_dir)
     full_test = load_split(cfg.dataset, root, "test", cfg.layout, cache_dir=cache_dir)
     if full_train.classes != full_test.classes:
@@ -134,8 +119,21 @@ def make_splits(cfg: "DataConfig") -> Splits:
             f"{next((a, b) for a, b in zip(full_train.classes + [''], full_test.classes + ['']) if a != b)}); "
             f"both must hold the same class folders"
         )
-    if cfg.val_size < 0 or cfg.train_subset < 0 or cfg.test_subset < 0:
-        raise DataError("data.val_size, data.train_subset and data.test_subset must be >= 0")
+    return root, full_train, full_test
+
+
+def _training_part(cfg: "DataConfig") -> tuple:
+    """(root, full train split, train, val, train indices, val indices): the parts cut from the training split.
+
+    Reads ``val_size``, ``train_subset`` and ``split_seed`` -- never ``test_subset``, so the stages that use
+    only these splits (training, MRC, fine-tuning with ``selection_split: val``) do not depend on it.
+    """
+    root, full_train, _ = _full_splits(cfg)
+    key = (cfg.dataset, str(root), cfg.layout, cfg.val_size, cfg.train_subset, cfg.split_seed)
+    if key in _TRAINING_CACHE:
+        return _TRAINING_CACHE[key]
+    if cfg.val_size < 0 or cfg.train_subset < 0:
+        raise DataError("data.val_size and data.train_subset must be >= 0")
     if cfg.val_size >= len(full_train):
         raise DataError(
             f"data.val_size = {cfg.val_size} leaves no training images (the training split has {len(full_train)}); "
@@ -153,6 +151,27 @@ def make_splits(cfg: "DataConfig") -> Splits:
         train_idx = rest[pick]
     else:
         train_idx = rest
+    train = full_train.subset(train_idx)
+    val = full_train.subset(val_idx)
+    train.description = f"{full_train.description}; train part ({len(train)} images, split_seed {cfg.split_seed})"
+    val.description = f"{full_train.description}; validation part ({len(val)} images, split_seed {cfg.split_seed})"
+    for ds in (train, val):
+        ds.images.flags.writeable = False
+        ds.labels.flags.writeable = False
+    part = (root, full_train, train, val, train_idx, val_idx)
+    _TRAINING_CACHE[key] = part
+    return part
+
+
+def _test_part(cfg: "DataConfig") -> tuple:
+    """(root, full test split, test, test indices).  Reads ``test_subset`` and ``split_seed``, not the
+    training split's sizes."""
+    root, _, full_test = _full_splits(cfg)
+    key = (cfg.dataset, str(root), cfg.layout, cfg.test_subset, cfg.split_seed)
+    if key in _TEST_CACHE:
+        return _TEST_CACHE[key]
+    if cfg.test_subset < 0:
+        raise DataError("data.test_subset must be >= 0")
     if cfg.test_subset:
         test_idx = balanced_indices(
             full_test.labels, cfg.test_subset, np.random.default_rng([cfg.split_seed, _STREAM_TEST]),
@@ -160,16 +179,76 @@ def make_splits(cfg: "DataConfig") -> Splits:
         )
     else:
         test_idx = np.arange(len(full_test), dtype=np.int64)
-
-    train = full_train.subset(train_idx)
-    val = full_train.subset(val_idx)
     test = full_test.subset(test_idx)
-    train.description = f"{full_train.description}; train part ({len(train)} images, split_seed {cfg.split_seed})"
-    val.description = f"{full_train.description}; validation part ({len(val)} images, split_seed {cfg.split_seed})"
     test.description = f"{full_test.description}; {'subset of ' if cfg.test_subset else ''}{len(test)} images"
-    for ds in (train, val, test):
-        ds.images.flags.writeable = False
-        ds.labels.flags.writeable = False
+    test.images.flags.writeable = False
+    test.labels.flags.writeable = False
+    part = (root, full_test, test, test_idx)
+    _TEST_CACHE[key] = part
+    return part
+
+
+def split_dataset(cfg: "DataConfig", name: str) -> ArrayDataset:
+    """One split (``train``, ``val`` or ``test``) -- the same arrays as ``make_splits(cfg).<name>`` -- built
+    from only the settings it depends on: ``train`` / ``val`` never read ``test_subset``, ``test`` never reads
+    ``val_size`` / ``train_subset`` (the stage table's keys can then say exactly what a stage depends on).
+
+    Raises:
+        DataError: an unknown split name; anything :func:`make_splits` raises for that split.
+    """
+    if name in ("train", "val"):
+        _, _, train, val, _, _ = _training_part(cfg)
+        return train if name == "train" else val
+    if name == "test":
+        return _test_part(cfg)[2]
+    raise DataError(f"unknown split {name!r}; choose train, val or test")
+
+
+def split_record(cfg: "DataConfig", name: str) -> dict:
+    """The provenance of split ``name`` alone: its full split's sha256 and its index list's sha256
+    (``full_<train|test>_sha256``, ``<name>_indices_sha256``), the root, the sizes -- the keys
+    :attr:`Splits.record` has for it, without reading the other splits' settings."""
+    if name in ("train", "val"):
+        root, full, train, val, train_idx, val_idx = _training_part(cfg)
+        idx = train_idx if name == "train" else val_idx
+        full_name = "train"
+    elif name == "test":
+        root, full, _, idx = _test_part(cfg)
+        full_name = "test"
+    else:
+        raise DataError(f"unknown split {name!r}; choose train, val or test")
+    key = (name, id(full), id(idx))  # both held by the part caches, cleared together with this one
+    if key not in _RECORD_CACHE:
+        _RECORD_CACHE[key] = {"root": str(root), f"full_{full_name}_size": len(full), f"{name}_size": len(idx),
+                              f"{name}_indices_sha256": indices_sha256(idx),
+                              f"full_{full_name}_sha256": _content_sha256(full)}
+    return dict(_RECORD_CACHE[key])
+
+
+def make_splits(cfg: "DataConfig") -> Splits:
+    """Load the data set named by ``cfg`` and cut it into train / val / test.
+
+    Steps: :func:`~rift_dist.data.sources.resolve_root`, :func:`~rift_dist.data.sources.load_split`
+    for train and test; a class-balanced validation set of ``cfg.val_size`` images is carved from
+    train (seed ``cfg.split_seed``); ``cfg.train_subset`` (0 = all) images of the rest form the
+    training set; ``cfg.test_subset`` (0 = all) images of the test split form the test set.  The
+    training and the test parts are built apart (:func:`split_dataset` builds one of them).
+
+    Memoised per process on (data set, resolved root, layout, sizes, seed): every stage of one
+    process sees the same arrays. Treat them as read-only.
+
+    Returns:
+        :class:`Splits` whose datasets hold uint8 ``[N, H, W, 3]`` images and int64 labels.
+
+    Raises:
+        DataError: data missing or malformed (see ``load_split``); train and test disagree on the
+            classes; a size is negative, too large for the data, or not class-balanceable.
+    """
+    root, full_train, train, val, train_idx, val_idx = _training_part(cfg)
+    _, full_test, test, test_idx = _test_part(cfg)
+    key = (cfg.dataset, str(root), cfg.layout, cfg.val_size, cfg.train_subset, cfg.test_subset, cfg.split_seed)
+    if key in _SPLITS_CACHE:
+        return _SPLITS_CACHE[key]
     record = {
         "dataset": cfg.dataset,
         "root": str(root),

@@ -11,7 +11,10 @@ rest of the package needs to know about a stage:
   ``interpolation``, ``evaluation``; resumed runs continue them).
 * ``run``: its ``run(ctx) -> outputs`` function; ``needs``: the stages whose artefacts it reads;
   ``reads`` / ``writes``: those artefacts, relative to the run directory.
-* ``keys``: the config keys its result depends on (a key ending in ``.`` is a whole section).  The
+* ``keys``: the config keys its result depends on (a key ending in ``.`` is a whole section);
+  ``keys_when``: keys it depends on only under a setting (``(key, value, keys)``: with ``selection_split:
+  test`` training selects its epoch on the test split, so ``data.test_subset`` matters; with ``val`` it
+  is never read).  The
   done marker of a stage records the values of its own keys and those of every stage before it, so
   a changed setting redoes that stage and the ones after it; keys that change only speed or
   bookkeeping (workers, loader, caches, threads, tracking, the engine) are left out on purpose, so a
@@ -124,6 +127,8 @@ class Stage:
     reads: tuple[str, ...]
     writes: tuple[str, ...]
     keys: tuple[str, ...]
+    keys_when: tuple[tuple[str, Any, tuple[str, ...]], ...] = ()
+    """``(key, value, keys)``: ``keys`` count among the stage's keys when config ``key`` equals ``value``."""
     external: tuple[str, ...] = ()
     """Config keys naming inputs outside the run directory that the stage reads (checked before a run)."""
     checkpoints: bool = False
@@ -133,6 +138,10 @@ class Stage:
     results: str = ""
     """``"module:function"``, ``function(run_dir) -> str``: partial results on disk ("3 module(s) measured")."""
     shards: Shards | None = None
+
+    def keys_for(self, flat: dict[str, Any]) -> tuple[str, ...]:
+        """The keys of this stage under the flattened config ``flat`` (``keys`` and the ``keys_when`` that apply)."""
+        return self.keys + tuple(k for key, value, keys in self.keys_when if flat.get(key) == value for k in keys)
 
 
 _MRC = "rift_dist.stages.criticality_array"
@@ -149,6 +158,8 @@ STAGE_TABLE: tuple[Stage, ...] = (
         keys=("seed", "selection_split", "from_checkpoint", "data.dataset", "data.train_subset", "data.val_size",
               "data.split_seed", "data.batch_size", "data.order", "model.", "train.", "eval.attack.",
               "precision.autocast", "distributed.sync_bn", "distributed.gradient_accumulation_steps"),
+        # the selection split is the test split only with selection_split: test (else the test split is not read)
+        keys_when=(("selection_split", "test", ("data.test_subset",)),),
         external=("from_checkpoint",), checkpoints=True,
     ),
     Stage(

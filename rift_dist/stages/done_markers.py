@@ -19,7 +19,8 @@ from rift_dist.stages import stage as stage_entry
 
 
 def stage_signature(cfg: RunConfig, stage: str) -> dict[str, Any]:
-    """The config values that ``stage`` and every stage before it depend on (the table's ``keys``).
+    """The config values that ``stage`` and every stage before it depend on (the table's ``keys`` and the
+    ``keys_when`` that apply to ``cfg``).
 
     Raises:
         StageError: for an unknown stage name.
@@ -27,7 +28,7 @@ def stage_signature(cfg: RunConfig, stage: str) -> dict[str, Any]:
     flat = flatten(cfg)
     keys: list[str] = []
     for name in STAGES[: STAGES.index(stage_entry(stage).name) + 1]:
-        keys.extend(stage_entry(name).keys)
+        keys.extend(stage_entry(name).keys_for(flat))
     return {k: flat[k] for k in sorted(flat) if any(k == p or (p.endswith(".") and k.startswith(p)) or
                                                    (not p.endswith(".") and k.startswith(p)) for p in keys)}
 

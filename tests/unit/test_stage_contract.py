@@ -65,3 +65,12 @@ def test_the_refusal_names_the_changed_key(tmp_path):
     cfg = load_config(None, ["model.width=4", "eval.attack.epsilon=0.0156862745"])
     with pytest.raises(StageError, match=r"stage 'train'.*eval\.attack\.epsilon"):
         check_stages_current(cfg, tmp_path, STAGES)
+
+
+def test_the_test_subset_is_a_key_of_training_only_when_it_selects_on_the_test_split(tmp_path):
+    # selection_split: val -> training never reads the test split: a new test subset redoes the sweep and after
+    finished_run(tmp_path / "val")
+    assert stale_stages(tmp_path / "val", "data.test_subset=100") == ["interpolate", "evaluate"]
+    # selection_split: test -> the best epoch is picked on the test subset: every stage is stale
+    finished_run(tmp_path / "test", "selection_split=test")
+    assert stale_stages(tmp_path / "test", "selection_split=test", "data.test_subset=100") == list(STAGES)

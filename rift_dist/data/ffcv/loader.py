@@ -563,10 +563,10 @@ def split_indices(data: Any, name: str, train_labels: np.ndarray, test_labels: n
 def _split_file(cfg: Any, name: str, rank: int) -> tuple[Path, np.ndarray]:
     """The full-split .beton holding split ``name`` and the split's positions in it."""
     from rift_dist.data.sources import load_split
-    from rift_dist.data.splits import indices_sha256, make_splits
+    from rift_dist.data.splits import indices_sha256, split_record
 
     data = cfg.data
-    record = make_splits(data).record  # memoised per process; the torch path loads the same
+    record = split_record(data, name)  # this split's alone (memoised per process; the torch path loads the same)
     root = record["root"]
     full_name = "test" if name == "test" else "train"
 
