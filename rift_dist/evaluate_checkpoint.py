@@ -15,7 +15,8 @@ from rift_dist.eval.protocol import robustness_suite
 from rift_dist.eval.report import print_report, report_markdown, result_csv_rows, result_metrics, write_csv
 from rift_dist.atomic import write_json
 from rift_dist.stages.context import new_model
-from rift_dist.stages.evaluation import corruption_sets, evaluate_corruptions, test_dataset
+from rift_dist.eval.corruption import corruption_sets, evaluate_corruptions
+from rift_dist.stages.evaluation import test_dataset
 
 
 def evaluate_checkpoint(cfg, path: str | Path, progress: bool = True) -> int:

@@ -149,7 +149,7 @@ def _per_epoch(images: int, batch: int, max_steps: int) -> int:
 
 def stage_costs(cfg, fwd: float, modules: int) -> list[StageCost]:
     """Per-stage :class:`StageCost` of ``cfg`` for forward FLOPs ``fwd`` per image and ``modules`` modules."""
-    from rift_dist.stages.evaluation import corruption_plan
+    from rift_dist.eval.corruption import corruption_plan
 
     n = _counts(cfg)
     t, m, ft, ev = cfg.train, cfg.mrc, cfg.finetune, cfg.eval

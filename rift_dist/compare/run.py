@@ -112,7 +112,7 @@ def run_compare(cfg: RunConfig, run_dir: str | Path | None = None, progress: boo
     from rift_dist.parallel.runtime import Runtime
     from rift_dist.run_lock import RunDirLock
     from rift_dist.atomic import write_json
-    from rift_dist.stages.evaluation import corruption_sets
+    from rift_dist.eval.corruption import corruption_sets
     from rift_dist.tracking import Tracker
 
     run_dir = Path(run_dir or cfg.run_dir)

@@ -361,7 +361,7 @@ def test_eval_config_validation():
 
 def test_corruption_protocols_and_resume(tmp_path):
     from rift_dist.data.corruptions import AUTHORS_USED_CORRUPTIONS
-    from rift_dist.stages.evaluation import corruption_plan, evaluate_corruptions
+    from rift_dist.eval.corruption import corruption_plan, evaluate_corruptions
 
     cfg = from_dict({"data": {"dataset": "tiny-imagenet", "corruptions": ["fog"], "severities": [2, 5]},
                      "eval": {"corruption_protocol": "both"}})
@@ -396,7 +396,7 @@ def test_corruption_protocols_and_resume(tmp_path):
 
 def test_missing_corruption_files_surface(tmp_path):
     from rift_dist.data.sources import DataError
-    from rift_dist.stages.evaluation import corruption_sets
+    from rift_dist.eval.corruption import corruption_sets
 
     root = tmp_path / "CIFAR-10-C"
     root.mkdir()
