@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from rift_dist.checkpoint_ids import checkpoint_name
+from rift_dist.checkpoint_ids import checkpoint_name, checkpoint_number
 from rift_dist.errors import RiftError
 
 
@@ -255,12 +255,11 @@ def start_sums(partial: tuple[torch.Tensor, float] | None, is_main: bool) -> tup
 class CheckpointManager:
     """Numbered resumable checkpoints in one directory, newest first, keeping the last ``keep``.
 
-    Files are ``<dir>/ckpt-<step:09d>.pt``.  :meth:`load_latest` returns the newest
+    Files are ``<dir>/ckpt-<step:09d>.pt`` (:func:`rift_dist.checkpoint_ids.checkpoint_name`).
+    :meth:`load_latest` returns the newest
     readable one (checksums verified) and warns about (and skips) corrupt newer files.
     Creating a manager removes the temporary files that killed writers left in its directory.
     """
-
-    _pattern = re.compile(r"ckpt-(\d+)\.pt$")
 
     def __init__(self, directory: str | Path, keep: int = 2):
         self.directory = Path(directory)
@@ -272,7 +271,7 @@ class CheckpointManager:
         """Existing checkpoint files, newest (highest step) first."""
         if not self.directory.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := self._pattern.search(p.name))]
+        found = [(n, p) for p in self.directory.iterdir() if (n := checkpoint_number(p.name)) is not None]
         return [p for _, p in sorted(found, reverse=True)]
 
     def save(self, state: dict, step: int) -> Path:

@@ -8,6 +8,8 @@ its number says where a resumed run continues.  The files are ``<stage>/checkpoi
 
 from __future__ import annotations
 
+import re
+
 STEPS_PER_EPOCH = 1_000_000
 """Room for steps per epoch in a checkpoint number (an epoch has far fewer steps)."""
 
@@ -31,3 +33,19 @@ def checkpoint_position(number: int) -> tuple[int, int]:
 def checkpoint_name(number: int) -> str:
     """The file name of checkpoint ``number``: ``ckpt-<number:09d>.pt``."""
     return f"ckpt-{int(number):09d}.pt"
+
+
+_NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+
+
+def checkpoint_number(name: str) -> int | None:
+    """The number of checkpoint file ``name`` (the inverse of :func:`checkpoint_name`), or None for another file."""
+    m = _NAME.match(name)
+    return int(m.group(1)) if m else None
+
+
+def newest_checkpoint_position(folder) -> tuple[int, int] | None:
+    """(epoch, next step) of the newest checkpoint file in ``folder`` (a ``pathlib.Path``), or None when it
+    holds none (or does not exist)."""
+    numbers = [n for p in folder.iterdir() if (n := checkpoint_number(p.name)) is not None] if folder.is_dir() else []
+    return checkpoint_position(max(numbers)) if numbers else None

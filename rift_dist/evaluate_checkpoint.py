@@ -13,7 +13,8 @@ from rift_dist.models.convert import load_external_checkpoint
 from rift_dist.pipeline import open_run
 from rift_dist.eval.protocol import robustness_suite
 from rift_dist.eval.report import print_report, report_markdown, result_csv_rows, result_metrics, write_csv
-from rift_dist.atomic import write_json
+from rift_dist.atomic import atomic_write_text, write_json
+from rift_dist.layout import RunLayout
 from rift_dist.stages.context import new_model
 from rift_dist.eval.corruption import corruption_sets, evaluate_corruptions
 from rift_dist.stages.evaluation import test_dataset
@@ -40,7 +41,7 @@ def evaluate_checkpoint(cfg, path: str | Path, progress: bool = True) -> int:
         PreflightError: missing data or corruption-set paths (before anything is written).
         DataError: missing data or corruption files (the message lists what is missing).
     """
-    out_dir = Path(cfg.run_dir) / "checkpoint_eval"
+    layout = RunLayout(cfg.run_dir)
     from rift_dist.models import build_model
 
     # a missing, unreadable or ill-fitting checkpoint is refused before open_run writes the run directory
@@ -49,32 +50,33 @@ def evaluate_checkpoint(cfg, path: str | Path, progress: bool = True) -> int:
     # the checks of `rift run` (config, eval section, data and corruption paths); no lock: it writes only
     # checkpoint_eval/, which no stage touches
     with open_run(cfg, stages=("evaluate",), progress=progress, exclusive=False,
-                  config_copy="checkpoint_eval/config.yaml") as ctx:
+                  config_copy=layout.checkpoint_eval_config) as ctx:
         model = new_model(ctx)
         _, imported = load_external_checkpoint(path, model)
         ctx.log(f"[evaluate] {path}: {imported.get('summary', '')}")
         test = test_dataset(ctx)
         sets, cinfo = corruption_sets(ctx)
         with ctx.tracker.stage("evaluate_checkpoint", key=f"evaluate_checkpoint:{Path(path).resolve()}") as run_log:
-            result = robustness_suite(ctx, model, test, "checkpoint", out_dir / "progress")
+            result = robustness_suite(ctx, model, test, "checkpoint", layout.checkpoint_eval_progress)
             if sets:
-                c = evaluate_corruptions(ctx, model, sets, "checkpoint", out_dir / "progress")
+                c = evaluate_corruptions(ctx, model, sets, "checkpoint", layout.checkpoint_eval_progress)
                 result["corruption_accuracy"] = c["corruption_accuracy"]
                 result["corruption"] = {k: v for k, v in c.items() if k != "corruption_accuracy"}
                 result["corruption_label"] = cinfo["label"] if cinfo else ""
             report = {"checkpoint": str(path), "n_examples": cfg.eval.n_examples, "result": result,
                       "import": imported, "corruption_set": cinfo, "precision": ctx.precision.describe()}
             if ctx.is_main:
-                write_json(out_dir / "import_report.json", imported)
-                write_json(out_dir / "report.json", report)
-                (out_dir / "report.md").write_text(report_markdown(report))
-                write_csv(out_dir / "report.csv", result_csv_rows("checkpoint", result))
+                write_json(layout.checkpoint_import_report, imported)
+                write_json(layout.checkpoint_report("json"), report)
+                atomic_write_text(layout.checkpoint_report("md"), report_markdown(report))
+                write_csv(layout.checkpoint_report("csv"), result_csv_rows("checkpoint", result))
                 run_log.log_params({"checkpoint": str(path), "eval.n_examples": cfg.eval.n_examples})
                 run_log.log_metrics(result_metrics("checkpoint", result))
                 sanity = result.get("sanity")
                 run_log.set_tags({"rift.sanity": "not run" if not sanity else
                                   ("passed" if sanity["passed"] else "FAILED: " + ", ".join(sanity["failed"]))})
-                for name in ("report.json", "report.md", "report.csv", "import_report.json"):
-                    run_log.log_artifact(out_dir / name)
+                for suffix in ("json", "md", "csv"):
+                    run_log.log_artifact(layout.checkpoint_report(suffix))
+                run_log.log_artifact(layout.checkpoint_import_report)
                 print_report(report)
         return 0

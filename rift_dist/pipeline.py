@@ -21,6 +21,7 @@ import torch
 from rift_dist.atomic import read_json
 from rift_dist import interrupts
 from rift_dist.config import RunConfig, dump_yaml, flatten
+from rift_dist.layout import RunLayout
 from rift_dist.parallel.runtime import Runtime
 from rift_dist.precision import resolve_precision
 from rift_dist.preflight import check_module_names, check_run, usable_cpus  # noqa: F401 - check_module_names re-exported
@@ -92,7 +93,7 @@ def run_stages(ctx: StageContext, stages: list[str] | tuple[str, ...] = STAGES) 
         interrupts.check(ctx.runtime, where=f"the stages before '{name}'")
         done = read_done(ctx, name)
         if done is not None:
-            ctx.log(f"[{name}] already done — reusing {ctx.run_dir / name} (delete it to redo)")
+            ctx.log(f"[{name}] already done — reusing {RunLayout(ctx.run_dir).stage_dir(name)} (delete it to redo)")
             results[name] = done["outputs"]
             eta.skip(name)
             continue
@@ -191,7 +192,7 @@ def check_stages_current(cfg: RunConfig, run_dir: Path, stages) -> None:
 
 @contextlib.contextmanager
 def open_run(cfg: RunConfig, run_dir: str | Path | None = None, *, stages=(), progress: bool = True,
-             parent_run_id: str | None = None, exclusive: bool = True, config_copy: str | None = "config.yaml",
+             parent_run_id: str | None = None, exclusive: bool = True, config_copy: Path | bool | None = True,
              check: bool = True, log_config: bool = True) -> Iterator[StageContext]:
     """Open one run for any entry point: config -> checks -> run directory and its lock -> runtime -> tracker,
     torn down in ``finally``.  ``rift run`` and every stage command (:func:`run_pipeline`), ``rift evaluate
@@ -202,7 +203,8 @@ def open_run(cfg: RunConfig, run_dir: str | Path | None = None, *, stages=(), pr
     paths ``stages`` read) runs before anything; with ``exclusive`` the main process takes the run directory's
     lock (:class:`rift_dist.run_lock.RunDirLock`: a second process on the directory is refused at once,
     naming the holder) and checks the done marker of each of ``stages`` against ``cfg`` before ``config_copy``
-    (relative to the run directory) is written or MLflow is touched, so a refused command changes nothing.
+    (True: the run's ``config.yaml``, :attr:`rift_dist.layout.RunLayout.config`; a path; None: none) is
+    written or MLflow is touched, so a refused command changes nothing.
     Then the tracker: continued or created parent run (``parent_run_id``: the parent of a pipeline submitted
     with ``rift submit``, whose status stays with its owner), stale child runs of a dead process closed
     (exclusive runs only), the config logged as the parent's params (``log_config``; a job of a submitted
@@ -246,8 +248,9 @@ def open_run(cfg: RunConfig, run_dir: str | Path | None = None, *, stages=(), pr
             if lock is not None:
                 lock.record_holder()
             if config_copy:
-                (run_dir / config_copy).parent.mkdir(parents=True, exist_ok=True)
-                dump_yaml(cfg, run_dir / config_copy)
+                copy_path = RunLayout(run_dir).config if config_copy is True else Path(config_copy)
+                copy_path.parent.mkdir(parents=True, exist_ok=True)
+                dump_yaml(cfg, copy_path)
         runtime.barrier()
         ctx = make_context(cfg, run_dir, runtime, progress, parent_run_id)
         if runtime.is_main and parent_run_id is None and lock is not None:
@@ -292,10 +295,10 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path | None = None, stages=STAGE
         runtime, run_dir = ctx.runtime, ctx.run_dir
         ctx.log(f"rift: run {run_dir} — {runtime.world_size} process(es) on {runtime.device}, {ctx.precision.describe()}")
         results = run_stages(ctx, list(stages))
-        if print_table and runtime.is_main and (run_dir / "summary.json").is_file() and "evaluate" in stages:
+        if print_table and runtime.is_main and ctx.layout.summary.is_file() and "evaluate" in stages:
             from rift_dist.eval.report import print_summary
 
-            print_summary(read_json(run_dir / "summary.json"))
+            print_summary(read_json(ctx.layout.summary))
         if runtime.is_main and (link := mlflow_link(ctx.tracker)):
             print(link, flush=True)
         return results

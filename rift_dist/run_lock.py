@@ -23,10 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from rift_dist.layout import RunLayout
 from rift_dist.stages import StageError
-
-LOCK_NAME = ".rift.lock"
-
 
 class RunDirLockedError(StageError):
     """Another process holds the run directory's lock (its host, PID, command and start time are named)."""
@@ -36,7 +34,8 @@ class RunDirLock:
     """An exclusive, non-blocking lock on one run directory.
 
     Args:
-        run_dir: the run directory; the lock file is ``run_dir / ".rift.lock"``.
+        run_dir: the run directory; the lock file is ``<run_dir>/.rift.lock``
+            (:attr:`rift_dist.layout.RunLayout.lock`).
 
     Use as ``with RunDirLock(run_dir): ...`` or ``acquire()`` / ``release()``.  Re-entrant within one
     object only (a second ``acquire`` on the same object is a no-op).
@@ -47,7 +46,7 @@ class RunDirLock:
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_NAME
+        self.path = RunLayout(self.run_dir).lock
         self._fh = None
 
     def acquire(self) -> "RunDirLock":

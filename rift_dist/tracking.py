@@ -63,13 +63,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rift_dist.atomic import atomic_write_text
+from rift_dist.layout import PARAMS_FULL, RunLayout
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-PARENT_FILE = "mlflow_run.json"
-PENDING_DIR = "pending"
 LOCAL_PREFIX = "local-"
 """Run ids handed out while a run's creation is buffered (mapped to the store's ids once it answers)."""
 _TIMING_KEY = re.compile(r"(seconds|_s$|time|elapsed|duration)", re.IGNORECASE)
@@ -220,7 +219,7 @@ class RunHandle(_Null):
             if key != k:
                 renamed[key] = str(k)
             if len(text) > limit:
-                cut[key] = f"{len(text)} characters, cut to {limit}; the full value is in params_full.json"
+                cut[key] = f"{len(text)} characters, cut to {limit}; the full value is in {PARAMS_FULL}"
                 text = text[:limit]
             if key != k or key in cut:
                 full[str(k)] = str(v)
@@ -230,7 +229,7 @@ class RunHandle(_Null):
         if cut:
             self.set_tags({f"rift.param_truncated.{k}": v for k, v in cut.items()})
         if full:
-            path = self.tracker.run_dir / "mlflow" / f"params_full-{self.run_id}" / "params_full.json"
+            path = RunLayout(self.tracker.run_dir).params_full(self.run_id)
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps(full, indent=1, sort_keys=True))
             self.log_artifact(path)
@@ -386,7 +385,7 @@ class Tracker:
         return exp.experiment_id
 
     def _parent_run_id(self) -> str:
-        marker = self.run_dir / PARENT_FILE
+        marker = RunLayout(self.run_dir).mlflow_parent
         if marker.is_file():
             data = json.loads(marker.read_text())
             if data.get("tracking_uri") == self.uri:
@@ -430,7 +429,7 @@ class Tracker:
         real = run.info.run_id
         self._local_ids[local_id] = real
         self._fresh.add(real)
-        directory = self.run_dir / "mlflow"
+        directory = RunLayout(self.run_dir).mlflow_dir
         for path in directory.glob("*.json") if directory.is_dir() else []:
             try:
                 data = json.loads(path.read_text())
@@ -542,7 +541,7 @@ class Tracker:
         return True
 
     def _pending_dir(self) -> Path:
-        return self.run_dir / "mlflow" / PENDING_DIR
+        return RunLayout(self.run_dir).mlflow_pending
 
     def _load_pending(self) -> None:
         """Take over the writes earlier processes could not send (claimed by an atomic rename)."""
@@ -646,7 +645,7 @@ class Tracker:
 
     def key_file(self, key: str) -> Path:
         """The file that remembers the child run of ``key``: ``<run_dir>/mlflow/<key>.json``."""
-        return self.run_dir / "mlflow" / (re.sub(r"[^A-Za-z0-9_.=@-]", "_", key) + ".json")
+        return RunLayout(self.run_dir).mlflow_key_file(key)
 
     @contextmanager
     def stage(self, name: str, key: str | None = None, params: dict | None = None, parent: _Null | None = None):

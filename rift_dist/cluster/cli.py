@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from rift_dist.cluster.monitor import SUBMISSION_FILE, cancel, read_submission, status, wait
+from rift_dist.cluster.monitor import cancel, read_submission, status, wait
+from rift_dist.layout import SUBMISSION, RunLayout
 from rift_dist.cluster.profile import ClusterError, _parse_value, load_profile, profile_from_dict
 from rift_dist.cluster.submission import submit
 from rift_dist.stages import STAGES
@@ -39,7 +40,7 @@ def add_arguments(subparsers) -> None:
     s.add_argument("run_dir", help="the run directory (as given to rift run / rift submit --run-dir)")
     s.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
     c = subparsers.add_parser("cancel", help="cancel the queued and running jobs of a submitted run")
-    c.add_argument("run_dir", help="the run directory of a submitted run (holds submission.json)")
+    c.add_argument("run_dir", help=f"the run directory of a submitted run (holds {SUBMISSION})")
     c.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
     from rift_dist import paper_table
 
@@ -52,7 +53,7 @@ def _submit_command(args) -> int:
     target = Path(args.config)
     if target.is_dir():
         record = read_submission(target)
-        cfg = load_config(target / "config.yaml", list(args.overrides))
+        cfg = load_config(RunLayout(target).config, list(args.overrides))
         run_dir = target
         if args.profile:
             profile = load_profile(args.profile, args.profile_overrides)
@@ -66,7 +67,7 @@ def _submit_command(args) -> int:
                 for part in parts_[:-1]:
                     node = node.setdefault(part, {})
                 node[parts_[-1]] = _parse_value(value)
-            profile = profile_from_dict(stored, f"{target / SUBMISSION_FILE} (profile {name})")
+            profile = profile_from_dict(stored, f"{RunLayout(target).submission} (profile {name})")
             profile.name = name
         executor = "local" if args.local else "debug" if args.debug else record.get("executor", profile.executor)
         config_path = record.get("config")

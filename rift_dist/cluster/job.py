@@ -21,20 +21,18 @@ from pathlib import Path
 
 import submitit
 
-from rift_dist.checkpoint_ids import checkpoint_position as split_checkpoint_id
+from rift_dist.checkpoint_ids import newest_checkpoint_position
+from rift_dist.layout import RunLayout
 from rift_dist.cluster.profile import ClusterError
 from rift_dist.stages import parts as stage_parts
 from rift_dist.stages import resolve
 from rift_dist.stages import stage as stage_entry
 
-EVENTS_FILE = Path("jobs") / "events.jsonl"
-
-
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _events_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / EVENTS_FILE
+    return RunLayout(run_dir).events
 
 
 def record_event(spec: dict, event: str, **extra) -> None:
@@ -60,17 +58,6 @@ def read_events(run_dir: str | Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-def checkpoint_position(folder: Path) -> tuple[int, int] | None:
-    """(epoch, next step) of the newest resumable checkpoint in ``folder`` (``ckpt-<id>.pt``), or None.
-
-    Both training loops number checkpoints by :func:`rift_dist.checkpoint_ids.checkpoint_id`.
-    """
-    ckpts = sorted(folder.glob("ckpt-*.pt"))
-    if not ckpts:
-        return None
-    return split_checkpoint_id(int(ckpts[-1].stem.split("-")[1]))
-
-
 def progress_on_disk(spec: dict) -> dict:
     """Where a requeued task would resume: the newest checkpoint (stages that checkpoint: epoch and step)
     or what its part says (the MRC array: the number of finished modules; :attr:`Part.progress`)."""
@@ -80,7 +67,7 @@ def progress_on_disk(spec: dict) -> dict:
         entry = stage_entry(args["stage"])
         if not entry.checkpoints:
             return {}
-        epoch, step = checkpoint_position(run_dir / entry.name / "checkpoints") or (0, 0)
+        epoch, step = newest_checkpoint_position(RunLayout(run_dir).checkpoints(entry.name)) or (0, 0)
         return {"epoch": epoch, "step": step}
     found = stage_parts().get(part)
     if found and found[1].progress:
@@ -90,10 +77,6 @@ def progress_on_disk(spec: dict) -> dict:
 
 PORT_BASE, PORT_SPAN = 20000, 40000
 """Derived rendezvous ports lie in PORT_BASE .. PORT_BASE + PORT_SPAN - 1 (20000-59999)."""
-
-
-RENDEZVOUS_DIR = Path("jobs") / "rendezvous"
-"""Where rank 0 of a multi-rank job writes the port it chose (``<run_dir>/jobs/rendezvous/<key>.port``)."""
 
 
 def derived_port(job_id: int) -> int:
@@ -134,7 +117,7 @@ def rendezvous_port(run_dir: str | Path, key: str, rank: int, job_id: int, timeo
     """
     from rift_dist.parallel.runtime import free_port
 
-    path = Path(run_dir) / RENDEZVOUS_DIR / f"{key}.port"
+    path = RunLayout(run_dir).rendezvous_port(key)
     if rank == 0:
         port = derived_port(job_id)
         if not port_is_free(port):
@@ -232,7 +215,7 @@ def run_task(spec: dict) -> dict:
     from rift_dist.config import from_dict
     from rift_dist.pipeline import open_run
 
-    cfg = from_dict(spec["config"], source=f"{spec['run_dir']}/config.yaml (as submitted)")
+    cfg = from_dict(spec["config"], source=f"{RunLayout(spec['run_dir']).config} (as submitted)")
     if not cfg.precision.threads:
         torch_threads_from_slurm()
     run = None

@@ -20,13 +20,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from rift_dist.cluster.job import checkpoint_position, read_events
+from rift_dist.checkpoint_ids import newest_checkpoint_position
+from rift_dist.cluster.job import read_events
+from rift_dist.layout import CONFIG, SUBMISSION, RunLayout
 from rift_dist.cluster.profile import ClusterError, last_line
 from rift_dist.stages import STAGE_TABLE, STAGES, resolve
 from rift_dist.stages import parts as stage_parts
 from rift_dist.stages import stage as stage_entry
 
-SUBMISSION_FILE = "submission.json"
 
 
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
@@ -42,7 +43,7 @@ def read_submission(run_dir: str | Path) -> dict:
     Raises:
         ClusterError: when there is none (names the file and how to make one).
     """
-    path = Path(run_dir) / SUBMISSION_FILE
+    path = RunLayout(run_dir).submission
     if not path.is_file():
         raise ClusterError(f"{path} not found: {run_dir} was not submitted with `rift submit` "
                            f"(or the path is wrong)")
@@ -51,7 +52,7 @@ def read_submission(run_dir: str | Path) -> dict:
 
 def write_submission(run_dir: str | Path, record: dict) -> None:
     """Write ``submission.json`` atomically."""
-    path = Path(run_dir) / SUBMISSION_FILE
+    path = RunLayout(run_dir).submission
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(record, indent=1, default=str))
     os.replace(tmp, path)
@@ -154,7 +155,7 @@ def _outputs_summary(run_dir: Path) -> str:
     bits = []
     for s in STAGE_TABLE:
         partial = resolve(s.results)(run_dir) if s.results else ""
-        bits.append(f"{s.name} done" if (run_dir / s.name / "done.json").is_file() else
+        bits.append(f"{s.name} done" if RunLayout(run_dir).done_marker(s.name).is_file() else
                     f"{s.name} {partial}" if partial else f"{s.name} -")
     return ", ".join(bits)
 
@@ -168,13 +169,13 @@ def task_done_on_disk(run_dir: str | Path, job: dict, task: dict) -> bool:
     run_dir = Path(run_dir)
     part, args = job["part"], task.get("args", {})
     if part == "stage":
-        return (run_dir / args.get("stage", job["stage"]) / "done.json").is_file()
+        return RunLayout(run_dir).done_marker(args.get("stage", job["stage"])).is_file()
     found = stage_parts().get(part)
     if found is None:
         return False
     if found[1].done:
         return bool(resolve(found[1].done)(run_dir, args))
-    return (run_dir / found[0].name / "done.json").is_file()
+    return RunLayout(run_dir).done_marker(found[0].name).is_file()
 
 
 def _lock_holder(run_dir: Path) -> str | None:
@@ -184,9 +185,9 @@ def _lock_holder(run_dir: Path) -> str | None:
     """
     import fcntl
 
-    from rift_dist.run_lock import LOCK_NAME, _describe
+    from rift_dist.run_lock import _describe
 
-    path = run_dir / LOCK_NAME
+    path = RunLayout(run_dir).lock
     if not path.is_file():
         return None
     with open(path) as fh:
@@ -201,10 +202,11 @@ def _lock_holder(run_dir: Path) -> str | None:
 def stage_state_on_disk(run_dir: Path, stage: str) -> str:
     """A stage's state read from the run directory: 'done', 'in progress (...)' or 'not started'."""
     entry = stage_entry(stage)
-    folder = run_dir / stage
-    if (folder / "done.json").is_file():
+    layout = RunLayout(run_dir)
+    folder = layout.stage_dir(stage)
+    if layout.done_marker(stage).is_file():
         return "done"
-    if entry.checkpoints and (position := checkpoint_position(folder / "checkpoints")) is not None:
+    if entry.checkpoints and (position := newest_checkpoint_position(layout.checkpoints(stage))) is not None:
         epoch, step = position
         where = f"epoch {epoch + 1}, step {step}" if step else f"{epoch} epoch(s) done"
         return f"in progress (checkpoint: {where})"
@@ -217,7 +219,7 @@ def stage_state_on_disk(run_dir: Path, stage: str) -> str:
 def _pending_ops(run_dir: Path) -> int:
     """How many MLflow writes wait in ``mlflow/pending/*.json`` files under ``run_dir``."""
     n = 0
-    for path in run_dir.rglob("mlflow/pending/*.json"):
+    for path in RunLayout(run_dir).pending_files():
         try:
             n += len(json.loads(path.read_text()).get("ops", []))
         except (OSError, ValueError):
@@ -242,17 +244,17 @@ def local_status(run_dir: str | Path, log: Callable[[str], None] = print) -> dic
         ClusterError: when ``run_dir`` is not a run directory (no ``config.yaml``); nothing is written.
     """
     run_dir = Path(run_dir).resolve()
-    if not (run_dir / "config.yaml").is_file():
-        raise ClusterError(f"{run_dir} is not a rift run directory (it has no config.yaml nor {SUBMISSION_FILE}); "
+    if not RunLayout(run_dir).config.is_file():
+        raise ClusterError(f"{run_dir} is not a rift run directory (it has no {CONFIG} nor {SUBMISSION}); "
                            f"give the --run-dir of a `rift run` or `rift submit`")
     holder = _lock_holder(run_dir)
-    log(f"run {run_dir} (local: started with `rift run`, no {SUBMISSION_FILE})")
+    log(f"run {run_dir} (local: started with `rift run`, no {SUBMISSION})")
     log(f"  {'running: ' + holder if holder else 'no rift process is running on it'}")
     states = {s: stage_state_on_disk(run_dir, s) for s in STAGES}
     for s, state in states.items():
         log(f"  {s:<12} {state}")
     before = _pending_ops(run_dir)
-    marker = run_dir / "mlflow_run.json"
+    marker = RunLayout(run_dir).mlflow_parent
     if marker.is_file():
         data = json.loads(marker.read_text())
         log(f"  MLflow parent run {data.get('run_id')} at {data.get('tracking_uri')}")
@@ -275,12 +277,12 @@ def _replay_local_pending(run_dir: Path, marker: dict) -> None:
         from rift_dist.config import load_config
         from rift_dist.tracking import Tracker
 
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = load_config(RunLayout(run_dir).config)
         cfg.tracking.enabled = True
         cfg.tracking.uri = marker.get("tracking_uri") or cfg.tracking.uri
-        for owner in sorted({p.parent.parent.parent for p in run_dir.rglob("mlflow/pending/*.json")}):
+        for owner in RunLayout(run_dir).pending_owners():
             parent = marker.get("run_id")
-            sub = owner / "mlflow_run.json"
+            sub = RunLayout(owner).mlflow_parent
             if owner != run_dir and sub.is_file():
                 parent = json.loads(sub.read_text()).get("run_id", parent)
             Tracker(cfg, owner, parent_run_id=parent).close()
@@ -301,7 +303,7 @@ def status(run_dir: str | Path, log: Callable[[str], None] = print) -> dict:
         ClusterError: when ``run_dir`` is neither a submitted nor a local run directory.
     """
     run_dir = Path(run_dir).resolve()
-    if not (run_dir / SUBMISSION_FILE).is_file():
+    if not RunLayout(run_dir).submission.is_file():
         return local_status(run_dir, log)
     record = read_submission(run_dir)
     _replay_pending(run_dir, record)
@@ -354,15 +356,15 @@ def status(run_dir: str | Path, log: Callable[[str], None] = print) -> dict:
 def _replay_pending(run_dir: Path, record: dict) -> None:
     """Send MLflow writes saved by jobs that ended while the store was down."""
     tr = record.get("tracking", {})
-    if not tr.get("enabled") or not any(run_dir.rglob("mlflow/pending/*.json")):
+    if not tr.get("enabled") or not RunLayout(run_dir).pending_files():
         return
     try:
         from rift_dist.config import load_config
         from rift_dist.tracking import Tracker
 
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = load_config(RunLayout(run_dir).config)
         cfg.tracking.uri = tr.get("uri") or cfg.tracking.uri
-        for pending in sorted({p.parent.parent.parent for p in run_dir.rglob("mlflow/pending/*.json")}):
+        for pending in RunLayout(run_dir).pending_owners():
             Tracker(cfg, pending, parent_run_id=tr.get("parent_run_id")).close()
     except Exception as exc:  # noqa: BLE001 - status must still print
         print(f"rift: could not send buffered MLflow writes: {exc}", file=sys.stderr)
@@ -403,7 +405,7 @@ def cancel(run_dir: str | Path, log: Callable[[str], None] = print) -> list[str]
             from rift_dist.config import load_config
             from rift_dist.tracking import Tracker
 
-            cfg = load_config(run_dir / "config.yaml")
+            cfg = load_config(RunLayout(run_dir).config)
             cfg.tracking.uri = tr.get("uri") or cfg.tracking.uri
             tracker = Tracker(cfg, run_dir, parent_run_id=tr["parent_run_id"])
             tracker.end(tracker.parent, "KILLED")

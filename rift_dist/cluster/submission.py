@@ -24,7 +24,8 @@ from typing import Any, Callable
 import submitit
 
 from rift_dist.cluster.job import LAUNCHER_VARS, StageJob
-from rift_dist.cluster.monitor import ACTIVE_STATES, SUBMISSION_FILE, job_states, read_submission, write_submission
+from rift_dist.cluster.monitor import ACTIVE_STATES, job_states, read_submission, write_submission
+from rift_dist.layout import CONFIG, SUBMISSION, RunLayout
 from rift_dist.cluster.plan import ClusterLimits, JobPlan, TaskPlan, check_plan, plan_jobs, query_cluster_limits, split_arrays
 from rift_dist.cluster.profile import EXECUTORS, PROFILE_STAGES, ClusterError, Profile, Resources, last_line
 from rift_dist.stages import STAGES
@@ -93,7 +94,7 @@ def script_header(job: JobPlan, run_dir: str | Path, config_path: str | None = N
     r = job.resources
     lines = [f"# rift {job.stage}: job {job.name}" + (f" (part of {job.family})" if job.family not in ("", job.name)
                                                       else "") + f" - {part_what(job.part)}",
-             f"# config:  {config_path or '(given as a mapping; see config.yaml in the run directory)'}",
+             f"# config:  {config_path or f'(given as a mapping; see {CONFIG} in the run directory)'}",
              f"# run dir: {run_dir}"]
     ranks = r.nodes * r.ranks_per_node()
     shape = f"{r.nodes} node(s) x {r.ranks_per_node()} rank(s)" + (f" = {ranks} ranks" if ranks > 1 else "")
@@ -267,7 +268,7 @@ def submit(cfg, profile: Profile, run_dir: str | Path, *, executor: str | None =
     jobs = plan_jobs(cfg, profile, run_dir, stages, only)
     if not jobs:
         log(f"rift: nothing to submit: stages {', '.join(s for s in STAGES if s in stages)} are done in {run_dir}")
-        return read_submission(run_dir) if (run_dir / SUBMISSION_FILE).is_file() else {}
+        return read_submission(run_dir) if RunLayout(run_dir).submission.is_file() else {}
     problems = input_problems(cfg, [s for s in STAGES if any(j.stage == s for j in jobs)])
     if problems and not dry_run and profile.check_paths:
         from rift_dist.preflight import PreflightError
@@ -291,7 +292,8 @@ def submit(cfg, profile: Profile, run_dir: str | Path, *, executor: str | None =
     if dry_run:
         _print_plan(jobs, run_dir, kind, python, log, dry_run=True, config_path=config_path)
         return {"jobs": [dataclasses.asdict(j) for j in jobs]}
-    record = json.loads((run_dir / SUBMISSION_FILE).read_text()) if (run_dir / SUBMISSION_FILE).is_file() else None
+    layout = RunLayout(run_dir)
+    record = json.loads(layout.submission.read_text()) if layout.submission.is_file() else None
     if record is not None and kind == "slurm" == record.get("executor"):
         active = _active_jobs(record)
         if active:
@@ -301,7 +303,7 @@ def submit(cfg, profile: Profile, run_dir: str | Path, *, executor: str | None =
     undo = _Undo(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     params = flatten(cfg)  # as the user wrote it (rift run logs the same)
-    dump_yaml(cfg, run_dir / "config.yaml")
+    dump_yaml(cfg, layout.config)
     cfg = copy.deepcopy(cfg)  # the jobs' copy: one tracking URI for every job, resolved here
     if cfg.tracking.enabled:
         cfg.tracking.uri = resolve_tracking_uri(cfg, run_dir)
@@ -326,7 +328,7 @@ def submit(cfg, profile: Profile, run_dir: str | Path, *, executor: str | None =
     submit_env = {k: os.environ[k] for k in LAUNCHER_VARS if k in os.environ}
     ids: dict[str, str] = {}
     for n, job in enumerate(jobs):
-        folder = run_dir / "jobs" / job.family
+        folder = layout.job_dir(job.family)
         deps = [ids[d] for d in job.depends_on if d in ids] if kind == "slurm" else []
         specs = [{"run_dir": str(run_dir), "config": config, "job": job.name, "stage": job.stage, "part": job.part,
                   "index": t.index, "label": t.label, "args": t.args, "run_key": t.run_key, "run_name": t.run_name,
@@ -379,7 +381,7 @@ class _Undo:
         self.run_dir = run_dir
         self.existed = run_dir.exists()
         self.files = {p for p in run_dir.rglob("*")} if self.existed else set()
-        cfg_file = run_dir / "config.yaml"
+        cfg_file = RunLayout(run_dir).config
         self.config = cfg_file.read_bytes() if cfg_file.is_file() else None
 
     def restore(self, keep: tuple[Path, ...] = ()) -> list[str]:
@@ -401,7 +403,7 @@ class _Undo:
                 path.unlink(missing_ok=True)
             removed.append(str(path.relative_to(self.run_dir)))
         if self.config is not None:
-            (self.run_dir / "config.yaml").write_bytes(self.config)
+            RunLayout(self.run_dir).config.write_bytes(self.config)
         if not self.existed and not any(self.run_dir.iterdir()):
             self.run_dir.rmdir()
         return removed
@@ -452,7 +454,7 @@ def _roll_back(undo: _Undo, run_dir: Path, job: JobPlan, exc: BaseException, sub
     log(f"rift: sbatch of {job.name} failed; removed {len(removed)} new file(s) from {run_dir}")
     return ClusterError(
         f"sbatch refused job {job.name} ({len(job.tasks)} task(s)): {reason}. Queued by this submit before it: "
-        f"{what}; {gone}. Nothing of this submission is left in {run_dir} (no submission.json; config.yaml "
+        f"{what}; {gone}. Nothing of this submission is left in {run_dir} (no {SUBMISSION}; {CONFIG} "
         f"{'restored' if undo.config is not None else 'removed'}).{marked} Fix the cause (the profile "
         f"{profile.name}, or the cluster's limits) and run the same command again: {retry}")
 
@@ -496,7 +498,7 @@ def _print_plan(jobs: list[JobPlan], run_dir: Path, kind: str, python: str, log,
                 log(f"      task {t.index:>3}: {t.label}")
         if dry_run and kind == "slurm":
             deps = [f"<{d}>" for d in job.depends_on]
-            script = sbatch_script(r, job.name, run_dir / "jobs" / (job.family or job.name), python, deps,
+            script = sbatch_script(r, job.name, RunLayout(run_dir).job_dir(job.family or job.name), python, deps,
                                    len(job.tasks) if job.array and len(job.tasks) > 1 else None,
                                    script_header(job, run_dir, config_path))
             log("\n".join("      | " + line for line in script.splitlines()))

@@ -48,6 +48,7 @@ from rift_dist.parallel.runtime import shard_bounds
 from rift_dist.eval.autoattack import AUTOATTACK_STANDARD, autoattack_steps
 from rift_dist.eval.sanity import sanity_checks
 from rift_dist.seeding import seed_for, stream_seed
+from rift_dist.layout import RunLayout
 
 # Per-sample outcome codes in progress files; an outcome k >= 0 means "broken by attack k".
 NOT_DONE = -3
@@ -572,7 +573,7 @@ def autoattack_accuracy(ctx, model: nn.Module, test_dataset, label: str,
     attacks, notes = autoattack_steps(cfg.eval.attack.epsilon, _num_classes(model, test_dataset),
                                       cfg.eval.autoattack_attacks, cfg.eval.autoattack_steps,
                                       cfg.eval.autoattack_queries)
-    progress_dir = progress_dir if progress_dir is not None else ctx.run_dir / "evaluate" / "progress"
+    progress_dir = progress_dir if progress_dir is not None else RunLayout(ctx.run_dir).evaluation_progress
     res = evaluate_sequence(ctx, model, test_dataset, attacks, f"{label}-autoattack", cfg.eval.autoattack_seed,
                             progress_dir, desc=f"{label} AutoAttack")
     res["notes"] = notes
@@ -596,7 +597,7 @@ def robustness_suite(ctx, model: nn.Module, dataset, label: str,
     cfg = ctx.cfg
     e = cfg.eval
     a = e.attack
-    progress_dir = progress_dir if progress_dir is not None else ctx.run_dir / "evaluate" / "progress"
+    progress_dir = progress_dir if progress_dir is not None else RunLayout(ctx.run_dir).evaluation_progress
 
     def run(attacks, key, seed, data=dataset):
         return evaluate_sequence(ctx, model, data, attacks, f"{label}-{key}", seed, progress_dir,

@@ -13,6 +13,8 @@ import math
 import os
 from pathlib import Path
 
+from rift_dist.layout import RunLayout
+
 
 def fmt_pct(x: float | None) -> str:
     """A fraction as a percentage with two decimals ('-' for None or NaN)."""
@@ -277,8 +279,10 @@ def summary_markdown(summary: dict) -> str:
         lines.append("alpha* = 0: **the RiFT model is the AT model** (identical weights); its figures are the AT "
                      "model's, evaluated once.")
     lines.append("")
-    lines.append("Figures: ![AT vs RiFT](evaluate/at_vs_rift.png) ![MRC per module](mrc/mrc.png) "
-                 "![interpolation sweep](interpolate/interpolation.png) (paths in the run directory; in MLflow "
+    here = RunLayout(".")  # paths relative to the run directory, where summary.md is
+    lines.append(f"Figures: ![AT vs RiFT]({here.evaluation_figure.as_posix()}) "
+                 f"![MRC per module]({here.mrc_plot.as_posix()}) "
+                 f"![interpolation sweep]({here.interpolation_plot.as_posix()}) (paths in the run directory; in MLflow "
                  "they are the evaluation run's figures/ artefacts)")
     lines.append("")
     lines.append("Attack settings (L-inf, pixels in [0, 1]):")
@@ -357,4 +361,4 @@ def print_summary(summary: dict) -> None:
             console.print("[green]robustness sanity checks: all passed[/green]")
         else:
             console.print(f"[bold red]robustness sanity checks FAILED: {', '.join(sanity['failed'])} — "
-                          f"do not trust the robust accuracy (see summary.md)[/bold red]")
+                          f"do not trust the robust accuracy (see {RunLayout('.').summary_markdown})[/bold red]")

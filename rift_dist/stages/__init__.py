@@ -10,7 +10,8 @@ rest of the package needs to know about a stage:
   (kept distinct where existing runs' MLflow trees use another name: ``adversarial_training``,
   ``interpolation``, ``evaluation``; resumed runs continue them).
 * ``run``: its ``run(ctx) -> outputs`` function; ``needs``: the stages whose artefacts it reads;
-  ``reads`` / ``writes``: those artefacts, relative to the run directory.
+  ``reads`` / ``writes``: those artefacts, relative to the run directory
+  (paths of :class:`rift_dist.layout.RunLayout`; ``tests/unit/test_layout.py`` checks each one).
 * ``keys``: the config keys its result depends on (a key ending in ``.`` is a whole section);
   ``keys_when``: keys it depends on only under a setting (``(key, value, keys)``: with ``selection_split:
   test`` training selects its epoch on the test split, so ``data.test_subset`` matters; with ``val`` it

@@ -160,7 +160,7 @@ def run(ctx: StageContext) -> dict:
     loader = build_loader(cfg, "train", rt.rank, rt.world_size, device=ctx.device)
     selection = get_dataset(cfg, "selection")
     steps_per_epoch = len(loader) if not t.max_steps_per_epoch else min(len(loader), t.max_steps_per_epoch)
-    manager = checkpoint.CheckpointManager(ctx.run_dir / STAGE / "checkpoints")
+    manager = checkpoint.CheckpointManager(ctx.layout.checkpoints(STAGE))
     state = manager.load_latest()
     epoch, step_in_epoch, best, history = 0, 0, {"robust_accuracy": -1.0, "epoch": -1}, []
     partial = None  # the resumed epoch's sums over its first step_in_epoch steps (all ranks) and seconds
@@ -169,7 +169,7 @@ def run(ctx: StageContext) -> dict:
         epoch, step_in_epoch, best, history = state["epoch"], state["step"], state["best"], state["history"]
         partial = checkpoint.partial_sums(state, step_in_epoch)
         ctx.log(f"[train] resuming at epoch {epoch + 1}, step {step_in_epoch} (from checkpoint)")
-    best_path = ctx.run_dir / STAGE / "best.pt"
+    best_path = ctx.layout.best_model(STAGE)
     global_batch = cfg.data.batch_size
     ctx.log(f"[train] {t.method} AT: {t.epochs} epochs x {steps_per_epoch} steps, global batch {global_batch}, "
             f"{rt.world_size} rank(s), {ctx.precision.describe()}")
@@ -230,11 +230,11 @@ def run(ctx: StageContext) -> dict:
             interrupts.check(rt, where=f"train epoch {epoch}")
         final = checkpoint.load(best_path) if best_path.is_file() else engine.state_dict()
         if ctx.is_main:
-            checkpoint.save_atomic(final, ctx.run_dir / STAGE / "model.pt")
-            write_json(ctx.run_dir / STAGE / "history.json", history)
+            checkpoint.save_atomic(final, ctx.layout.model(STAGE))
+            write_json(ctx.layout.history(STAGE), history)
             run_log.log_metrics({"best_epoch": best["epoch"], "best_val_robust_accuracy": best["robust_accuracy"]})
-            run_log.log_artifact(ctx.run_dir / STAGE / "history.json")
-    outputs = {"model": str(ctx.run_dir / STAGE / "model.pt"), "best": best}
+            run_log.log_artifact(ctx.layout.history(STAGE))
+    outputs = {"model": str(ctx.layout.model(STAGE)), "best": best}
     write_done(ctx, STAGE, outputs)
     rt.barrier()
     return outputs
@@ -264,10 +264,10 @@ def import_checkpoint(ctx: StageContext, path: str) -> dict:
     model = new_model(ctx)
     state, report = load_external_checkpoint(path, model)
     if ctx.is_main:
-        checkpoint.save_atomic(state, ctx.run_dir / STAGE / "model.pt")
-        write_json(ctx.run_dir / STAGE / "import_report.json", report)
+        checkpoint.save_atomic(state, ctx.layout.model(STAGE))
+        write_json(ctx.layout.import_report, report)
     ctx.log(f"[train] skipped: using {path} ({report.get('summary', '')})")
-    outputs = {"model": str(ctx.run_dir / STAGE / "model.pt"), "imported_from": str(path), "report": report}
+    outputs = {"model": str(ctx.layout.model(STAGE)), "imported_from": str(path), "report": report}
     write_done(ctx, STAGE, outputs)
     ctx.runtime.barrier()
     return outputs

@@ -22,6 +22,7 @@ from torch import nn
 
 from rift_dist import checkpoint
 from rift_dist.config import RunConfig
+from rift_dist.layout import RunLayout
 from rift_dist.parallel.runtime import Runtime
 from rift_dist.models import build_model
 from rift_dist.precision import Precision
@@ -49,11 +50,10 @@ class StageContext:
     def is_main(self) -> bool:
         return self.runtime.is_main
 
-    def path(self, *parts: str) -> Path:
-        """A path inside the run directory (parents created)."""
-        p = self.run_dir.joinpath(*parts)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        return p
+    @property
+    def layout(self) -> RunLayout:
+        """The paths of this run directory (:class:`rift_dist.layout.RunLayout`)."""
+        return RunLayout(self.run_dir)
 
     def log(self, message: str) -> None:
         """Print on the main process only."""
@@ -98,5 +98,5 @@ def at_state(ctx: StageContext) -> dict:
     ``ctx.extra["at_model"]`` (a path) points elsewhere: ``rift compare`` runs each method's stages in
     ``compare/<method>/`` on the one AT model of the seed's run directory.
     """
-    path = ctx.extra.get("at_model") or ctx.run_dir / "train" / "model.pt"
+    path = ctx.extra.get("at_model") or ctx.layout.model("train")
     return load_state(Path(path), "the adversarially trained model")

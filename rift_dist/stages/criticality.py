@@ -58,12 +58,11 @@ from torch import nn
 
 from rift_dist.plotting import save_figure
 from rift_dist import checkpoint, interrupts
-from rift_dist.atomic import read_json_piece
+from rift_dist.atomic import read_json_piece, write_json
 from rift_dist.attacks import eval_mode, pgd
 from rift_dist.seeding import seed_for, stream_seed
 from rift_dist.eval.protocol import index_noise
 from rift_dist.models import list_modules, module_names, unwrap
-from rift_dist.atomic import write_json
 from rift_dist.stages import StageError
 from rift_dist.stages.context import StageContext, at_state, new_model
 from rift_dist.stages.done_markers import write_done
@@ -499,7 +498,7 @@ def build_adversarial_set(ctx: StageContext, model: nn.Module) -> tuple[torch.Te
     """
     from rift_dist.data.loaders import get_dataset
 
-    path = ctx.run_dir / STAGE / "adversarial_set.pt"
+    path = ctx.layout.adversarial_set
     cfg = ctx.cfg
     if path.is_file():
         data = checkpoint.load(path)
@@ -656,11 +655,6 @@ def log_rows(run_log, rows: list[dict]) -> None:
                              f"robust_accuracy_drop.{r['module']}": r["robust_accuracy_drop"]})
 
 
-def module_file(run_dir: str | Path, name: str) -> Path:
-    """The per-module MRC result file ``mrc/modules/<name>.json`` (written by :func:`compute_modules`)."""
-    return Path(run_dir) / STAGE / "modules" / f"{name}.json"
-
-
 def compute_modules(ctx: StageContext, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                     names: list[str], progress_desc: str = "MRC") -> list[dict]:
     """MRC of ``names`` on this process (see :func:`iter_criticality`); results written per module.
@@ -669,11 +663,10 @@ def compute_modules(ctx: StageContext, model: nn.Module, images: torch.Tensor, l
     killed stage resumes with the modules not yet done.  Rows come back in the order of ``names``.
     """
     cfg = ctx.cfg.mrc
-    out_dir = module_file(ctx.run_dir, "-").parent
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx.layout.mrc_modules.mkdir(parents=True, exist_ok=True)
     done = {}
     for name in names:
-        result = read_json_piece(module_file(ctx.run_dir, name))
+        result = read_json_piece(ctx.layout.mrc_module(name))
         if result is not None:
             done[name] = result
     todo = [n for n in names if n not in done]
@@ -681,7 +674,7 @@ def compute_modules(ctx: StageContext, model: nn.Module, images: torch.Tensor, l
     if ctx.runtime.world_size == 1:
         rows = ctx.bar(rows, total=len(todo), desc=progress_desc)
     for name, row in rows:
-        write_json(module_file(ctx.run_dir, name), row)
+        write_json(ctx.layout.mrc_module(name), row)
         done[name] = row
         # per rank (ranks hold different numbers of modules): a signalled rank stops after this module
         interrupts.check(None, where=f"MRC of module {name} (saved; {len(done)} of {len(names)} on this rank)")
@@ -717,18 +710,18 @@ def run(ctx: StageContext) -> dict:
         per_rank = [s for _, s in gathered]
         chosen = choose_modules(rows, all_names, cfg.mrc.exclude, cfg.mrc.top_k)
         if ctx.is_main:
-            write_table(ctx.run_dir / "mrc.csv", rows)
-            write_json(ctx.run_dir / STAGE / "mrc.json", {"rows": rows, "chosen": chosen, "assignment": groups,
-                                                          "rank_seconds": per_rank})
-            plot_table(ctx.run_dir / STAGE / "mrc.png", rows, all_names, chosen, mrc_caption(cfg, len(images)))
+            write_table(ctx.layout.mrc_table, rows)
+            write_json(ctx.layout.mrc_result, {"rows": rows, "chosen": chosen, "assignment": groups,
+                                               "rank_seconds": per_rank})
+            plot_table(ctx.layout.mrc_plot, rows, all_names, chosen, mrc_caption(cfg, len(images)))
             log_rows(run_log, rows)
             run_log.log_metrics({"mrc_seconds": seconds})
             run_log.set_tags({"rift.chosen_modules": ",".join(chosen)})
-            run_log.log_artifact(ctx.run_dir / "mrc.csv")
-            run_log.log_artifact(ctx.run_dir / STAGE / "mrc.png")
+            run_log.log_artifact(ctx.layout.mrc_table)
+            run_log.log_artifact(ctx.layout.mrc_plot)
     lowest = ", ".join("%s (%+.3g)" % (r["module"], r["mrc"]) for r in sorted(rows, key=lambda r: r["mrc"])[:3])
     ctx.log(f"[mrc] lowest MRC: {lowest}; chosen: {', '.join(chosen)} ({time.time() - t0:.0f}s)")
-    outputs = {"table": str(ctx.run_dir / "mrc.csv"), "chosen": chosen}
+    outputs = {"table": str(ctx.layout.mrc_table), "chosen": chosen}
     write_done(ctx, STAGE, outputs)
     ctx.runtime.barrier()
     return outputs

@@ -21,13 +21,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from rift_dist.atomic import read_json
+from rift_dist.atomic import read_json, write_json
 from rift_dist.models import module_names
-from rift_dist.atomic import write_json
+from rift_dist.layout import RunLayout
 from rift_dist.stages import StageError
 from rift_dist.stages.context import StageContext, at_state, new_model
 from rift_dist.stages.criticality import (
-    STAGE, assign_modules, build_adversarial_set, check_modules, compute_modules, log_rows, module_costs, module_file,
+    assign_modules, build_adversarial_set, check_modules, compute_modules, log_rows, module_costs,
     mrc_module_names, run,
 )
 
@@ -57,17 +57,18 @@ def mrc_groups(cfg, num_tasks: int) -> list[list[str]]:
 
 def missing_modules(run_dir: str | Path, names: list[str]) -> list[str]:
     """The modules of ``names`` without an MRC result file yet."""
-    return [n for n in names if not module_file(run_dir, n).is_file()]
+    layout = RunLayout(run_dir)
+    return [n for n in names if not layout.mrc_module(n).is_file()]
 
 
 def adversarial_set_exists(run_dir: str | Path) -> bool:
     """Whether the fixed adversarial set ``mrc/adversarial_set.pt`` is on disk (the prepare job's output)."""
-    return (Path(run_dir) / STAGE / "adversarial_set.pt").is_file()
+    return RunLayout(run_dir).adversarial_set.is_file()
 
 
 def results_on_disk(run_dir: str | Path) -> str:
     """``"N module(s) measured"`` for the per-module results on disk ("" when there are none)."""
-    folder = module_file(run_dir, "-").parent
+    folder = RunLayout(run_dir).mrc_modules
     return f"{len(list(folder.glob('*.json')))} module(s) measured" if folder.is_dir() else ""
 
 
@@ -83,7 +84,7 @@ def prepare_mrc(ctx: StageContext) -> dict:
     model.eval()
     images, _ = build_adversarial_set(ctx, model)
     ctx.runtime.barrier()
-    return {"adversarial_set": str(ctx.run_dir / STAGE / "adversarial_set.pt"), "num_examples": len(images)}
+    return {"adversarial_set": str(ctx.layout.adversarial_set), "num_examples": len(images)}
 
 
 def compute_mrc(ctx: StageContext, modules: list[str], run=None) -> list[dict]:
@@ -138,7 +139,7 @@ def gather_mrc(ctx: StageContext, candidates: int = 1, assignment: list[list[str
     if ctx.runtime.world_size > 1:
         raise StageError("the MRC gather runs on one process; submit it with one task")
     outputs = run(ctx)
-    info_path = ctx.run_dir / STAGE / "mrc.json"
+    info_path = ctx.layout.mrc_result
     if assignment is not None:
         write_json(info_path, {**read_json(info_path), "array_assignment": assignment})
     if candidates > 1:

@@ -14,6 +14,7 @@ from typing import Any
 
 from rift_dist.atomic import CorruptFileError, read_json, write_json
 from rift_dist.config import RunConfig, flatten
+from rift_dist.layout import RunLayout
 from rift_dist.stages import STAGES, StageError
 from rift_dist.stages import stage as stage_entry
 
@@ -36,10 +37,13 @@ def stage_signature(cfg: RunConfig, stage: str) -> dict[str, Any]:
 def read_done(ctx, stage: str) -> dict | None:
     """The done marker of ``stage`` if it finished with the same relevant config, else None.
 
+    ``ctx``: a :class:`~rift_dist.stages.context.StageContext`, or anything with ``cfg`` and ``run_dir``.
+
     Raises:
         StageError: when the stage finished with a different config (names the changed keys).
     """
-    marker = ctx.run_dir / stage / "done.json"
+    layout = RunLayout(ctx.run_dir)
+    marker = layout.done_marker(stage)
     if not marker.is_file():
         return None
     try:
@@ -52,8 +56,8 @@ def read_done(ctx, stage: str) -> dict | None:
     before = data.get("signature", {})
     changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
     if changed:
-        later = [s for s in STAGES[STAGES.index(stage) + 1:] if (ctx.run_dir / s).exists()] if stage in STAGES else []
-        redo = " ".join(str(ctx.run_dir / s) for s in [stage] + later)
+        later = [s for s in STAGES[STAGES.index(stage) + 1:] if layout.stage_dir(s).exists()] if stage in STAGES else []
+        redo = " ".join(str(layout.stage_dir(s)) for s in [stage] + later)
         raise StageError(
             f"stage '{stage}' in {ctx.run_dir} was produced with a different config (changed: {', '.join(changed)}). "
             f"Use a new --run-dir, or delete {redo} to redo it"
@@ -77,4 +81,5 @@ def write_done(ctx, stage: str, outputs: dict) -> None:
     """Record that ``stage`` finished (main process only), atomically."""
     if not ctx.is_main:
         return
-    write_json(ctx.path(stage, "done.json"), {"outputs": outputs, "signature": stage_signature(ctx.cfg, stage)})
+    marker = {"outputs": outputs, "signature": stage_signature(ctx.cfg, stage)}
+    write_json(RunLayout(ctx.run_dir).done_marker(stage), marker)

@@ -24,14 +24,13 @@ from pathlib import Path
 
 import torch
 
-from rift_dist.atomic import atomic_write_text, read_json
+from rift_dist.atomic import atomic_write_text, read_json, write_json
 from rift_dist.eval.corruption import corruption_sets, evaluate_corruptions
 from rift_dist.eval.protocol import robustness_suite, validate_eval_config
 from rift_dist.eval.report import (
     headline_metrics, headline_tags, result_csv_rows, result_metrics, summary_markdown, write_csv,
 )
 from rift_dist.plotting import save_figure
-from rift_dist.atomic import write_json
 from rift_dist.stages.context import StageContext, at_state, load_state, new_model
 from rift_dist.stages.done_markers import write_done
 
@@ -42,7 +41,7 @@ def evaluate_one(ctx: StageContext, state: dict, test, sets, label: str) -> dict
     """Clean, PGD (paper protocol and variants), optional AutoAttack, sanity checks and corruption accuracy."""
     model = new_model(ctx, state)
     t0 = time.time()
-    progress = ctx.run_dir / STAGE / "progress"
+    progress = ctx.layout.evaluation_progress
     out = robustness_suite(ctx, model, test, label, progress)
     if sets:
         c = evaluate_corruptions(ctx, model, sets, label, progress)
@@ -70,9 +69,10 @@ def run(ctx: StageContext) -> dict:
     cfg = ctx.cfg
     validate_eval_config(cfg)
     theta_at = at_state(ctx)
-    theta_rift = load_state(ctx.run_dir / "interpolate" / "model.pt", "the RiFT (interpolated) model")
-    alpha_info = read_json(ctx.run_dir / "interpolate" / "alpha.json")
-    ft_done = read_json(ctx.run_dir / "finetune" / "done.json")["outputs"]
+    layout = ctx.layout
+    theta_rift = load_state(layout.model("interpolate"), "the RiFT (interpolated) model")
+    alpha_info = read_json(layout.alpha_choice)
+    ft_done = read_json(layout.done_marker("finetune"))["outputs"]
     test = test_dataset(ctx)
     sets, cinfo = corruption_sets(ctx)
     with ctx.tracker.stage("evaluation") as run_log:
@@ -96,28 +96,29 @@ def run(ctx: StageContext) -> dict:
             "corruption_set": cinfo, "precision": ctx.precision.describe(),
         }
         if ctx.is_main:
-            write_json(ctx.run_dir / "summary.json", summary)
-            figure = ctx.path("evaluate", "at_vs_rift.png")
+            write_json(layout.summary, summary)
+            figure = layout.evaluation_figure
+            figure.parent.mkdir(parents=True, exist_ok=True)
             plot_at_vs_rift(figure, summary)
-            atomic_write_text(ctx.run_dir / "summary.md", summary_markdown(summary))
-            write_csv(ctx.run_dir / "summary.csv", result_csv_rows("AT", at) + result_csv_rows("RiFT", rift))
+            atomic_write_text(layout.summary_markdown, summary_markdown(summary))
+            write_csv(layout.summary_csv, result_csv_rows("AT", at) + result_csv_rows("RiFT", rift))
             metrics = {**result_metrics("at", at), **result_metrics("rift", rift)}
             run_log.log_metrics(metrics)
             tag = "not run" if not cfg.eval.sanity_checks else ("passed" if not failed else "FAILED: " + ", ".join(failed))
             run_log.set_tags({"rift.sanity": tag})
-            for name in ("summary.json", "summary.md", "summary.csv"):
-                run_log.log_artifact(ctx.run_dir / name)
-            for fig_path in (figure, ctx.run_dir / "mrc" / "mrc.png", ctx.run_dir / "interpolate" / "interpolation.png"):
+            for path in (layout.summary, layout.summary_markdown, layout.summary_csv):
+                run_log.log_artifact(path)
+            for fig_path in (figure, layout.mrc_plot, layout.interpolation_plot):
                 run_log.log_artifact(fig_path, "figures")  # the figures summary.md shows, beside it
             ctx.tracker.parent.log_metrics({k: v for k, v in metrics.items() if k.count(".") == 1})
             ctx.tracker.parent.log_metrics(headline_metrics(summary))
             ctx.tracker.parent.set_tags({"rift.sanity": tag, **headline_tags(cfg, summary)})
-            ctx.tracker.parent.log_artifact(ctx.run_dir / "summary.md")
-            ctx.tracker.parent.log_artifact(ctx.run_dir / "summary.csv")
+            ctx.tracker.parent.log_artifact(layout.summary_markdown)
+            ctx.tracker.parent.log_artifact(layout.summary_csv)
             if failed:
                 ctx.log(f"[evaluate] WARNING: robustness sanity checks FAILED ({', '.join(failed)}); "
-                        f"see summary.md — do not trust the robust accuracy")
-    outputs = {"summary": str(ctx.run_dir / "summary.json")}
+                        f"see {layout.summary_markdown} — do not trust the robust accuracy")
+    outputs = {"summary": str(layout.summary)}
     write_done(ctx, STAGE, outputs)
     ctx.runtime.barrier()
     return outputs

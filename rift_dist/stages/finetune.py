@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rift_dist.atomic import read_json
+from rift_dist.atomic import read_json, write_json
 from rift_dist import checkpoint, interrupts
 from rift_dist.checkpoint_ids import checkpoint_id
 from rift_dist.eval.protocol import evaluate_model
 from rift_dist.parallel import parallelize
 from rift_dist.models import get_module
-from rift_dist.atomic import write_json
+from rift_dist.layout import RunLayout
 from rift_dist.stages import StageError
 from rift_dist.stages.context import StageContext, at_state, new_model
 from rift_dist.stages.done_markers import write_done
@@ -48,7 +48,7 @@ def chosen_modules(ctx: StageContext) -> list[str]:
     """
     if ctx.cfg.finetune.modules:
         return list(ctx.cfg.finetune.modules)
-    path = ctx.run_dir / "mrc" / "mrc.json"
+    path = ctx.layout.mrc_result
     if not path.is_file():
         raise StageError(f"no module to fine-tune: {path} is missing (run the mrc stage, or set finetune.modules)")
     return read_json(path)["chosen"]
@@ -116,7 +116,7 @@ def run(ctx: StageContext, modules: list[str] | None = None, all_parameters: boo
     loader = build_loader(cfg, "train", rt.rank, rt.world_size, device=ctx.device)
     selection = get_dataset(cfg, "selection")
     steps = len(loader) if not f.max_steps_per_epoch else min(len(loader), f.max_steps_per_epoch)
-    manager = checkpoint.CheckpointManager(ctx.run_dir / STAGE / "checkpoints")
+    manager = checkpoint.CheckpointManager(ctx.layout.checkpoints(STAGE))
     state = manager.load_latest()
     epoch, step_in_epoch, history, best = 0, 0, [], {"clean_accuracy": -1.0, "epoch": -1}
     partial = None
@@ -126,7 +126,7 @@ def run(ctx: StageContext, modules: list[str] | None = None, all_parameters: boo
         step_in_epoch = int(state.get("step", 0))  # > 0: a checkpoint written on a signal, mid-epoch
         partial = checkpoint.partial_sums(state, step_in_epoch)
         ctx.log(f"[finetune] resuming at epoch {epoch + 1}" + (f", step {step_in_epoch}" if step_in_epoch else ""))
-    best_path = ctx.run_dir / STAGE / "best.pt"
+    best_path = ctx.layout.best_model(STAGE)
     ctx.log(f"[finetune] modules {', '.join(names)}: {f.epochs} epochs x {steps} steps, "
             f"BN {'frozen' if f.freeze_bn else 'in train mode'}")
 
@@ -184,9 +184,9 @@ def run(ctx: StageContext, modules: list[str] | None = None, all_parameters: boo
             save(epoch)
             interrupts.check(rt, where=f"finetune epoch {epoch}")
         if ctx.is_main:
-            checkpoint.save_atomic(checkpoint.load(best_path), ctx.run_dir / STAGE / "model.pt")
-            write_json(ctx.run_dir / STAGE / "history.json", history)
-    outputs = {"model": str(ctx.run_dir / STAGE / "model.pt"), "modules": names, "best": best}
+            checkpoint.save_atomic(checkpoint.load(best_path), ctx.layout.model(STAGE))
+            write_json(ctx.layout.history(STAGE), history)
+    outputs = {"model": str(ctx.layout.model(STAGE)), "modules": names, "best": best}
     write_done(ctx, STAGE, outputs)
     rt.barrier()
     return outputs
@@ -205,18 +205,13 @@ def needs_not_needed(cfg, candidates: int) -> tuple[str, ...]:
     return ("mrc",) if cfg.finetune.modules and candidates <= 1 else ()
 
 
-def candidates_file(run_dir: str | Path) -> Path:
-    """``finetune/candidates.json``: the candidate modules, lowest MRC first (written by the MRC gather)."""
-    return Path(run_dir) / STAGE / "candidates.json"
-
-
 def read_candidates(run_dir: str | Path) -> list[str]:
     """The candidate modules of a run, lowest MRC first.
 
     Raises:
         StageError: when ``finetune/candidates.json`` is missing (the MRC gather has not run).
     """
-    path = candidates_file(run_dir)
+    path = RunLayout(run_dir).candidates
     if not path.is_file():
         raise StageError(f"{path} is missing: the MRC gather writes it (with finetune candidates > 1); run it first")
     return list(read_json(path)["candidates"])
@@ -232,12 +227,12 @@ def candidate_modules(cfg, run_dir: str | Path, k: int, write: bool = False) -> 
     from rift_dist.models import build_model, module_names
     from rift_dist.stages.criticality import choose_modules
 
-    path = candidates_file(run_dir)
+    path = RunLayout(run_dir).candidates
     if path.is_file():
         data = read_json(path)
         if data.get("requested") == k:
             return list(data["candidates"])
-    info = Path(run_dir) / "mrc" / "mrc.json"
+    info = RunLayout(run_dir).mrc_result
     if not info.is_file():
         raise StageError(f"{info} is missing: the fine-tuning candidates come from the MRC stage; run it first")
     rows = read_json(info)["rows"]
@@ -249,14 +244,9 @@ def candidate_modules(cfg, run_dir: str | Path, k: int, write: bool = False) -> 
 
 def candidate_names(cfg, run_dir: str | Path, k: int) -> dict[int, str]:
     """{candidate index: module} once the MRC stage has finished ({} before, or with k <= 1)."""
-    if k <= 1 or not (Path(run_dir) / "mrc" / "mrc.json").is_file():
+    if k <= 1 or not RunLayout(run_dir).mrc_result.is_file():
         return {}
     return dict(enumerate(candidate_modules(cfg, run_dir, k)))
-
-
-def candidate_dir(run_dir: str | Path, module: str) -> Path:
-    """The sub-run directory where candidate ``module`` is fine-tuned: ``finetune/candidates/<module>``."""
-    return Path(run_dir) / STAGE / "candidates" / module
 
 
 def candidate_config(cfg, run_dir: str | Path, module: str):
@@ -266,11 +256,11 @@ def candidate_config(cfg, run_dir: str | Path, module: str):
     Raises:
         StageError: when the AT model is missing.
     """
-    sub = candidate_dir(run_dir, module)
-    target = sub / "train" / "model.pt"
+    sub = RunLayout(run_dir).candidate_dir(module)
+    target = RunLayout(sub).model("train")
     if not target.exists() and not target.is_symlink():
         target.parent.mkdir(parents=True, exist_ok=True)
-        source = Path(run_dir) / "train" / "model.pt"
+        source = RunLayout(run_dir).model("train")
         if not source.is_file():
             raise StageError(f"the adversarially trained model {source} is missing; run the train stage first")
         try:
@@ -287,7 +277,7 @@ def candidate_config(cfg, run_dir: str | Path, module: str):
 
 def finetune_candidate_done(cfg, run_dir: str | Path, module: str) -> bool:
     """Whether candidate ``module`` has been fine-tuned (its sub-run's ``finetune/done.json`` exists)."""
-    return (candidate_dir(run_dir, module) / STAGE / "done.json").is_file()
+    return RunLayout(run_dir).candidate(module).done_marker(STAGE).is_file()
 
 
 def check_candidates(cfg, options: dict, selected: bool, profile_name: str) -> str:
@@ -369,7 +359,7 @@ def candidate_task(ctx: StageContext, args: dict, run) -> dict:
     ctx.runtime.barrier()
     key_file = ctx.tracker.key_file(f"finetune@candidate-{j}") if ctx.tracker.active else None
     if key_file is not None and key_file.is_file():
-        target = sub / "mlflow" / f"{STAGE}.json"
+        target = RunLayout(sub).mlflow_key_file(STAGE)
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(key_file, target)  # the stage code continues the run created by rift submit
@@ -384,7 +374,7 @@ def candidate_task(ctx: StageContext, args: dict, run) -> dict:
 
 def candidate_task_done(run_dir: Path, args: dict) -> bool:
     """Whether candidate j has been fine-tuned (or does not exist: fewer candidates than asked)."""
-    if not candidates_file(run_dir).is_file():
+    if not RunLayout(run_dir).candidates.is_file():
         return False
     modules = read_candidates(run_dir)
     j = int(args.get("candidate", 0))

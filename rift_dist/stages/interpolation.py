@@ -24,11 +24,11 @@ import torch
 
 from rift_dist.plotting import save_figure
 from rift_dist import checkpoint, interrupts
-from rift_dist.atomic import atomic_write_text, read_json, read_json_piece
+from rift_dist.atomic import atomic_write_text, read_json, read_json_piece, write_json
 from rift_dist.seeding import stream_seed
 from rift_dist.config import AttackConfig
 from rift_dist.eval.protocol import evaluate_model
-from rift_dist.atomic import write_json
+from rift_dist.layout import RunLayout
 from rift_dist.stages import StageError
 from rift_dist.stages.context import StageContext, at_state, load_state, new_model
 from rift_dist.stages.done_markers import write_done
@@ -183,15 +183,6 @@ def log_alpha(ctx: StageContext, stage_run, alpha: float, row: dict, part: Path 
         part.with_suffix(".logged").touch()
 
 
-def alpha_file(run_dir: str | Path, alpha: float, candidate: str | None = None) -> Path:
-    """Result file of theta(alpha): ``interpolate/alphas/alpha-X.json``, or per fine-tuning candidate
-    ``interpolate/candidates/<module>/alpha-X.json`` (alpha 0 — the AT model — is shared: the stage's file)."""
-    name = f"alpha-{alpha:.4f}.json"
-    if candidate is None or alpha == 0.0:
-        return Path(run_dir) / STAGE / "alphas" / name
-    return Path(run_dir) / STAGE / "candidates" / candidate / name
-
-
 def log_result(ctx: StageContext, alpha: float, row: dict, candidate: str | None = None) -> None:
     """The progress line of one alpha's result."""
     ctx.log(f"[interpolate] {'candidate ' + candidate + ' ' if candidate else ''}alpha {alpha:.2f}: "
@@ -204,12 +195,12 @@ def run(ctx: StageContext) -> dict:
 
     cfg = ctx.cfg
     theta_at = at_state(ctx)
-    theta_ft = load_state(ctx.run_dir / "finetune" / "model.pt", "the fine-tuned model")
+    theta_ft = load_state(ctx.layout.finetuned_model(), "the fine-tuned model")
     selection = get_dataset(cfg, "selection")
     rows = []
     with ctx.tracker.stage("interpolation") as parent:
         for alpha in cfg.interpolation.alphas:
-            part = alpha_file(ctx.run_dir, alpha)
+            part = ctx.layout.alpha_result(alpha)
             row = read_json_piece(part)
             if row is not None:
                 rows.append(row)
@@ -229,7 +220,7 @@ def run(ctx: StageContext) -> dict:
         best = choose_alpha(rows + ([at_row] if at_row not in rows else []), at_row["robust_accuracy"],
                             cfg.interpolation.tolerance)
         if ctx.is_main:
-            path = ctx.run_dir / "interpolation.csv"
+            path = ctx.layout.interpolation_table
             buf = io.StringIO(newline="")
             w = csv.DictWriter(buf, fieldnames=("alpha", "clean_accuracy", "robust_accuracy"))
             w.writeheader()
@@ -239,19 +230,19 @@ def run(ctx: StageContext) -> dict:
             sel = selection_attack(cfg)
             attack = f"PGD-{sel.num_steps}" + (f", worst of {cfg.eval.selection_restarts} restarts"
                                                if cfg.eval.selection_restarts > 1 else "")
-            plot_curve(ctx.run_dir / STAGE / "interpolation.png", rows, best["alpha"], at_row["robust_accuracy"],
+            plot_curve(ctx.layout.interpolation_plot, rows, best["alpha"], at_row["robust_accuracy"],
                        cfg.interpolation.tolerance, cfg.selection_split, len(selection), attack)
             checkpoint.save_atomic(interpolate_state_dicts(theta_at, theta_ft, best["alpha"]),
-                                   ctx.run_dir / STAGE / "model.pt")
-            write_json(ctx.run_dir / STAGE / "alpha.json", {"alpha": best["alpha"], "row": best, "at": at_row,
-                                                            "split": cfg.selection_split})
+                                   ctx.layout.model(STAGE))
+            write_json(ctx.layout.alpha_choice, {"alpha": best["alpha"], "row": best, "at": at_row,
+                                                 "split": cfg.selection_split})
             parent.log_metrics({"alpha_star": best["alpha"]})
             parent.log_artifact(path)
-            parent.log_artifact(ctx.run_dir / STAGE / "interpolation.png")
+            parent.log_artifact(ctx.layout.interpolation_plot)
     ctx.log(f"[interpolate] alpha* = {best['alpha']:g} on the {cfg.selection_split} split "
             f"(clean {100 * best['clean_accuracy']:.2f}%, robust {100 * best['robust_accuracy']:.2f}%; "
             f"AT robust {100 * at_row['robust_accuracy']:.2f}%)")
-    outputs = {"alpha": best["alpha"], "model": str(ctx.run_dir / STAGE / "model.pt")}
+    outputs = {"alpha": best["alpha"], "model": str(ctx.layout.model(STAGE))}
     write_done(ctx, STAGE, outputs)
     ctx.runtime.barrier()
     return outputs
@@ -263,24 +254,15 @@ def run(ctx: StageContext) -> dict:
 # (and the candidate) by running :func:`run`, which reads them back without re-evaluating.
 
 
-def ft_model_path(run_dir: str | Path, candidate: str | None = None) -> Path:
-    """The fine-tuned model theta_FT: ``finetune/model.pt`` or the candidate's own."""
-    from rift_dist.stages.finetune import candidate_dir
-
-    if candidate is None:
-        return Path(run_dir) / "finetune" / "model.pt"
-    return candidate_dir(run_dir, candidate) / "finetune" / "model.pt"
-
-
 def missing_alphas(run_dir: str | Path, alphas: list[float], candidate: str | None = None) -> list[float]:
     """The alphas of ``alphas`` without a result file yet."""
-    return [a for a in alphas if not alpha_file(run_dir, a, candidate).is_file()]
+    return [a for a in alphas if not RunLayout(run_dir).alpha_result(a, candidate).is_file()]
 
 
 def results_on_disk(run_dir: str | Path) -> str:
     """``"N alpha result(s)"`` for the per-alpha results on disk ("" when there are none)."""
-    folder = Path(run_dir) / STAGE
-    n = len(list(folder.rglob("alpha-*.json"))) if folder.is_dir() else 0
+    folder = RunLayout(run_dir).stage_dir(STAGE)
+    n = len(list(folder.rglob(RunLayout.ALPHA_GLOB))) if folder.is_dir() else 0
     return f"{n} alpha result(s)" if n else ""
 
 
@@ -289,7 +271,8 @@ def interpolate_alphas(ctx: StageContext, alphas: list[float], candidate: str | 
     """Evaluate theta(alpha) = (1 - alpha) theta_AT + alpha theta_FT on the selection split for ``alphas``.
 
     Exactly what :func:`run` computes per alpha (:func:`evaluate_alpha`), sharded over this job's ranks;
-    results go to :func:`alpha_file` and alphas already there are skipped (a requeued task resumes).
+    results go to :meth:`~rift_dist.layout.RunLayout.alpha_result` and alphas already there are skipped (a
+    requeued task resumes).
     With an MLflow ``stage_run`` (the ``interpolation`` run), each alpha is logged by :func:`log_alpha`
     to its child run ``alpha=<a>`` (``alpha=<a>@candidate-<j>`` for candidates) and to the stage run's
     curve, as ``rift run`` does.  Returns the rows (alpha, clean_accuracy, robust_accuracy).
@@ -303,14 +286,14 @@ def interpolate_alphas(ctx: StageContext, alphas: list[float], candidate: str | 
     rows = []
     if todo:
         theta_at = at_state(ctx)
-        if all(a == 0.0 for a in todo) and not ft_model_path(ctx.run_dir, candidate).is_file():
+        if all(a == 0.0 for a in todo) and not ctx.layout.finetuned_model(candidate).is_file():
             theta_ft = theta_at  # theta(0) is the AT model (shared by all candidates; none is chosen yet)
         else:
-            theta_ft = load_state(ft_model_path(ctx.run_dir, candidate), "the fine-tuned model"
+            theta_ft = load_state(ctx.layout.finetuned_model(candidate), "the fine-tuned model"
                                   + (f" of candidate {candidate}" if candidate else ""))
         selection = get_dataset(ctx.cfg, "selection")
     for alpha in alphas:
-        path = alpha_file(ctx.run_dir, alpha, candidate)
+        path = ctx.layout.alpha_result(alpha, candidate)
         row = read_json_piece(path)
         if row is not None:
             rows.append(row)
@@ -374,7 +357,7 @@ def gather_interpolation(ctx: StageContext, candidates: int = 1) -> dict:
     Raises:
         StageError: when result files are missing (names the alphas / candidates to re-submit).
     """
-    from rift_dist.stages.finetune import candidate_dir, read_candidates
+    from rift_dist.stages.finetune import read_candidates
 
     cfg = ctx.cfg
     alphas = list(cfg.interpolation.alphas)
@@ -388,7 +371,7 @@ def gather_interpolation(ctx: StageContext, candidates: int = 1) -> dict:
                              f"(rift submit {ctx.run_dir} --only interpolate:{missing[0]:g})")
         return run(ctx)
     modules = read_candidates(ctx.run_dir)
-    at_path = alpha_file(ctx.run_dir, 0.0)
+    at_path = ctx.layout.alpha_result(0.0)
     missing = [] if at_path.is_file() else ["alpha 0 (the AT model)"]
     for m in modules:
         missing += [f"{m} alpha {a:g}" for a in missing_alphas(ctx.run_dir, alphas, m)]
@@ -396,24 +379,24 @@ def gather_interpolation(ctx: StageContext, candidates: int = 1) -> dict:
         raise StageError(f"interpolation results missing: {', '.join(missing)} — re-submit those array tasks "
                          f"(rift submit {ctx.run_dir})")
     at_row = read_json(at_path)
-    per = {m: [read_json(alpha_file(ctx.run_dir, a, m)) for a in alphas] for m in modules}
+    per = {m: [read_json(ctx.layout.alpha_result(a, m)) for a in alphas] for m in modules}
     module, row = choose_candidate(per, at_row, cfg.interpolation.tolerance)
     ctx.log(f"[interpolate] candidate {module} chosen (alpha {row['alpha']:g}: clean {100 * row['clean_accuracy']:.2f}%, "
             f"robust {100 * row['robust_accuracy']:.2f}%; AT robust {100 * at_row['robust_accuracy']:.2f}%)")
     if ctx.is_main:
-        sub = candidate_dir(ctx.run_dir, module)
-        done = read_json(sub / "finetune" / "done.json")["outputs"]
-        checkpoint.save_atomic(checkpoint.load(ft_model_path(ctx.run_dir, module)), ft_model_path(ctx.run_dir))
-        if (sub / "finetune" / "history.json").is_file():
-            shutil.copyfile(sub / "finetune" / "history.json", ctx.run_dir / "finetune" / "history.json")
-        write_done(ctx, "finetune", {"model": str(ft_model_path(ctx.run_dir)), "modules": [module],
+        sub = ctx.layout.candidate(module)
+        done = read_json(sub.done_marker("finetune"))["outputs"]
+        checkpoint.save_atomic(checkpoint.load(ctx.layout.finetuned_model(module)), ctx.layout.finetuned_model())
+        if sub.history("finetune").is_file():
+            shutil.copyfile(sub.history("finetune"), ctx.layout.history("finetune"))
+        write_done(ctx, "finetune", {"model": str(ctx.layout.finetuned_model()), "modules": [module],
                                      "best": done.get("best"), "candidates": modules,
-                                     "candidate_dir": str(sub)})
+                                     "candidate_dir": str(sub.root)})
         for a in alphas:
             if a != 0.0:
-                write_json(alpha_file(ctx.run_dir, a), {k: v for k, v in per[module][alphas.index(a)].items()
+                write_json(ctx.layout.alpha_result(a), {k: v for k, v in per[module][alphas.index(a)].items()
                                                         if k != "candidate"})
-        write_json(ctx.run_dir / STAGE / "candidates.json",
+        write_json(ctx.layout.interpolation_candidates,
                    {"chosen": module, "row": row, "at": at_row, "rows": per,
                     "rule": "best clean accuracy among (candidate, alpha) with robust accuracy >= AT - tolerance; "
                             "ties: robust accuracy, smaller alpha, lower MRC"})
@@ -476,8 +459,8 @@ def array_tasks(cfg, run_dir: Path, options: dict, candidates: int, wanted: list
 
     def pair_done(j, a) -> bool:
         if j is None:
-            return alpha_file(run_dir, a).is_file()
-        return j in known and alpha_file(run_dir, a, known[j]).is_file()
+            return RunLayout(run_dir).alpha_result(a).is_file()
+        return j in known and RunLayout(run_dir).alpha_result(a, known[j]).is_file()
 
     tasks = []
     for i, group in enumerate(_split(pairs, size)):
@@ -522,13 +505,13 @@ def alphas_task(ctx: StageContext, args: dict, run) -> dict:
 
 def alphas_task_done(run_dir: Path, args: dict) -> bool:
     """Whether every (candidate, alpha) pair of the task has its result file."""
-    from rift_dist.stages.finetune import candidates_file, read_candidates
+    from rift_dist.stages.finetune import read_candidates
 
-    modules = read_candidates(run_dir) if candidates_file(run_dir).is_file() else []
+    modules = read_candidates(run_dir) if RunLayout(run_dir).candidates.is_file() else []
     for j, a in args.get("pairs", []):
         if j is not None and int(j) >= len(modules):
             return False
-        if not alpha_file(run_dir, a, None if j is None else modules[int(j)]).is_file():
+        if not RunLayout(run_dir).alpha_result(a, None if j is None else modules[int(j)]).is_file():
             return False
     return True
 
