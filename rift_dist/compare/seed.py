@@ -10,6 +10,7 @@ from rift_dist.atomic import read_json
 from rift_dist.compare.methods import AT, METRICS, CompareError, LogitMix, finetuned_method, method_modules
 from rift_dist.compare.points import autoattack_point, evaluate_point, load_point, save_point, val_corruption_sets
 from rift_dist.config import RunConfig
+from rift_dist.layout import RunLayout, alpha_name
 
 
 def _check_folder(folder: Path, signature: dict, is_main: bool) -> None:
@@ -66,9 +67,9 @@ def run_seed(top, cfg: RunConfig, seed_dir: Path, runtime, progress: bool, test_
         run_stages(ctx, list(STAGES[: STAGES.index("mrc") + 1]))  # the AT model and its MRC table
     finally:
         ctx.tracker.finish("FINISHED", end_parent=False)
-    mrc_rows = read_json(seed_dir / "mrc" / "mrc.json")["rows"]
+    mrc_rows = read_json(RunLayout(seed_dir).mrc_result)["rows"]
     names = module_names(build_model(cfg))
-    at_path = seed_dir / "train" / "model.pt"
+    at_path = RunLayout(seed_dir).model("train")
     theta_at = load_state(at_path, "the adversarially trained model")
     selection = get_dataset(cfg, "selection")
     val_sets = val_corruption_sets(cfg, selection)
@@ -136,7 +137,7 @@ def run_seed(top, cfg: RunConfig, seed_dir: Path, runtime, progress: bool, test_
                     finetune.run(ctx_m, modules, all_parameters=modules is None)
             finally:
                 tracker.finish("FINISHED", end_parent=False)
-            ft_states[source] = load_state(folder / "finetune" / "model.pt", f"the fine-tuned model of {source}")
+            ft_states[source] = load_state(RunLayout(folder).finetuned_model(), f"the fine-tuned model of {source}")
         theta_ft = ft_states[source]
         mdir = cmp_dir / method
         if method == "logit-mix":
@@ -146,7 +147,7 @@ def run_seed(top, cfg: RunConfig, seed_dir: Path, runtime, progress: bool, test_
             make = lambda a: (lambda: new_model(ctx, interpolate_state_dicts(theta_at, theta_ft, a)))  # noqa: E731
         rows = []
         for i, a in enumerate(alphas):
-            p = at_val if a == 0.0 else point(mdir / "sweep" / f"alpha-{a:.4f}.json", make(a), "val",
+            p = at_val if a == 0.0 else point(mdir / "sweep" / alpha_name(a), make(a), "val",
                                               f"{who}seed {s} {method} alpha {a:g}")
             rows.append({"alpha": a, "clean_accuracy": p["clean"], "robust_accuracy": p["robust"],
                          "corruption_accuracy": p["corruption"], "n": p["n"]})

@@ -19,8 +19,9 @@ ALLOWED = {
     ("data/sources.py", "done.json"): "the decoded-image cache's own marker, outside any run directory",
     ("stages/__init__.py", "*"): "the stage table imports nothing of the package; its reads / writes are checked "
                                  "against RunLayout below",
-    ("compare.py", "*"): "being changed by another change in flight (issue 16); to move at its next change",
-    ("cluster/compare_jobs.py", "*"): "idem",
+    ("compare/run.py", "*"): "the comparison's own folder (compare/summary.md, pareto.csv; not a stage's): a "
+                             "layout of its own is left to the next change of rift compare (issue 16)",
+    ("cluster/compare_jobs.py", "*"): "idem (compare/submission.json)",
 }
 """Modules that may still spell a run-directory file name, with why."""
 
