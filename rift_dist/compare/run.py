@@ -68,21 +68,19 @@ def compare_seeds(cfg: RunConfig) -> list[int]:
 def check_compare(cfg: RunConfig) -> None:
     """Every check ``rift compare`` makes before it writes anything (local run and submission alike).
 
+    The same checks as ``rift run`` (:func:`rift_dist.preflight.check_run` over every stage: FFCV settings, the
+    ``eval`` section, corruption and module names, input paths and the run directory), then the comparison's own.
+
     Raises:
-        ConfigError / StageError: bad module names or inputs; CompareError: ``rift`` not among the methods, or an
-        imported base whose checkpoint is missing, unreadable or of another architecture.
+        ConfigError / PreflightError: what ``rift run`` refuses; CompareError: ``rift`` not among the methods, or
+        an imported base whose checkpoint is missing, unreadable or of another architecture.
     """
-    from rift_dist.eval.protocol import validate_eval_config
-    from rift_dist.pipeline import check_module_names
-    from rift_dist.preflight import check_inputs
+    from rift_dist.preflight import check_run
     from rift_dist.stages import STAGES
 
-    check_module_names(cfg)
-    check_inputs(cfg, STAGES)
+    check_run(cfg, STAGES)
     if "rift" not in cfg.compare.methods:
         raise CompareError("compare.methods must include rift (every difference is reported against it)")
-    if cfg.compare.autoattack:
-        validate_eval_config(cfg)  # the eval.autoattack_* settings AutoAttack runs with
     check_base_checkpoints(cfg)
 
 

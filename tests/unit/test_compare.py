@@ -144,3 +144,17 @@ def test_dry_run_of_a_paper_config_prints_the_plan_and_writes_nothing(tmp_path):
         assert f"    {m} " in out
     assert "fine-tunings per seed: 7" in out and "81 validation evaluations" in out
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("setting, named", [("data.corruptions=[nosuch]", "nosuch"),
+                                            ("eval.corruption_protocol=bogus", "corruption_protocol")])
+def test_compare_refuses_what_rift_run_refuses_and_writes_nothing(tmp_path, setting, named):
+    """rift compare makes rift run's checks (corruption names, the eval section) before it writes anything;
+    it accepted both settings and would have failed at the first evaluation."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "rift_dist.cli", "compare", "configs/compare_default.yaml",
+                           "--run-dir", str(run_dir), "--set", setting], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert named in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not run_dir.exists()
