@@ -49,8 +49,7 @@ def read_done(ctx, stage: str) -> dict | None:
     try:
         data = read_json(marker)
     except CorruptFileError as exc:  # a flipped byte: the stage is redone (from its checkpoints where it has them)
-        print(f"rift: WARNING: {exc.path} is corrupt (checksum); stage '{stage}' is run again", file=sys.stderr,
-              flush=True)
+        _warn_once(marker, f"{exc.path} is corrupt ({exc.why}); stage '{stage}' is run again")
         return None
     now = json.loads(json.dumps(stage_signature(ctx.cfg, stage), default=str))
     before = data.get("signature", {})
@@ -63,7 +62,35 @@ def read_done(ctx, stage: str) -> dict | None:
             f"Use a new --run-dir, or delete {redo} to redo it"
             + (" and the stages built on it." if later else ".")
         )
+    missing = [rel for rel in essential_outputs(stage) if not (layout.root / rel).is_file()]
+    if missing:  # deleted by hand (or lost): the stage is run again and rebuilds them from what is on disk
+        _warn_once(marker, f"stage '{stage}' in {ctx.run_dir} is marked done but {', '.join(missing)} "
+                           f"{'is' if len(missing) == 1 else 'are'} missing; stage '{stage}' is run again")
+        return None
     return data
+
+
+def essential_outputs(stage: str) -> list[str]:
+    """The files (relative to the run directory) without which a finished ``stage`` does not count as done:
+    those of its stage-table ``writes`` that a stage ``reads``, and its headline tables in the run directory
+    (``mrc.csv``, ``interpolation.csv``, ``summary.json``, ``summary.md``).  Folders and figures are not among them.
+
+    Raises:
+        StageError: for an unknown stage name.
+    """
+    entry = stage_entry(stage)
+    read = {r for s in STAGES for r in stage_entry(s).reads}
+    return [w for w in entry.writes if not w.endswith("/") and (w in read or ("/" not in w and not w.endswith(".png")))]
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_once(marker: Path, message: str) -> None:
+    # read_done runs for the up-front check and again when the stage starts: say it once per process
+    if (str(marker), message) not in _warned:
+        _warned.add((str(marker), message))
+        print(f"rift: WARNING: {message}", file=sys.stderr, flush=True)
 
 
 def stage_done(cfg: RunConfig, run_dir: str | Path, stage: str) -> bool:

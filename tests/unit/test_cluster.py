@@ -26,7 +26,14 @@ def tiny(*overrides: str):
 
 
 def mark_done(cfg, run_dir: Path, stage: str) -> None:
+    """A finished stage: its done marker and (empty) files in place of the outputs a done stage must have."""
+    from rift_dist.stages.done_markers import essential_outputs
+
     (run_dir / stage).mkdir(parents=True, exist_ok=True)
+    for rel in essential_outputs(stage):
+        if not (run_dir / rel).exists():
+            (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            (run_dir / rel).write_bytes(b"")
     (run_dir / stage / "done.json").write_text(json.dumps({"outputs": {}, "signature": stage_signature(cfg, stage)},
                                                           default=str))
 

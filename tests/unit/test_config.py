@@ -91,6 +91,7 @@ def test_a_finished_stage_with_changed_config_names_the_keys_and_what_to_delete(
         (tmp_path / stage).mkdir()
     ctx = StageContext(cfg, tmp_path, Runtime(cfg), None, resolve_precision(cfg.precision, "cpu"), progress=False)
     write_done(ctx, "finetune", {})
+    (tmp_path / "finetune" / "model.pt").write_bytes(b"")  # a done stage has its outputs
     assert read_done(ctx, "finetune") is not None  # same config: reused
     cfg.finetune.lr = 0.01
     with pytest.raises(StageError, match=r"changed: finetune.lr") as info:

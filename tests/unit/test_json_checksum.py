@@ -60,9 +60,30 @@ def test_a_corrupt_done_marker_reruns_its_stage(tmp_path, capsys):
 
     cfg = load_config(None, ["model.width=4"])
     write_json(tmp_path / "mrc" / "done.json", {"outputs": {"rows": 21}, "signature": stage_signature(cfg, "mrc")})
+    (tmp_path / "mrc.csv").write_text("module,mrc\n")
+    (tmp_path / "mrc" / "mrc.json").write_text("{}")
     ctx = SimpleNamespace(cfg=cfg, run_dir=tmp_path)
     assert read_done(ctx, "mrc")["outputs"] == {"rows": 21}
     marker = tmp_path / "mrc" / "done.json"
     marker.write_text(marker.read_text().replace('"rows": 21', '"rows": 27'))
     assert read_done(ctx, "mrc") is None
     assert "is corrupt" in capsys.readouterr().err
+
+
+def test_a_done_stage_whose_table_was_deleted_is_run_again_and_said_once(tmp_path, capsys):
+    """A done marker alone does not make a stage done: its essential outputs (the files later stages read and
+    its headline table) must be there; a deleted mrc.csv reruns MRC (which rebuilds it from its module pieces)."""
+    from rift_dist.config import load_config
+    from rift_dist.stages.done_markers import essential_outputs, read_done, stage_signature
+
+    assert essential_outputs("mrc") == ["mrc.csv", "mrc/mrc.json"]
+    assert essential_outputs("evaluate") == ["summary.json", "summary.md"]
+    cfg = load_config(None, ["model.width=4"])
+    write_json(tmp_path / "mrc" / "done.json", {"outputs": {}, "signature": stage_signature(cfg, "mrc")})
+    (tmp_path / "mrc" / "mrc.json").write_text("{}")
+    ctx = SimpleNamespace(cfg=cfg, run_dir=tmp_path)
+    assert read_done(ctx, "mrc") is None and read_done(ctx, "mrc") is None
+    err = capsys.readouterr().err
+    assert err.count("is marked done but mrc.csv is missing; stage 'mrc' is run again") == 1, err
+    (tmp_path / "mrc.csv").write_text("module,mrc\n")
+    assert read_done(ctx, "mrc") is not None
