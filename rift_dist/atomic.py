@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,15 +20,62 @@ from typing import Any
 from rift_dist.errors import RiftError
 
 
+def host_field() -> str:
+    """This host's name with dots replaced (it is one dot-free field of a temporary file's name)."""
+    return socket.gethostname().replace(".", "-") or "localhost"
+
+
+def temp_prefix(path: Path) -> str:
+    """``.<name>.<host>.<pid>.``: the prefix of a temporary file written for ``path`` by this process, so that
+    :func:`remove_stale_temporaries` can tell a dead writer's leftover from a live writer's file."""
+    return f".{path.name}.{host_field()}.{os.getpid()}."
+
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def remove_stale_temporaries(directory: str | Path, recursive: bool = False) -> list[Path]:
+    """Delete temporary files of atomic writes (these and :func:`rift_dist.checkpoint.save_atomic`'s) left in
+    ``directory`` (and below it with ``recursive``) by dead writers of this host.
+
+    A temporary file's name carries its writer's host and PID; it is removed when the host is this one and no
+    process with that PID is alive (a live writer's file is never touched; files of other hosts are left to
+    their hosts).  Returns the removed paths.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    host, removed = host_field(), []
+    files = directory.rglob("*.tmp") if recursive else directory.glob("*.tmp")
+    for p in files:
+        m = _TEMP.match(p.name)
+        if not m or m.group("host") != host:
+            continue
+        pid = int(m.group("pid"))
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # still alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temporary file in the same directory, fsync, rename).
+    """Write ``data`` to ``path`` atomically (temporary file ``.<name>.<host>.<pid>.<random>.tmp`` in the same
+    directory, fsync, rename); a killed writer's leftover is removed by :func:`remove_stale_temporaries`.
 
     Raises:
         OSError: from the filesystem (the temporary file is removed; ``path`` keeps its old content).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import shutil
-import socket
 import tempfile
 import time
 import warnings
@@ -37,6 +35,7 @@ from typing import Any
 
 import torch
 
+from rift_dist.atomic import remove_stale_temporaries, temp_prefix
 from rift_dist.checkpoint_ids import checkpoint_name, checkpoint_number
 from rift_dist.errors import RiftError
 
@@ -56,15 +55,6 @@ def _tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def _host() -> str:
-    """This host's name with dots replaced (it is one dot-free field of a temporary file's name)."""
-    return socket.gethostname().replace(".", "-") or "localhost"
-
-
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}.{_host()}.{os.getpid()}."
-
-
 def save_atomic(obj: Any, path: str | Path) -> Path:
     """Save ``obj`` with ``torch.save`` to ``path`` atomically (temporary file, fsync, rename).
 
@@ -75,7 +65,7 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
@@ -127,37 +117,6 @@ def _is_no_space(exc: BaseException | None) -> bool:
             return True
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return False
-
-
-def remove_stale_temporaries(directory: str | Path) -> list[Path]:
-    """Delete temporary files of :func:`save_atomic` left in ``directory`` by dead writers of this host.
-
-    A temporary file's name carries its writer's host and PID; it is removed when the host is this
-    one and no process with that PID is alive (a live writer's file is never touched; files of other
-    hosts are left to their hosts).  Returns the removed paths.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    host, removed = _host(), []
-    pattern = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
-    for p in directory.iterdir():
-        m = pattern.match(p.name)
-        if not m or m.group("host") != host:
-            continue
-        pid = int(m.group("pid"))
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-            continue  # still alive
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # alive, another user's
-        p.unlink(missing_ok=True)
-        removed.append(p)
-    return removed
 
 
 def verify_checksums(path: str | Path) -> None:

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from rift_dist.atomic import read_json
+from rift_dist.atomic import read_json, remove_stale_temporaries
 from rift_dist import interrupts
 from rift_dist.config import RunConfig, dump_yaml, flatten
 from rift_dist.layout import RunLayout
@@ -247,6 +247,9 @@ def open_run(cfg: RunConfig, run_dir: str | Path | None = None, *, stages=(), pr
         if runtime.is_main:
             if lock is not None:
                 lock.record_holder()
+            # temporaries of atomic writes that killed processes of this host left anywhere in the run
+            # directory (a live writer's -- another array task's -- are kept: their PID is alive)
+            remove_stale_temporaries(run_dir, recursive=True)
             if config_copy:
                 copy_path = RunLayout(run_dir).config if config_copy is True else Path(config_copy)
                 copy_path.parent.mkdir(parents=True, exist_ok=True)

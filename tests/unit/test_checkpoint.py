@@ -82,7 +82,7 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     import os
     import subprocess
 
-    from rift_dist.checkpoint import _host, remove_stale_temporaries
+    from rift_dist.atomic import host_field as _host, remove_stale_temporaries
 
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -130,3 +130,26 @@ def test_checkpoint_numbers_encode_and_decode_in_one_place():
         checkpoint_id(1, 0), checkpoint_id(1, 7), checkpoint_id(2, 0)]  # the newest sorts last
     with pytest.raises(ValueError):
         checkpoint_id(1, STEPS_PER_EPOCH)
+
+
+def test_a_killed_json_writes_temporary_is_removed_at_the_next_start(tmp_path):
+    """atomic_write_bytes' temporaries carry host and PID like the checkpoints'; open_run's sweep of the run
+    directory removes a dead writer's anywhere below it (one was left in mrc/modules/ by a SIGKILL in the chaos
+    test and never removed) and keeps a live writer's."""
+    import os
+    import subprocess
+
+    from rift_dist.atomic import atomic_write_text, host_field, remove_stale_temporaries
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    pieces = tmp_path / "mrc" / "modules"
+    atomic_write_text(pieces / "conv1.json", "{}")
+    assert [p.name for p in pieces.iterdir()] == ["conv1.json"]  # the temporary was renamed away
+    stale = pieces / f".layer3.1.conv1.json.{host_field()}.{dead.pid}.k2j4.tmp"
+    live = pieces / f".linear.json.{host_field()}.{os.getppid()}.x9y8.tmp"
+    for p in (stale, live):
+        p.write_text("{")
+    assert remove_stale_temporaries(tmp_path) == []  # not recursive: only the folder itself
+    assert remove_stale_temporaries(tmp_path, recursive=True) == [stale]
+    assert live.exists()
