@@ -104,7 +104,20 @@ def run_stages(ctx: StageContext, stages: list[str] | tuple[str, ...] = STAGES) 
                 eta.set_weights({s: 1.0 for s in stages}, basis=f"equal work per stage (no FLOP model: {exc})")
         t0 = time.time()
         ctx.log(f"[{name}] started")
-        results[name] = stage_function(name, ctx.cfg)(ctx)
+        tracker = getattr(ctx, "tracker", None)
+        if tracker is not None:
+            if not RunLayout(ctx.run_dir).stage_dir(name).exists():  # a fresh start: nothing of an earlier run
+                retired = tracker.retire_stage(name)
+                if retired:
+                    ctx.log(f"[{name}] {len(retired)} MLflow run(s) of an earlier '{name}' whose folder is gone moved "
+                            f"to MLflow's deleted runs (tag rift.superseded; restorable there); this run starts "
+                            f"new ones")
+            tracker.stage_name = name
+        try:
+            results[name] = stage_function(name, ctx.cfg)(ctx)
+        finally:
+            if tracker is not None:
+                tracker.stage_name = None
         eta.finish(name, time.time() - t0)
         ctx.log(eta.line(name) if len(stages) > 1 else f"[{name}] finished in {time.time() - t0:.1f}s")
     return results

@@ -302,6 +302,9 @@ class Tracker:
         self._warned_values: set[str] = set()
         self.duplicates_skipped = 0
         """Metric values not re-logged because the run already held that key at that step."""
+        self.stage_name: str | None = None
+        """The stage now running (set by :func:`rift_dist.pipeline.run_stages`): recorded in the key file of
+        every child run created meanwhile, so that :meth:`retire_stage` finds them."""
         self.uri = None
         self.client = None
         if not self.active:
@@ -495,6 +498,8 @@ class Tracker:
             self._retry(self.client.update_run, run_id, status=op[2])
         elif kind == "terminate":
             self._retry(self.client.set_terminated, run_id, op[2])
+        elif kind == "delete":
+            self._retry(self.client.delete_run, run_id)
         elif kind == "artifact":
             if Path(op[2]).is_file():
                 self._retry(self.client.log_artifact, run_id, op[2], op[3])
@@ -632,7 +637,10 @@ class Tracker:
             self._queue.append(["create", run_id, {"name": name, "tags": all_tags, "key": key}])
         store.parent.mkdir(parents=True, exist_ok=True)
         tmp = store.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"run_id": run_id, "key": key, "name": name}))
+        record = {"run_id": run_id, "key": key, "name": name}
+        if self.stage_name:
+            record["stage"] = self.stage_name
+        tmp.write_text(json.dumps(record))
         os.replace(tmp, store)  # one file per child: concurrent array tasks never race on it
         handle = RunHandle(self, run_id)
         if status and status != "RUNNING":
@@ -642,6 +650,35 @@ class Tracker:
         if params:
             handle.log_params(params)
         return handle
+
+    def retire_stage(self, stage: str) -> list[str]:
+        """Retire the child runs that an earlier run of ``stage`` created, when that stage's folder is gone
+        (deleted by the user to redo it, e.g. with a changed config): each is tagged ``rift.superseded`` and
+        moved to MLflow's deleted runs (restorable there), and its key file removed, so the stage starts new runs
+        instead of continuing the old ones -- whose metrics describe artefacts no longer on disk, and which would
+        keep their old values at every step the new run logs again.  Only runs whose key file names ``stage``
+        (created while :attr:`stage_name` was set) are touched; runs created ahead of time by ``rift submit``
+        are not.  Queued like any write when the store is down.
+
+        Returns:
+            the retired runs' ids (local ids for creations still buffered).
+        """
+        if not self.active:
+            return []
+        retired = []
+        folder = RunLayout(self.run_dir).mlflow_dir
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(record, dict) or record.get("stage") != stage or "run_id" not in record:
+                continue
+            self._submit(["tags", record["run_id"], {"rift.superseded": "true"}])
+            self._submit(["delete", record["run_id"]])
+            path.unlink(missing_ok=True)
+            retired.append(record["run_id"])
+        return retired
 
     def key_file(self, key: str) -> Path:
         """The file that remembers the child run of ``key``: ``<run_dir>/mlflow/<key>.json``."""

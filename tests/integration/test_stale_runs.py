@@ -34,3 +34,40 @@ def test_sigkilled_stage_run_is_closed_killed_at_the_next_start(tmp_path):
     mrc = by_name()["mrc"]
     assert mrc.info.status == "KILLED" and "dead process" in mrc.data.tags["rift.stale"]
     assert by_name()["adversarial_training"].info.status == "FINISHED"  # finished runs are left alone
+
+
+def test_a_stage_redone_after_its_folder_was_deleted_gets_new_mlflow_runs(tmp_path):
+    """The refusal of a changed setting says to delete the stage folders; the redone stage must not continue
+    the old MLflow run, which kept its old value at every step the new run logged again (found by the new-user
+    trial: MLflow kept MRC 8.27e-5 for a module whose new mrc.csv said 2.02e-4).  The old runs go to MLflow's
+    deleted runs, tagged rift.superseded; the new mrc run's metrics are the new mrc.csv's."""
+    import csv
+    import shutil
+
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    cfg = tiny_config(tmp_path, train={"epochs": 1, "milestones": [1]})
+    run_dir = tmp_path / "runs" / "tiny"
+    rift("train", str(cfg), "--run-dir", str(run_dir))
+    rift("mrc", str(cfg), "--run-dir", str(run_dir))
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.parent / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("rift").experiment_id
+    old = next(r for r in client.search_runs([exp]) if r.info.run_name == "mrc")
+    refused = rift("mrc", str(cfg), "--run-dir", str(run_dir), "--set", "mrc.num_iterations=5", check=False)
+    assert refused.returncode == 1 and str(run_dir / "mrc") in refused.stderr
+    shutil.rmtree(run_dir / "mrc")
+    again = rift("mrc", str(cfg), "--run-dir", str(run_dir), "--set", "mrc.num_iterations=5")
+    assert "[mrc] 1 MLflow run(s) of an earlier 'mrc' whose folder is gone" in again.stdout
+    active = [r for r in client.search_runs([exp]) if r.info.run_name == "mrc"]
+    assert len(active) == 1 and active[0].info.run_id != old.info.run_id
+    assert active[0].info.status == "FINISHED"
+    gone = client.get_run(old.info.run_id)
+    assert gone.info.lifecycle_stage == "deleted" and gone.data.tags["rift.superseded"] == "true"
+    assert old.info.run_id in {r.info.run_id for r in client.search_runs([exp], run_view_type=ViewType.DELETED_ONLY)}
+    with (run_dir / "mrc.csv").open() as fh:
+        table = {r["module"]: float(r["mrc"]) for r in csv.DictReader(fh)}
+    logged = {k[len("mrc."):]: v for k, v in active[0].data.metrics.items() if k.startswith("mrc.")}
+    assert set(logged) == set(table)
+    assert all(abs(logged[m] - table[m]) <= 1e-6 * max(1.0, abs(table[m])) for m in table), (logged, table)
+    assert any(abs(old.data.metrics[f"mrc.{m}"] - table[m]) > 1e-9 for m in table), (old.data.metrics, table)  # changed
